@@ -1,0 +1,89 @@
+/* SPDX-License-Identifier: ((GPL-2.0 WITH Linux-syscall-note) OR BSD-3-Clause) */
+/*
+ * vgpu device contract v1 (docs/protocol.md) and the guest character-device
+ * interface. The one C definition of the request layout, shared by the guest
+ * kernel module and the guest client; tests/uapi_header.rs checks it against
+ * the Rust definition in src/protocol.rs.
+ */
+#ifndef _UAPI_LINUX_VGPU_H
+#define _UAPI_LINUX_VGPU_H
+
+#include <linux/types.h>
+#include <linux/ioctl.h>
+
+#define VIRTIO_ID_VGPU		63
+
+/* Config space (and vgpu-stub BAR0), 64 bytes, little-endian, read-only. */
+#define VGPU_MAGIC		0x55504756u	/* "VGPU" */
+#define VGPU_VERSION		0x00010000u
+#define VGPU_CONFIG_SIZE	64
+
+struct virtio_vgpu_config {
+	__le32 magic;
+	__le32 version;
+	__le32 pool_id;		/* ASCII letter: 'A' = 0x41 */
+	__le32 priority;	/* 0 low, 1 medium, 2 high */
+	__le32 vm_id;
+	__u8 reserved[44];
+};
+
+#define VGPU_PRIO_LOW		0
+#define VGPU_PRIO_MEDIUM	1
+#define VGPU_PRIO_HIGH		2
+
+/* Request: device-readable header + payload, then device-writable response
+ * header + output, in one descriptor chain, split any way. */
+#define VGPU_REQ_VERSION	1
+
+struct vgpu_req_hdr {
+	__le16 version;
+	__le16 opcode;
+	__le32 flags;		/* 0 */
+	__le64 tag;		/* echoed in the response */
+	__le32 payload_len;
+	__le32 reserved;
+};
+
+struct vgpu_resp_hdr {
+	__le32 status;
+	__le32 output_len;
+	__le64 tag;
+	__le64 dispatch_seq;	/* per-GPU dispatch order, 0 if never dispatched */
+	__le64 queue_ns;	/* taken off the ring -> dispatch */
+	__le64 exec_ns;		/* execution time */
+};
+
+/* Opcodes */
+#define VGPU_OP_PING		0x0001
+#define VGPU_OP_GET_INFO	0x0002
+#define VGPU_OP_BUSY_WAIT	0x0003	/* payload: le64 ns */
+#define VGPU_OP_SCALAR_ADD_I32	0x0100	/* payload: le32 a, le32 b; out: le32 */
+#define VGPU_OP_VECTOR_ADD_F32	0x0101	/* payload: le32 n, le32 0, f32 a[n], f32 b[n] */
+
+/* Status codes */
+#define VGPU_S_OK		0
+#define VGPU_S_BAD_REQUEST	1
+#define VGPU_S_UNSUPPORTED	2
+#define VGPU_S_TOO_LARGE	3
+#define VGPU_S_NO_RESOURCES	4
+#define VGPU_S_DEVICE_ERROR	5
+#define VGPU_S_TIMEOUT		6
+#define VGPU_S_CANCELLED	7
+#define VGPU_S_NOT_FOUND	8
+#define VGPU_S_DENIED		9
+
+/* GET_INFO output, 96 bytes */
+#define VGPU_EXECUTOR_CPU	0
+#define VGPU_EXECUTOR_CUDA	1
+
+struct vgpu_info {
+	__le32 executor;
+	__le32 gpu_index;
+	__le64 memory_total;	/* bytes */
+	__le32 compute_capability; /* major << 16 | minor, 0 on CPU */
+	__le32 exec_limit_ms;
+	__u8 reserved[8];
+	char name[64];		/* NUL-terminated */
+};
+
+#endif /* _UAPI_LINUX_VGPU_H */
