@@ -4,3 +4,10 @@
 pub mod executor;
 pub mod guest;
 pub mod protocol;
+pub mod chain;
+pub mod scheduler;
+pub mod vhu_vgpu;
+pub mod vm;
+pub mod daemon;
+pub mod sim;
+pub mod demo;

@@ -1,1 +1,120 @@
-fn main() {}
+//! vgpu-vhost-user: the host daemon. One process serves every VM, one
+//! vhost-user socket each, and schedules their requests on the GPUs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use vgpu::daemon::{self, Daemon, DaemonConfig, FileConfig, VmSpec};
+use vgpu::executor::ExecutorChoice;
+use vgpu::protocol::{PoolId, Priority};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "vgpu vhost-user backend: many VMs share GPUs through virtio")]
+struct Cli {
+    /// A VM to serve: id=N,pool=P,priority=P,socket=PATH[,max-queued=N] (repeatable).
+    #[arg(long = "vm", value_name = "SPEC")]
+    vms: Vec<VmSpec>,
+    /// Short form for one VM: its socket path (with --vm-id, --pool, --priority).
+    #[arg(long, conflicts_with = "demo")]
+    socket: Option<PathBuf>,
+    #[arg(long, requires = "socket", default_value_t = 1)]
+    vm_id: u32,
+    #[arg(long, requires = "socket", default_value = "A")]
+    pool: PoolId,
+    /// 0/1/2 or low/medium/high.
+    #[arg(long, requires = "socket", default_value = "medium")]
+    priority: Priority,
+    /// Pool to GPU map, e.g. A=0,B=1 (default: every pool on GPU 0).
+    #[arg(long, value_name = "MAP")]
+    pool_gpu: Option<String>,
+    #[arg(long, value_enum)]
+    executor: Option<ExecutorChoice>,
+    /// Execution limit of one request in milliseconds (then TIMEOUT).
+    #[arg(long)]
+    exec_limit_ms: Option<u64>,
+    /// Requests a VM may have outstanding before its chains wait in the ring.
+    #[arg(long)]
+    max_queued: Option<usize>,
+    /// Anti-starvation: a waiting request gains a priority level every MS.
+    #[arg(long, value_name = "MS")]
+    aging_ms: Option<u64>,
+    /// TOML file overriding the embedded defaults (config/vgpu.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Run three VMs (high, medium, low) in a temporary directory and drive
+    /// them with simulated guests, printing every request as it completes.
+    #[arg(long)]
+    demo: bool,
+    /// Requests each simulated guest sends in --demo.
+    #[arg(long, default_value_t = 8, requires = "demo")]
+    demo_requests: u32,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vgpu-vhost-user: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn file_config(cli: &Cli) -> Result<FileConfig, Box<dyn std::error::Error>> {
+    let mut cfg = FileConfig::parse(daemon::DEFAULT_CONFIG, "config/vgpu.toml".as_ref())?;
+    if let Some(path) = &cli.config {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        cfg = cfg.merge(FileConfig::parse(&text, path)?);
+    }
+    let pool_gpu = match &cli.pool_gpu {
+        Some(s) => Some(
+            daemon::parse_pool_gpu(s)?
+                .into_iter()
+                .map(|(p, g)| (p.to_string(), g))
+                .collect(),
+        ),
+        None => None,
+    };
+    Ok(cfg.merge(FileConfig {
+        executor: cli.executor,
+        exec_limit_ms: cli.exec_limit_ms,
+        max_queued: cli.max_queued,
+        policy: cli.aging_ms.map(|_| "aging".to_string()),
+        aging_step_ms: cli.aging_ms,
+        socket_dir: None,
+        pool_gpu,
+    }))
+}
+
+fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    let file = file_config(&cli)?;
+    let mut vms = cli.vms.clone();
+    if let Some(socket) = &cli.socket {
+        vms.push(VmSpec {
+            vm_id: cli.vm_id,
+            pool: cli.pool,
+            priority: cli.priority,
+            socket: socket.clone(),
+            max_queued: None,
+        });
+    }
+    if cli.demo {
+        return vgpu::demo::run(file, cli.demo_requests);
+    }
+    let cfg = DaemonConfig::resolve(file, vms)?;
+    let mut signals = Signals::new([SIGINT, SIGTERM])?;
+    let daemon = Daemon::start(&cfg)?;
+    if let Some(sig) = signals.forever().next() {
+        log::info!("signal {sig}: stopping");
+    }
+    daemon.shutdown();
+    log::info!("stopped");
+    Ok(())
+}

@@ -34,6 +34,10 @@ pub trait Executor: Send {
     /// many output bytes it wrote, or the status that ends it.
     fn execute(&mut self, req: &Request, limit: Duration) -> Result<u32, Status>;
 
+    /// The VM's memory table changed: an executor may register the regions
+    /// for DMA. Default: nothing to do.
+    fn map_guest_memory(&mut self, _vm_id: u32, _mem: &std::sync::Arc<crate::guest::GuestMem>) {}
+
     /// The VM's frontend went away: release whatever the executor holds for it.
     fn release_vm(&mut self, _vm_id: u32) {}
 }

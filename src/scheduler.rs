@@ -1,0 +1,316 @@
+//! One queue and one worker per GPU. Dispatch order: higher priority first,
+//! then the order in which the daemon took the chains off the rings (a global
+//! arrival counter). Non-preemptive; every response carries the dispatch
+//! sequence number and the queue and execution times.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::executor::{Executor, Request};
+use crate::guest::GuestMem;
+use crate::protocol::{Opcode, Priority, RespHdr, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot start the worker thread of GPU {gpu}: {source}")]
+    Spawn {
+        gpu: u32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How the queue picks among priorities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Always the highest priority present.
+    Strict,
+    /// A queued request gains one priority level per `step` of waiting, so a
+    /// low request competes as high after at most `2 * step` (docs/scheduling.md).
+    Aging { step: Duration },
+}
+
+/// Source of arrival numbers: one counter for the whole daemon.
+#[derive(Debug, Default)]
+pub struct ArrivalCounter(AtomicU64);
+
+impl ArrivalCounter {
+    pub fn next(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// How a finished job reaches its VM: writes the response header, returns
+/// the chain to the ring and notifies the guest.
+pub trait Completion: Send {
+    fn complete(self: Box<Self>, resp: RespHdr);
+}
+
+pub struct Job {
+    pub priority: Priority,
+    pub arrival: u64,
+    /// When the chain was taken off the ring.
+    pub taken_at: Instant,
+    pub req: Request,
+    pub done: Box<dyn Completion>,
+}
+
+impl Job {
+    /// Answers a job that never ran.
+    pub fn cancel(self) {
+        self.done.complete(RespHdr {
+            status: Status::Cancelled as u32,
+            tag: self.req.tag,
+            queue_ns: elapsed_ns(self.taken_at),
+            ..Default::default()
+        });
+    }
+}
+
+/// Work for a GPU's worker besides jobs.
+pub enum Control {
+    /// The VM's memory table changed (executors may register it for DMA).
+    MapMemory { vm_id: u32, mem: Arc<GuestMem> },
+    /// The VM's frontend went away.
+    ReleaseVm { vm_id: u32 },
+}
+
+/// The queue of one GPU: three FIFOs, one per priority.
+pub struct RunQueue {
+    fifos: [VecDeque<Job>; 3],
+    policy: Policy,
+}
+
+impl RunQueue {
+    pub fn new(policy: Policy) -> Self {
+        RunQueue {
+            fifos: Default::default(),
+            policy,
+        }
+    }
+
+    pub fn push(&mut self, job: Job) {
+        self.fifos[job.priority as usize].push_back(job);
+    }
+
+    pub fn len(&self) -> usize {
+        self.fifos.iter().map(VecDeque::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fifos.iter().all(VecDeque::is_empty)
+    }
+
+    /// Takes the next job to dispatch. Within a priority the FIFO head is the
+    /// oldest, so only the three heads compete.
+    pub fn pop(&mut self, now: Instant) -> Option<Job> {
+        let mut best: Option<(usize, u32, u64)> = None;
+        for (level, fifo) in self.fifos.iter().enumerate() {
+            let Some(head) = fifo.front() else { continue };
+            let effective = self.effective_priority(head, now);
+            let better = match best {
+                None => true,
+                Some((_, p, arrival)) => effective > p || (effective == p && head.arrival < arrival),
+            };
+            if better {
+                best = Some((level, effective, head.arrival));
+            }
+        }
+        best.and_then(|(level, _, _)| self.fifos[level].pop_front())
+    }
+
+    fn effective_priority(&self, job: &Job, now: Instant) -> u32 {
+        let base = job.priority as u32;
+        match self.policy {
+            Policy::Strict => base,
+            Policy::Aging { step } => {
+                let waited = now.saturating_duration_since(job.taken_at);
+                let steps = waited.as_nanos() / step.as_nanos().max(1);
+                (base as u128 + steps).min(Priority::High as u128) as u32
+            }
+        }
+    }
+
+    /// Removes every queued job of one VM.
+    pub fn take_vm(&mut self, vm_id: u32) -> Vec<Job> {
+        let mut out = Vec::new();
+        for fifo in &mut self.fifos {
+            let (gone, kept): (VecDeque<Job>, VecDeque<Job>) =
+                fifo.drain(..).partition(|j| j.req.vm_id == vm_id);
+            *fifo = kept;
+            out.extend(gone);
+        }
+        out
+    }
+
+    pub fn drain_all(&mut self) -> Vec<Job> {
+        self.fifos.iter_mut().flat_map(|f| f.drain(..)).collect()
+    }
+}
+
+struct Shared {
+    queue: RunQueue,
+    control: VecDeque<Control>,
+    shutdown: bool,
+}
+
+/// A GPU's scheduler: the run queue plus the worker thread that owns the
+/// GPU's executor.
+pub struct Gpu {
+    index: u32,
+    shared: Mutex<Shared>,
+    wake: Condvar,
+    exec_limit: Duration,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Gpu {
+    pub fn start(
+        index: u32,
+        executor: Box<dyn Executor>,
+        policy: Policy,
+        exec_limit: Duration,
+    ) -> Result<Arc<Gpu>, Error> {
+        let gpu = Arc::new(Gpu {
+            index,
+            shared: Mutex::new(Shared {
+                queue: RunQueue::new(policy),
+                control: VecDeque::new(),
+                shutdown: false,
+            }),
+            wake: Condvar::new(),
+            exec_limit,
+            worker: Mutex::new(None),
+        });
+        let worker_gpu = gpu.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("vgpu-gpu{index}"))
+            .spawn(move || worker_gpu.run(executor))
+            .map_err(|source| Error::Spawn { gpu: index, source })?;
+        *gpu.worker.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        Ok(gpu)
+    }
+
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // A panic elsewhere must not take the whole GPU down with it.
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a job; after shutdown it is answered CANCELLED at once.
+    pub fn submit(&self, job: Job) {
+        let mut s = self.lock();
+        if s.shutdown {
+            drop(s);
+            job.cancel();
+            return;
+        }
+        s.queue.push(job);
+        drop(s);
+        self.wake.notify_one();
+    }
+
+    pub fn control(&self, msg: Control) {
+        self.lock().control.push_back(msg);
+        self.wake.notify_one();
+    }
+
+    /// Answers CANCELLED to every queued job of `vm_id`.
+    pub fn cancel_vm(&self, vm_id: u32) -> usize {
+        let jobs = self.lock().queue.take_vm(vm_id);
+        let n = jobs.len();
+        jobs.into_iter().for_each(Job::cancel);
+        n
+    }
+
+    pub fn queued(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    /// Stops the worker: the running job completes, queued jobs are answered
+    /// CANCELLED, then the thread exits and is joined.
+    pub fn shutdown(&self) {
+        let jobs = {
+            let mut s = self.lock();
+            s.shutdown = true;
+            s.queue.drain_all()
+        };
+        jobs.into_iter().for_each(Job::cancel);
+        self.wake.notify_all();
+        let handle = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                log::error!("gpu{}: worker thread panicked", self.index);
+            }
+        }
+    }
+
+    fn run(&self, mut executor: Box<dyn Executor>) {
+        let mut dispatch_seq = 0u64;
+        loop {
+            let work = {
+                let mut s = self.lock();
+                loop {
+                    if let Some(c) = s.control.pop_front() {
+                        break Some(Err(c));
+                    }
+                    if let Some(job) = s.queue.pop(Instant::now()) {
+                        break Some(Ok(job));
+                    }
+                    if s.shutdown {
+                        break None;
+                    }
+                    s = self.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            match work {
+                None => return,
+                Some(Err(Control::MapMemory { vm_id, mem })) => {
+                    executor.map_guest_memory(vm_id, &mem)
+                }
+                Some(Err(Control::ReleaseVm { vm_id })) => executor.release_vm(vm_id),
+                Some(Ok(job)) => {
+                    dispatch_seq += 1;
+                    self.dispatch(executor.as_mut(), job, dispatch_seq);
+                }
+            }
+        }
+    }
+
+    fn dispatch(&self, executor: &mut dyn Executor, job: Job, dispatch_seq: u64) {
+        let start = Instant::now();
+        let queue_ns = duration_ns(start.saturating_duration_since(job.taken_at));
+        let result = executor.execute(&job.req, self.exec_limit);
+        let exec = start.elapsed();
+        let (status, output_len) = match result {
+            // Nothing preempts a built-in op; a late one is reported late.
+            Ok(_) if exec > self.exec_limit && job.req.opcode != Opcode::BusyWait => {
+                (Status::Timeout, 0)
+            }
+            Ok(n) => (Status::Ok, n),
+            Err(s) => (s, 0),
+        };
+        job.done.complete(RespHdr {
+            status: status as u32,
+            output_len,
+            tag: job.req.tag,
+            dispatch_seq,
+            queue_ns,
+            exec_ns: duration_ns(exec),
+        });
+    }
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+pub fn elapsed_ns(since: Instant) -> u64 {
+    duration_ns(since.elapsed())
+}

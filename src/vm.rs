@@ -1,0 +1,313 @@
+//! Per-VM device state that outlives a vhost-user connection: identity and
+//! scheduling settings, the requests it has outstanding (back-pressure), and
+//! the figures `vgpu-admin status` shows. Free of vhost types: the vhost glue
+//! (`vhu_vgpu`) drives it through the `Ring` trait.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::chain::{self, Parsed};
+use crate::guest::{GuestBufs, GuestMem};
+use crate::protocol::{DeviceConfig, PoolId, Priority, RespHdr};
+use crate::scheduler::{ArrivalCounter, Completion, Gpu, Job};
+
+/// Last waits kept per VM for the p50/p99 of `status`.
+const WAIT_SAMPLES: usize = 1024;
+
+/// What the host assigned to a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSettings {
+    pub vm_id: u32,
+    pub pool: PoolId,
+    pub priority: Priority,
+    /// Most requests taken off the ring and not yet answered.
+    pub max_queued: usize,
+}
+
+impl VmSettings {
+    pub fn config(&self) -> DeviceConfig {
+        DeviceConfig {
+            pool: self.pool,
+            priority: self.priority,
+            vm_id: self.vm_id,
+        }
+    }
+}
+
+/// A chain taken off a ring, as the VM sees it.
+pub struct TakenChain {
+    pub head: u16,
+    pub parsed: Parsed,
+}
+
+/// The virtqueue of one connection, as seen by the VM logic.
+pub trait Ring: Send + Sync + Clone + 'static {
+    /// Pops the next available chain, parsed; `None` when the ring is empty
+    /// or not ready.
+    fn pop(&self, vm_id: u32) -> Option<TakenChain>;
+    /// Returns a chain to the guest.
+    fn add_used(&self, head: u16, len: u32);
+    /// Interrupts the guest if the ring's notification rules ask for it.
+    fn notify(&self);
+    /// Turns guest kicks off while the ring is being drained.
+    fn disable_notification(&self);
+    /// Turns kicks back on; true when chains arrived meanwhile (EVENT_IDX).
+    fn enable_notification(&self) -> bool;
+}
+
+/// Live figures of one VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VmStats {
+    pub vm_id: u32,
+    pub connected: bool,
+    pub outstanding: usize,
+    pub done: u64,
+    pub refused: u64,
+    pub wait_p50_ns: u64,
+    pub wait_p99_ns: u64,
+}
+
+pub struct Vm {
+    settings: Mutex<VmSettings>,
+    gpu: Mutex<Arc<Gpu>>,
+    arrivals: Arc<ArrivalCounter>,
+    /// Bumped on every connect and disconnect; completions of an older
+    /// connection must not touch the new one's ring.
+    generation: AtomicU64,
+    connected: AtomicBool,
+    stopping: Arc<AtomicBool>,
+    outstanding: AtomicUsize,
+    drained: Condvar,
+    drain_lock: Mutex<()>,
+    /// Serialises draining the ring (kick thread and completions).
+    pump_lock: Mutex<()>,
+    done: AtomicU64,
+    refused: AtomicU64,
+    waits: Mutex<VecDeque<u64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Vm {
+    pub fn new(
+        settings: VmSettings,
+        gpu: Arc<Gpu>,
+        arrivals: Arc<ArrivalCounter>,
+        stopping: Arc<AtomicBool>,
+    ) -> Arc<Vm> {
+        Arc::new(Vm {
+            settings: Mutex::new(settings),
+            gpu: Mutex::new(gpu),
+            arrivals,
+            generation: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
+            stopping,
+            outstanding: AtomicUsize::new(0),
+            drained: Condvar::new(),
+            drain_lock: Mutex::new(()),
+            pump_lock: Mutex::new(()),
+            done: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            waits: Mutex::new(VecDeque::with_capacity(WAIT_SAMPLES)),
+        })
+    }
+
+    pub fn settings(&self) -> VmSettings {
+        lock(&self.settings).clone()
+    }
+
+    pub fn id(&self) -> u32 {
+        lock(&self.settings).vm_id
+    }
+
+    pub fn gpu(&self) -> Arc<Gpu> {
+        lock(&self.gpu).clone()
+    }
+
+    /// Applies new settings (and GPU) for requests taken from now on.
+    pub fn update(&self, settings: VmSettings, gpu: Arc<Gpu>) {
+        *lock(&self.settings) = settings;
+        *lock(&self.gpu) = gpu;
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// A frontend connected; returns the connection's generation.
+    pub fn connect(&self) -> u64 {
+        self.connected.store(true, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// The frontend went away: nothing can be answered to it any more, so
+    /// its queued requests are cancelled and the executor frees its state.
+    pub fn disconnect(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.connected.store(false, Ordering::Release);
+        let gpu = self.gpu();
+        let n = gpu.cancel_vm(self.id());
+        if n > 0 {
+            log::info!("vm{}: frontend gone, {n} queued request(s) cancelled", self.id());
+        }
+        gpu.control(crate::scheduler::Control::ReleaseVm { vm_id: self.id() });
+    }
+
+    pub fn map_memory(&self, mem: Arc<GuestMem>) {
+        self.gpu().control(crate::scheduler::Control::MapMemory {
+            vm_id: self.id(),
+            mem,
+        });
+    }
+
+    /// The ring is stopping (GET_VRING_BASE): answer queued requests as
+    /// CANCELLED and wait for the running one, so that every chain taken is
+    /// back in the used ring before the frontend reads the ring base.
+    pub fn quiesce(&self) {
+        self.gpu().cancel_vm(self.id());
+        let mut g = lock(&self.drain_lock);
+        while self.outstanding.load(Ordering::Acquire) > 0 {
+            g = self
+                .drained
+                .wait_timeout(g, Duration::from_millis(100))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    pub fn stats(&self) -> VmStats {
+        let mut waits: Vec<u64> = lock(&self.waits).iter().copied().collect();
+        waits.sort_unstable();
+        let pct = |p: usize| {
+            if waits.is_empty() {
+                0
+            } else {
+                waits[(waits.len() - 1) * p / 100]
+            }
+        };
+        VmStats {
+            vm_id: self.id(),
+            connected: self.connected.load(Ordering::Acquire),
+            outstanding: self.outstanding.load(Ordering::Acquire),
+            done: self.done.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            wait_p50_ns: pct(50),
+            wait_p99_ns: pct(99),
+        }
+    }
+
+    /// Takes chains off the ring while the VM is under its cap; refused
+    /// chains are answered at once, valid ones go to the scheduler.
+    pub fn pump<R: Ring>(self: &Arc<Self>, ring: &R) {
+        let _serial = lock(&self.pump_lock);
+        let gen = self.generation();
+        let mut answered = false;
+        loop {
+            ring.disable_notification();
+            let mut blocked = false;
+            loop {
+                if self.stopping.load(Ordering::Acquire) {
+                    blocked = true;
+                    break;
+                }
+                let settings = self.settings();
+                if self.outstanding.load(Ordering::Acquire) >= settings.max_queued {
+                    // Back-pressure: the rest waits in the ring; a completion pumps again.
+                    blocked = true;
+                    break;
+                }
+                let Some(taken) = ring.pop(settings.vm_id) else { break };
+                answered |= self.take(ring, taken, &settings, gen);
+            }
+            if blocked || !ring.enable_notification() {
+                break;
+            }
+        }
+        if answered {
+            ring.notify();
+        }
+    }
+
+    /// Returns true when the chain was answered without scheduling.
+    fn take<R: Ring>(self: &Arc<Self>, ring: &R, taken: TakenChain, s: &VmSettings, gen: u64) -> bool {
+        let taken_at = Instant::now();
+        let Parsed { resp, outcome } = taken.parsed;
+        match (outcome, resp) {
+            (Ok(req), Some(resp)) => {
+                self.outstanding.fetch_add(1, Ordering::AcqRel);
+                self.gpu().submit(Job {
+                    priority: s.priority,
+                    arrival: self.arrivals.next(),
+                    taken_at,
+                    req,
+                    done: Box::new(ChainCompletion {
+                        vm: self.clone(),
+                        ring: ring.clone(),
+                        head: taken.head,
+                        resp,
+                        gen,
+                    }),
+                });
+                false
+            }
+            (outcome, resp) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                let used = match (outcome, &resp) {
+                    (Err((err, tag)), Some(resp)) => {
+                        log::debug!("vm{}: chain {} refused: {err}", s.vm_id, taken.head);
+                        chain::write_response(resp, &Parsed::refusal(err, tag))
+                    }
+                    _ => {
+                        log::debug!("vm{}: chain {} has no room for a response", s.vm_id, taken.head);
+                        0
+                    }
+                };
+                ring.add_used(taken.head, used);
+                true
+            }
+        }
+    }
+
+    fn finish<R: Ring>(self: &Arc<Self>, ring: &R, head: u16, used: u32, gen: u64, wait_ns: u64) {
+        if gen == self.generation() {
+            ring.add_used(head, used);
+            ring.notify();
+        }
+        self.done.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut w = lock(&self.waits);
+            if w.len() == WAIT_SAMPLES {
+                w.pop_front();
+            }
+            w.push_back(wait_ns);
+        }
+        let before = self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        if before == 1 {
+            let _g = lock(&self.drain_lock);
+            self.drained.notify_all();
+        }
+        if before >= self.settings().max_queued && gen == self.generation() {
+            self.pump(ring);
+        }
+    }
+}
+
+struct ChainCompletion<R: Ring> {
+    vm: Arc<Vm>,
+    ring: R,
+    head: u16,
+    resp: GuestBufs,
+    gen: u64,
+}
+
+impl<R: Ring> Completion for ChainCompletion<R> {
+    fn complete(self: Box<Self>, hdr: RespHdr) {
+        let used = chain::write_response(&self.resp, &hdr);
+        self.vm
+            .finish(&self.ring, self.head, used, self.gen, hdr.queue_ns);
+    }
+}
