@@ -14,6 +14,7 @@ use virtio_bindings::bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RIN
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::chain;
 use crate::guest::GuestMem;
@@ -159,6 +160,13 @@ impl VhostUserBackend for VgpuBackend {
 
     fn set_backend_req_fd(&self, backend: Backend) {
         *self.backend_req.lock().unwrap_or_else(|p| p.into_inner()) = Some(backend);
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Lets serve_forever stop this connection's vring thread on disconnect.
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK)
+            .map_err(|e| log::error!("vm{}: cannot create exit event: {e}", self.vm.id()))
+            .ok()
     }
 
     fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {

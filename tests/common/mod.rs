@@ -1,0 +1,97 @@
+//! Shared test plumbing: the real `vgpu-vhost-user` binary on temporary
+//! sockets, and simulated guests (memfd RAM, split ring, eventfds) on them.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use vgpu::protocol::{Opcode, RespHdr};
+use vgpu::sim::{SimGuest, SimOptions};
+
+pub struct DaemonProc {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl DaemonProc {
+    /// Starts the daemon with `vms` as (id, pool, priority) and extra args.
+    pub fn start(vms: &[(u32, &str, &str)], extra: &[&str]) -> DaemonProc {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vgpu-vhost-user"));
+        cmd.arg("--executor").arg("cpu");
+        for (id, pool, prio) in vms {
+            let sock = dir.path().join(format!("vm{id}.sock"));
+            cmd.arg("--vm").arg(format!(
+                "id={id},pool={pool},priority={prio},socket={}",
+                sock.display()
+            ));
+        }
+        cmd.args(extra)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null());
+        let child = cmd.spawn().expect("spawn vgpu-vhost-user");
+        DaemonProc { child, dir }
+    }
+
+    pub fn socket(&self, id: u32) -> PathBuf {
+        self.dir.path().join(format!("vm{id}.sock"))
+    }
+
+    pub fn guest(&self, id: u32) -> SimGuest {
+        self.guest_with(id, SimOptions::default())
+    }
+
+    pub fn guest_with(&self, id: u32, opts: SimOptions) -> SimGuest {
+        SimGuest::connect_retry(&self.socket(id), opts, Duration::from_secs(20))
+            .expect("connect to the daemon")
+    }
+
+    pub fn terminate(&mut self) -> ExitStatus {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "daemon did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for DaemonProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn add_payload(a: i32, b: i32) -> Vec<u8> {
+    let mut p = a.to_le_bytes().to_vec();
+    p.extend_from_slice(&b.to_le_bytes());
+    p
+}
+
+pub fn busy_payload(d: Duration) -> Vec<u8> {
+    (d.as_nanos() as u64).to_le_bytes().to_vec()
+}
+
+pub fn ping(g: &mut SimGuest) -> RespHdr {
+    g.call(Opcode::Ping as u16, 77, &[], 0).expect("ping").0
+}
+
+pub const T: Duration = Duration::from_secs(30);
