@@ -124,7 +124,7 @@ impl FromStr for VmSpec {
         }
         Ok(VmSpec {
             vm_id: id.ok_or_else(|| bad("missing id=".into()))?,
-            pool: pool.unwrap_or(PoolId::new(b'A')?),
+            pool: pool.unwrap_or(PoolId::DEFAULT),
             priority: prio.unwrap_or(Priority::Medium),
             socket: socket.ok_or_else(|| bad("missing socket=".into()))?,
             max_queued: maxq,

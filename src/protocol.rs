@@ -92,6 +92,9 @@ impl FromStr for Priority {
 pub struct PoolId(u8);
 
 impl PoolId {
+    /// Pool A: where a VM goes when nothing else is said.
+    pub const DEFAULT: PoolId = PoolId(b'A');
+
     pub fn new(letter: u8) -> Result<Self, Error> {
         let up = letter.to_ascii_uppercase();
         if up.is_ascii_uppercase() {

@@ -314,3 +314,95 @@ fn duration_ns(d: Duration) -> u64 {
 pub fn elapsed_ns(since: Instant) -> u64 {
     duration_ns(since.elapsed())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::{test_memory, GuestBufs};
+    use proptest::prelude::*;
+
+    struct Nothing;
+    impl Completion for Nothing {
+        fn complete(self: Box<Self>, _resp: RespHdr) {}
+    }
+
+    fn job(priority: Priority, arrival: u64, taken_at: Instant) -> Job {
+        let mem = test_memory(0x1000);
+        Job {
+            priority,
+            arrival,
+            taken_at,
+            req: Request {
+                vm_id: arrival as u32,
+                opcode: Opcode::Ping,
+                tag: arrival,
+                payload: GuestBufs::new(mem.clone()),
+                output: GuestBufs::new(mem),
+            },
+            done: Box::new(Nothing),
+        }
+    }
+
+    proptest! {
+        /// Random arrivals of random priorities, interleaved with dispatches:
+        /// each dispatch takes the highest priority present, and the earliest
+        /// arrival within it.
+        #[test]
+        fn dispatch_is_priority_then_arrival(ops in prop::collection::vec(prop::option::of(0u32..3), 1..200)) {
+            let mut q = RunQueue::new(Policy::Strict);
+            let mut present: Vec<(u32, u64)> = Vec::new();
+            let now = Instant::now();
+            for (arrival, op) in ops.into_iter().enumerate() {
+                let arrival = arrival as u64;
+                match op {
+                    Some(p) => {
+                        q.push(job(Priority::from_u32(p).unwrap(), arrival, now));
+                        present.push((p, arrival));
+                    }
+                    None => {
+                        let want = present.iter().copied().max_by_key(|&(p, a)| (p, std::cmp::Reverse(a)));
+                        let got = q.pop(now).map(|j| (j.priority as u32, j.arrival));
+                        prop_assert_eq!(got, want);
+                        present.retain(|&x| Some(x) != want);
+                    }
+                }
+                prop_assert_eq!(q.len(), present.len());
+            }
+        }
+    }
+
+    #[test]
+    fn aging_lifts_a_starved_request_within_two_steps() {
+        let step = Duration::from_millis(100);
+        let now = Instant::now();
+        let mut q = RunQueue::new(Policy::Aging { step });
+        q.push(job(Priority::Low, 1, now - step * 2));
+        q.push(job(Priority::High, 2, now));
+        q.push(job(Priority::Medium, 3, now - step));
+        // The low request has aged to high and arrived first.
+        assert_eq!(q.pop(now).unwrap().arrival, 1);
+        // Medium aged one step is high too, but arrived after the high one.
+        assert_eq!(q.pop(now).unwrap().arrival, 2);
+        assert_eq!(q.pop(now).unwrap().arrival, 3);
+        // Without aging the same queue is strict.
+        let mut q = RunQueue::new(Policy::Strict);
+        q.push(job(Priority::Low, 1, now - step * 2));
+        q.push(job(Priority::High, 2, now));
+        assert_eq!(q.pop(now).unwrap().arrival, 2);
+    }
+
+    #[test]
+    fn take_vm_removes_only_that_vm() {
+        let now = Instant::now();
+        let mut q = RunQueue::new(Policy::Strict);
+        for a in 0..6 {
+            q.push(job(Priority::from_u32((a % 3) as u32).unwrap(), a, now));
+        }
+        let gone = q.take_vm(4);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].arrival, 4);
+        assert_eq!(q.len(), 5);
+        assert_eq!(q.drain_all().len(), 5);
+        assert!(q.is_empty());
+    }
+}

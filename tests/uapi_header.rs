@@ -1,0 +1,184 @@
+//! The C uapi header (guest-driver/include/uapi/vgpu.h) and the Rust contract
+//! (src/protocol.rs) must agree: compile a C program against the header, and
+//! compare the sizes, offsets and constants it prints with the Rust encoding.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use vgpu::protocol::*;
+
+const PROGRAM: &str = r#"
+#include <stdio.h>
+#include <stddef.h>
+#include "uapi/vgpu.h"
+#define P(name, value) printf("%s %llu\n", name, (unsigned long long)(value))
+#define OFF(s, f) P(#s "." #f, offsetof(struct s, f))
+int main(void) {
+    P("sizeof.vgpu_req_hdr", sizeof(struct vgpu_req_hdr));
+    P("sizeof.vgpu_resp_hdr", sizeof(struct vgpu_resp_hdr));
+    P("sizeof.virtio_vgpu_config", sizeof(struct virtio_vgpu_config));
+    P("sizeof.vgpu_info", sizeof(struct vgpu_info));
+    OFF(vgpu_req_hdr, version); OFF(vgpu_req_hdr, opcode); OFF(vgpu_req_hdr, flags);
+    OFF(vgpu_req_hdr, tag); OFF(vgpu_req_hdr, payload_len); OFF(vgpu_req_hdr, reserved);
+    OFF(vgpu_resp_hdr, status); OFF(vgpu_resp_hdr, output_len); OFF(vgpu_resp_hdr, tag);
+    OFF(vgpu_resp_hdr, dispatch_seq); OFF(vgpu_resp_hdr, queue_ns); OFF(vgpu_resp_hdr, exec_ns);
+    OFF(virtio_vgpu_config, magic); OFF(virtio_vgpu_config, version);
+    OFF(virtio_vgpu_config, pool_id); OFF(virtio_vgpu_config, priority); OFF(virtio_vgpu_config, vm_id);
+    OFF(vgpu_info, executor); OFF(vgpu_info, gpu_index); OFF(vgpu_info, memory_total);
+    OFF(vgpu_info, compute_capability); OFF(vgpu_info, exec_limit_ms); OFF(vgpu_info, name);
+    P("VIRTIO_ID_VGPU", VIRTIO_ID_VGPU); P("VGPU_MAGIC", VGPU_MAGIC); P("VGPU_VERSION", VGPU_VERSION);
+    P("VGPU_CONFIG_SIZE", VGPU_CONFIG_SIZE); P("VGPU_REQ_VERSION", VGPU_REQ_VERSION);
+    P("op.ping", VGPU_OP_PING); P("op.get_info", VGPU_OP_GET_INFO); P("op.busy_wait", VGPU_OP_BUSY_WAIT);
+    P("op.scalar_add", VGPU_OP_SCALAR_ADD_I32); P("op.vector_add", VGPU_OP_VECTOR_ADD_F32);
+    P("s.ok", VGPU_S_OK); P("s.bad_request", VGPU_S_BAD_REQUEST); P("s.unsupported", VGPU_S_UNSUPPORTED);
+    P("s.too_large", VGPU_S_TOO_LARGE); P("s.no_resources", VGPU_S_NO_RESOURCES);
+    P("s.device_error", VGPU_S_DEVICE_ERROR); P("s.timeout", VGPU_S_TIMEOUT);
+    P("s.cancelled", VGPU_S_CANCELLED); P("s.not_found", VGPU_S_NOT_FOUND); P("s.denied", VGPU_S_DENIED);
+    P("prio.low", VGPU_PRIO_LOW); P("prio.medium", VGPU_PRIO_MEDIUM); P("prio.high", VGPU_PRIO_HIGH);
+    P("executor.cpu", VGPU_EXECUTOR_CPU); P("executor.cuda", VGPU_EXECUTOR_CUDA);
+    return 0;
+}
+"#;
+
+fn c_values() -> BTreeMap<String, u64> {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("layout.c");
+    let bin = dir.path().join("layout");
+    std::fs::write(&src, PROGRAM).unwrap();
+    let include = concat!(env!("CARGO_MANIFEST_DIR"), "/guest-driver/include");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let out = Command::new(cc)
+        .args(["-std=c11", "-Wall", "-Werror", "-I", include, "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .expect("run the C compiler");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(&bin).output().unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (k, v) = l.split_once(' ').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+/// Offset of `needle` in the Rust encoding (fields carry distinct bytes).
+fn offset_in(bytes: &[u8], needle: &[u8]) -> u64 {
+    bytes.windows(needle.len()).position(|w| w == needle).expect("field present") as u64
+}
+
+#[test]
+fn c_header_matches_rust_definition() {
+    let c = c_values();
+    let req = ReqHdr {
+        version: 0x1101,
+        opcode: 0x2202,
+        flags: 0x3303_3303,
+        tag: 0x4404_4404_4404_4404,
+        payload_len: 0x5505_5505,
+        reserved: 0x6606_6606,
+    }
+    .encode();
+    assert_eq!(c["sizeof.vgpu_req_hdr"], req.len() as u64);
+    assert_eq!(c["sizeof.vgpu_req_hdr"], REQ_HDR_SIZE as u64);
+    for (f, n) in [
+        ("version", &0x1101u16.to_le_bytes()[..]),
+        ("opcode", &0x2202u16.to_le_bytes()[..]),
+        ("flags", &0x3303_3303u32.to_le_bytes()[..]),
+        ("tag", &0x4404_4404_4404_4404u64.to_le_bytes()[..]),
+        ("payload_len", &0x5505_5505u32.to_le_bytes()[..]),
+        ("reserved", &0x6606_6606u32.to_le_bytes()[..]),
+    ] {
+        assert_eq!(c[&format!("vgpu_req_hdr.{f}")], offset_in(&req, n), "req {f}");
+    }
+
+    let resp = RespHdr {
+        status: 0x1111_0001,
+        output_len: 0x2222_0002,
+        tag: 0x3333_0003_3333_0003,
+        dispatch_seq: 0x4444_0004_4444_0004,
+        queue_ns: 0x5555_0005_5555_0005,
+        exec_ns: 0x6666_0006_6666_0006,
+    };
+    let rb = resp.encode();
+    assert_eq!(c["sizeof.vgpu_resp_hdr"], RESP_HDR_SIZE as u64);
+    for (f, n) in [
+        ("status", resp.status.to_le_bytes().to_vec()),
+        ("output_len", resp.output_len.to_le_bytes().to_vec()),
+        ("tag", resp.tag.to_le_bytes().to_vec()),
+        ("dispatch_seq", resp.dispatch_seq.to_le_bytes().to_vec()),
+        ("queue_ns", resp.queue_ns.to_le_bytes().to_vec()),
+        ("exec_ns", resp.exec_ns.to_le_bytes().to_vec()),
+    ] {
+        assert_eq!(c[&format!("vgpu_resp_hdr.{f}")], offset_in(&rb, &n), "resp {f}");
+    }
+
+    assert_eq!(c["sizeof.virtio_vgpu_config"], CONFIG_SIZE as u64);
+    for (f, off) in [
+        ("magic", CFG_MAGIC),
+        ("version", CFG_VERSION),
+        ("pool_id", CFG_POOL_ID),
+        ("priority", CFG_PRIORITY),
+        ("vm_id", CFG_VM_ID),
+    ] {
+        assert_eq!(c[&format!("virtio_vgpu_config.{f}")], off as u64, "config {f}");
+    }
+
+    let info = DeviceInfo {
+        executor: ExecutorKind::Cuda,
+        gpu_index: 0x0202_0202,
+        memory_total: 0x0303_0303_0303_0303,
+        compute_capability: 0x0404_0404,
+        exec_limit_ms: 0x0505_0505,
+        name: "\u{6}\u{6}\u{6}\u{6}".into(),
+    }
+    .encode();
+    assert_eq!(c["sizeof.vgpu_info"], INFO_SIZE as u64);
+    assert_eq!(c["vgpu_info.executor"], 0);
+    for (f, n) in [
+        ("gpu_index", vec![2u8; 4]),
+        ("memory_total", vec![3u8; 8]),
+        ("compute_capability", vec![4u8; 4]),
+        ("exec_limit_ms", vec![5u8; 4]),
+        ("name", vec![6u8; 4]),
+    ] {
+        assert_eq!(c[&format!("vgpu_info.{f}")], offset_in(&info, &n), "info {f}");
+    }
+
+    assert_eq!(c["VIRTIO_ID_VGPU"], VIRTIO_ID_VGPU as u64);
+    assert_eq!(c["VGPU_MAGIC"], MAGIC as u64);
+    assert_eq!(c["VGPU_VERSION"], VERSION as u64);
+    assert_eq!(c["VGPU_CONFIG_SIZE"], CONFIG_SIZE as u64);
+    assert_eq!(c["VGPU_REQ_VERSION"], REQ_VERSION as u64);
+    for (k, op) in [
+        ("op.ping", Opcode::Ping),
+        ("op.get_info", Opcode::GetInfo),
+        ("op.busy_wait", Opcode::BusyWait),
+        ("op.scalar_add", Opcode::ScalarAddI32),
+        ("op.vector_add", Opcode::VectorAddF32),
+    ] {
+        assert_eq!(c[k], op as u64, "{k}");
+    }
+    for (k, s) in [
+        ("s.ok", Status::Ok),
+        ("s.bad_request", Status::BadRequest),
+        ("s.unsupported", Status::Unsupported),
+        ("s.too_large", Status::TooLarge),
+        ("s.no_resources", Status::NoResources),
+        ("s.device_error", Status::DeviceError),
+        ("s.timeout", Status::Timeout),
+        ("s.cancelled", Status::Cancelled),
+        ("s.not_found", Status::NotFound),
+        ("s.denied", Status::Denied),
+    ] {
+        assert_eq!(c[k], s as u64, "{k}");
+    }
+    for (k, p) in [("prio.low", Priority::Low), ("prio.medium", Priority::Medium), ("prio.high", Priority::High)] {
+        assert_eq!(c[k], p as u64, "{k}");
+    }
+    assert_eq!(c["executor.cpu"], ExecutorKind::Cpu as u64);
+    assert_eq!(c["executor.cuda"], ExecutorKind::Cuda as u64);
+}
