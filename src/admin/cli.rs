@@ -680,7 +680,7 @@ struct VmLive<'a> {
 #[derive(Serialize)]
 struct DaemonState {
     running: bool,
-    detail: Option<String>,
+    detail: String,
 }
 
 #[derive(Serialize)]
@@ -702,42 +702,22 @@ fn status(
 ) -> Result<(), Error> {
     let vms = store.vms()?;
     let pools = store.pools()?;
-    let (live, daemon) = match control::request(control_path, &control::Request::Status) {
+    let (live, detail) = match control::request(control_path, &control::Request::Status) {
         Ok(r) => {
             let live = r.vms.unwrap_or_default();
             let connected = live.iter().filter(|s| s.connected).count();
             let detail = format!("running, {connected} of {} VMs connected", live.len());
-            (
-                Some(live),
-                DaemonState {
-                    running: true,
-                    detail: Some(detail),
-                },
-            )
+            (Some(live), detail)
         }
         Err(e) if e.is_not_running() => {
-            let detail = format!(
-                "not running (nothing listens on {})",
-                control_path.display()
-            );
-            (
-                None,
-                DaemonState {
-                    running: false,
-                    detail: Some(detail),
-                },
-            )
+            let where_ = control_path.display();
+            (None, format!("not running (nothing listens on {where_})"))
         }
-        Err(e) => {
-            let detail = format!("not answering ({e})");
-            (
-                None,
-                DaemonState {
-                    running: false,
-                    detail: Some(detail),
-                },
-            )
-        }
+        Err(e) => (None, format!("not answering ({e})")),
+    };
+    let daemon = DaemonState {
+        running: live.is_some(),
+        detail,
     };
     if json {
         let live_ref = live.as_deref().unwrap_or_default();
@@ -766,7 +746,7 @@ fn status(
         store.path().display(),
         store.schema_version()?
     )?;
-    writeln!(out, "daemon: {}", daemon.detail.unwrap_or_default())?;
+    writeln!(out, "daemon: {}", daemon.detail)?;
     writeln!(out)?;
     print_pools(out, &pools)?;
     writeln!(out)?;

@@ -429,6 +429,15 @@ fn pool_in(conn: &Connection, id: PoolId) -> Result<PoolRecord> {
     .ok_or(Error::UnknownPool(id))
 }
 
+/// `Ok(None)` for "no such VM or pool", other errors as they are.
+fn found<T>(r: Result<T>) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(Error::UnknownVm(_) | Error::UnknownPool(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// The VM that holds `vm_id` or `name`, if any.
 fn holder_of(
     conn: &Connection,
@@ -566,11 +575,7 @@ impl Store {
 
     /// The VM with this vm_id, if registered.
     pub fn vm_by_id(&self, vm_id: u32) -> Result<Option<VmRecord>> {
-        match self.find_vm(&VmRef::VmId(vm_id)) {
-            Ok(v) => Ok(Some(v)),
-            Err(Error::UnknownVm(_)) => Ok(None),
-            Err(e) => Err(e),
-        }
+        found(self.find_vm(&VmRef::VmId(vm_id)))
     }
 
     /// Registers a VM; without `vm_id` it gets the smallest free one.
@@ -589,7 +594,7 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         pool_in(&tx, new.pool)?;
-        if let Ok(old) = find_vm_in(&tx, &VmRef::Uuid(new.uuid.clone())) {
+        if let Some(old) = found(find_vm_in(&tx, &VmRef::Uuid(new.uuid.clone())))? {
             return Err(Error::DuplicateUuid {
                 uuid: old.uuid,
                 vm_id: old.vm_id,
@@ -724,7 +729,7 @@ impl Store {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if pool_in(&tx, new.id).is_ok() {
+        if found(pool_in(&tx, new.id))?.is_some() {
             return Err(Error::DuplicatePool(new.id));
         }
         let holder: Option<String> = tx
