@@ -1,6 +1,8 @@
 //! vgpu: share NVIDIA GPUs among VMs through a virtio device served by a
 //! vhost-user backend. See `docs/protocol.md` for the device contract.
 
+pub mod admin;
+pub mod control;
 pub mod executor;
 pub mod guest;
 pub mod protocol;

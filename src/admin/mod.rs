@@ -1,0 +1,6 @@
+//! The control panel: the configuration database and the `vgpu-admin` CLI.
+
+pub mod cli;
+pub mod qemu;
+pub mod scan;
+pub mod store;

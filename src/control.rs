@@ -1,0 +1,269 @@
+//! The daemon's control socket: types and client.
+//!
+//! The daemon listens on a unix socket (mode 0600), by default
+//! `/run/vgpu/control.sock` (`control.sock` in its `--socket-dir`). The
+//! protocol is one JSON object per line in each direction:
+//!
+//! ```text
+//! {"op":"reload"}  -> {"ok":true}
+//! {"op":"status"}  -> {"ok":true,"vms":[{"vm_id":1,"connected":true,"queued":0,
+//!                      "in_flight":0,"done":123,"wait_p50_ns":0,"wait_p99_ns":0}]}
+//! any failure      -> {"ok":false,"error":"..."}
+//! ```
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default directory of the daemon's sockets (VM sockets and control socket).
+pub const DEFAULT_SOCKET_DIR: &str = "/run/vgpu";
+/// File name of the control socket inside the socket directory.
+pub const SOCKET_NAME: &str = "control.sock";
+/// How long the client waits for the daemon to read or answer.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest reply line the client accepts.
+pub const MAX_LINE: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control socket {path}: bad reply: {detail}")]
+    BadReply { path: PathBuf, detail: String },
+    #[error("daemon refused: {0}")]
+    Refused(String),
+}
+
+impl Error {
+    /// True when nothing listens on the socket (no file, or connection refused).
+    pub fn is_not_running(&self) -> bool {
+        matches!(self, Error::Connect { source, .. }
+            if matches!(source.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused))
+    }
+}
+
+/// A request line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    /// Re-read the database.
+    Reload,
+    /// Live figures per VM.
+    Status,
+}
+
+/// Live figures of one VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub vm_id: u32,
+    /// A frontend (QEMU) is connected to the VM's socket.
+    pub connected: bool,
+    /// Requests taken off the ring and waiting for the GPU.
+    pub queued: u64,
+    /// Requests dispatched and not yet completed.
+    pub in_flight: u64,
+    /// Requests completed since the daemon started.
+    pub done: u64,
+    /// Queue wait (ring to dispatch), median and 99th percentile.
+    pub wait_p50_ns: u64,
+    pub wait_p99_ns: u64,
+}
+
+/// A reply line. `vms` is present in answers to `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vms: Option<Vec<VmStatus>>,
+}
+
+impl Response {
+    pub fn ok() -> Self {
+        Response {
+            ok: true,
+            ..Response::default()
+        }
+    }
+
+    pub fn status(vms: Vec<VmStatus>) -> Self {
+        Response {
+            ok: true,
+            vms: Some(vms),
+            ..Response::default()
+        }
+    }
+
+    pub fn error(msg: impl Into<String>) -> Self {
+        Response {
+            ok: false,
+            error: Some(msg.into()),
+            vms: None,
+        }
+    }
+
+    /// The line to send, with its `\n`.
+    pub fn to_line(&self) -> String {
+        // A struct of strings, numbers and bools always serialises.
+        let mut s = serde_json::to_string(self).unwrap_or_else(|_| r#"{"ok":false}"#.into());
+        s.push('\n');
+        s
+    }
+}
+
+/// The control socket in a socket directory.
+pub fn socket_path(socket_dir: &Path) -> PathBuf {
+    socket_dir.join(SOCKET_NAME)
+}
+
+/// Sends one request and reads its reply, with [`DEFAULT_TIMEOUT`].
+/// A reply with `"ok":false` is returned as [`Error::Refused`].
+pub fn request(path: &Path, req: &Request) -> Result<Response, Error> {
+    request_with_timeout(path, req, DEFAULT_TIMEOUT)
+}
+
+pub fn request_with_timeout(
+    path: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Response, Error> {
+    let stream = UnixStream::connect(path).map_err(|source| Error::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let io_err = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
+    let mut line = serde_json::to_string(req).map_err(|e| Error::BadReply {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    line.push('\n');
+    (&stream).write_all(line.as_bytes()).map_err(io_err)?;
+
+    let mut reply = String::new();
+    BufReader::new((&stream).take(MAX_LINE))
+        .read_line(&mut reply)
+        .map_err(io_err)?;
+    let bad = |detail: String| Error::BadReply {
+        path: path.to_path_buf(),
+        detail,
+    };
+    if !reply.ends_with('\n') {
+        return Err(bad(if reply.is_empty() {
+            "connection closed without an answer".into()
+        } else {
+            "reply line unterminated or too long".into()
+        }));
+    }
+    let resp: Response = serde_json::from_str(&reply).map_err(|e| bad(e.to_string()))?;
+    if resp.ok {
+        Ok(resp)
+    } else {
+        Err(Error::Refused(
+            resp.error.unwrap_or_else(|| "no reason given".into()),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn wire_format() {
+        assert_eq!(
+            serde_json::to_string(&Request::Reload).unwrap(),
+            r#"{"op":"reload"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"status"}"#).unwrap(),
+            Request::Status
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
+        assert_eq!(Response::ok().to_line(), "{\"ok\":true}\n");
+        let r: Response = serde_json::from_str(
+            r#"{"ok":true,"vms":[{"vm_id":1,"connected":true,"queued":0,"in_flight":0,"done":123,"wait_p50_ns":0,"wait_p99_ns":0}]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.vms.unwrap()[0].done, 123);
+    }
+
+    /// Serves `replies` (one per connection) and returns the request lines.
+    fn serve(path: &Path, replies: Vec<String>) -> std::thread::JoinHandle<Vec<String>> {
+        let listener = UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for reply in replies {
+                let (s, _) = listener.accept().unwrap();
+                let mut line = String::new();
+                BufReader::new(&s).read_line(&mut line).unwrap();
+                got.push(line);
+                (&s).write_all(reply.as_bytes()).unwrap();
+            }
+            got
+        })
+    }
+
+    #[test]
+    fn client_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path());
+        let server = serve(
+            &path,
+            vec![
+                Response::ok().to_line(),
+                Response::error("busy").to_line(),
+                "not json\n".into(),
+                String::new(),
+            ],
+        );
+        assert_eq!(request(&path, &Request::Reload).unwrap(), Response::ok());
+        let e = request(&path, &Request::Status).unwrap_err();
+        assert_eq!(e.to_string(), "daemon refused: busy");
+        assert!(matches!(
+            request(&path, &Request::Status),
+            Err(Error::BadReply { .. })
+        ));
+        assert!(matches!(
+            request(&path, &Request::Status),
+            Err(Error::BadReply { .. })
+        ));
+        let lines = server.join().unwrap();
+        assert_eq!(lines[0], "{\"op\":\"reload\"}\n");
+        assert_eq!(lines[1], "{\"op\":\"status\"}\n");
+    }
+
+    #[test]
+    fn no_daemon_and_silent_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path());
+        let e = request(&path, &Request::Reload).unwrap_err();
+        assert!(e.is_not_running(), "{e}");
+
+        // Listening but never answering: the timeout ends the wait.
+        let _listener = UnixListener::bind(&path).unwrap();
+        let t = std::time::Instant::now();
+        let e =
+            request_with_timeout(&path, &Request::Status, Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "{e}");
+        assert!(!e.is_not_running());
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+}
