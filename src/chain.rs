@@ -175,12 +175,19 @@ mod tests {
 
     /// Places `bytes` cut at `cuts`, piece i at `base + 2 * start_i` so that
     /// pieces are not contiguous, and returns one descriptor per piece.
-    fn split(mem: &GuestMem, base: u64, bytes: &[u8], cuts: &[usize], flags: u16) -> Vec<RawDescriptor> {
+    fn split(
+        mem: &GuestMem,
+        base: u64,
+        bytes: &[u8],
+        cuts: &[usize],
+        flags: u16,
+    ) -> Vec<RawDescriptor> {
         let mut out = Vec::new();
         let mut start = 0;
         for &end in cuts.iter().chain(std::iter::once(&bytes.len())) {
             let at = base + 2 * start as u64;
-            mem.write_slice(&bytes[start..end], GuestAddress(at)).unwrap();
+            mem.write_slice(&bytes[start..end], GuestAddress(at))
+                .unwrap();
             out.push(desc(at, (end - start) as u32, flags));
             start = end;
         }
@@ -194,7 +201,9 @@ mod tests {
     }
 
     fn request(opcode: u16, payload: &[u8]) -> Vec<u8> {
-        let mut v = ReqHdr::new(opcode, 0xabc, payload.len() as u32).encode().to_vec();
+        let mut v = ReqHdr::new(opcode, 0xabc, payload.len() as u32)
+            .encode()
+            .to_vec();
         v.extend_from_slice(payload);
         v
     }
@@ -256,7 +265,8 @@ mod tests {
         }
 
         // Unknown opcode.
-        mem.write_slice(&request(0x7777, &[]), GuestAddress(DATA + 0x200)).unwrap();
+        mem.write_slice(&request(0x7777, &[]), GuestAddress(DATA + 0x200))
+            .unwrap();
         let (e, _, _) = refused(&[desc(DATA + 0x200, 24, 0), resp], &mem);
         assert_eq!(e.status(), Status::Unsupported);
 
@@ -265,7 +275,13 @@ mod tests {
         long[16] = 9;
         mem.write_slice(&long, GuestAddress(DATA + 0x300)).unwrap();
         let (e, _, _) = refused(&[desc(DATA + 0x300, 32, 0), resp], &mem);
-        assert_eq!(e, Error::PayloadPastEnd { claimed: 9, available: 8 });
+        assert_eq!(
+            e,
+            Error::PayloadPastEnd {
+                claimed: 9,
+                available: 8
+            }
+        );
 
         // Readable after writable.
         let (e, _, has_resp) = refused(&[desc(DATA, 24, 0), resp, desc(DATA, 8, 0)], &mem);
@@ -288,7 +304,9 @@ mod tests {
 
         // No writable part, or too small for a response header.
         assert!(run(&mem, &[desc(DATA, 24, 0)]).resp.is_none());
-        assert!(run(&mem, &[desc(DATA, 24, 0), desc(DATA + 0x1000, 39, W)]).resp.is_none());
+        assert!(run(&mem, &[desc(DATA, 24, 0), desc(DATA + 0x1000, 39, W)])
+            .resp
+            .is_none());
     }
 
     #[test]
@@ -299,7 +317,12 @@ mod tests {
         // Zero-length descriptors are legal and carry nothing.
         let p = run(
             &mem,
-            &[desc(DATA, 0, 0), desc(DATA, 24, 0), desc(DATA + 0x1000, 0, W), desc(DATA + 0x1000, 40, W)],
+            &[
+                desc(DATA, 0, 0),
+                desc(DATA, 24, 0),
+                desc(DATA + 0x1000, 0, W),
+                desc(DATA + 0x1000, 40, W),
+            ],
         );
         assert!(p.outcome.is_ok());
         assert_eq!(p.resp.unwrap().len(), 40);

@@ -154,7 +154,10 @@ pub fn parse_pool_gpu(s: &str) -> Result<BTreeMap<PoolId, u32>, Error> {
             .split_once('=')
             .ok_or_else(|| Error::PoolGpu(s.to_string()))?;
         let pool: PoolId = p.parse()?;
-        let gpu: u32 = g.trim().parse().map_err(|_| Error::PoolGpu(s.to_string()))?;
+        let gpu: u32 = g
+            .trim()
+            .parse()
+            .map_err(|_| Error::PoolGpu(s.to_string()))?;
         map.insert(pool, gpu);
     }
     Ok(map)

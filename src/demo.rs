@@ -15,21 +15,28 @@ type BoxError = Box<dyn std::error::Error>;
 pub fn run(file: FileConfig, rounds: u32) -> Result<(), BoxError> {
     let dir = std::env::temp_dir().join(format!("vgpu-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let vms: Vec<VmSpec> = [(1, b'A', Priority::High), (2, b'A', Priority::Medium), (3, b'B', Priority::Low)]
-        .into_iter()
-        .map(|(id, pool, priority)| {
-            Ok(VmSpec {
-                vm_id: id,
-                pool: PoolId::new(pool)?,
-                priority,
-                socket: dir.join(format!("vm{id}.sock")),
-                max_queued: None,
-            })
+    let vms: Vec<VmSpec> = [
+        (1, b'A', Priority::High),
+        (2, b'A', Priority::Medium),
+        (3, b'B', Priority::Low),
+    ]
+    .into_iter()
+    .map(|(id, pool, priority)| {
+        Ok(VmSpec {
+            vm_id: id,
+            pool: PoolId::new(pool)?,
+            priority,
+            socket: dir.join(format!("vm{id}.sock")),
+            max_queued: None,
         })
-        .collect::<Result<_, crate::protocol::Error>>()?;
+    })
+    .collect::<Result<_, crate::protocol::Error>>()?;
     let cfg = DaemonConfig::resolve(file, vms.clone())?;
     let daemon = Daemon::start(&cfg)?;
-    println!("vgpu demo: daemon serving 3 VMs in {} (pools A,A,B share GPU 0)", dir.display());
+    println!(
+        "vgpu demo: daemon serving 3 VMs in {} (pools A,A,B share GPU 0)",
+        dir.display()
+    );
     let result = drive(&vms, rounds);
     daemon.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
@@ -54,13 +61,29 @@ fn drive(vms: &[VmSpec], rounds: u32) -> Result<(), BoxError> {
     println!("\nsummary (round trip of SCALAR_ADD, µs):");
     for (vm, mut r) in vms.iter().zip(rtts) {
         r.sort_unstable();
-        let p = |q: usize| r.get((r.len().saturating_sub(1)) * q / 100).copied().unwrap_or(0) as f64 / 1e3;
-        println!("  vm{} {:6}  p50 {:8.1}  max {:8.1}", vm.vm_id, vm.priority, p(50), p(100));
+        let p = |q: usize| {
+            r.get((r.len().saturating_sub(1)) * q / 100)
+                .copied()
+                .unwrap_or(0) as f64
+                / 1e3
+        };
+        println!(
+            "  vm{} {:6}  p50 {:8.1}  max {:8.1}",
+            vm.vm_id,
+            vm.priority,
+            p(50),
+            p(100)
+        );
     }
     Ok(())
 }
 
-fn guest(vm: VmSpec, rounds: u32, barrier: &Barrier, out: &Mutex<()>) -> Result<Vec<u64>, BoxError> {
+fn guest(
+    vm: VmSpec,
+    rounds: u32,
+    barrier: &Barrier,
+    out: &Mutex<()>,
+) -> Result<Vec<u64>, BoxError> {
     let mut g = SimGuest::connect_retry(&vm.socket, SimOptions::default(), Duration::from_secs(5))?;
     let cfg = g.config_space()?;
     let (info_hdr, info) = g.call(Opcode::GetInfo as u16, 0, &[], 96)?;
@@ -98,7 +121,9 @@ fn guest(vm: VmSpec, rounds: u32, barrier: &Barrier, out: &Mutex<()>) -> Result<
         let (hdr, res) = g.call(Opcode::ScalarAddI32 as u16, u64::from(round), &payload, 4)?;
         let rtt = t.elapsed();
         rtts.push(rtt.as_nanos() as u64);
-        let sum = res.get(..4).map(|s| i32::from_le_bytes([s[0], s[1], s[2], s[3]]));
+        let sum = res
+            .get(..4)
+            .map(|s| i32::from_le_bytes([s[0], s[1], s[2], s[3]]));
         let _l = out.lock();
         println!(
             "round {round:2}  vm{} {:6}  add {a}+{b} = {}  status {}  dispatch_seq {:3}  queue {:7.1} µs  exec {:5.1} µs  rtt {:7.1} µs",

@@ -2,14 +2,14 @@
 //! vhost-user backend. See `docs/protocol.md` for the device contract.
 
 pub mod admin;
+pub mod chain;
 pub mod control;
+pub mod daemon;
+pub mod demo;
 pub mod executor;
 pub mod guest;
 pub mod protocol;
-pub mod chain;
 pub mod scheduler;
+pub mod sim;
 pub mod vhu_vgpu;
 pub mod vm;
-pub mod daemon;
-pub mod sim;
-pub mod demo;

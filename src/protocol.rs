@@ -100,7 +100,9 @@ impl PoolId {
         if up.is_ascii_uppercase() {
             Ok(PoolId(up))
         } else {
-            Err(Error::InvalidPool(String::from_utf8_lossy(&[letter]).into_owned()))
+            Err(Error::InvalidPool(
+                String::from_utf8_lossy(&[letter]).into_owned(),
+            ))
         }
     }
     pub fn letter(self) -> u8 {
@@ -347,15 +349,18 @@ impl DeviceInfo {
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, Error> {
-        let b: &[u8; INFO_SIZE] = b
-            .get(..INFO_SIZE)
-            .and_then(|s| s.try_into().ok())
-            .ok_or(Error::Short {
-                got: b.len(),
-                need: INFO_SIZE,
-            })?;
+        let b: &[u8; INFO_SIZE] =
+            b.get(..INFO_SIZE)
+                .and_then(|s| s.try_into().ok())
+                .ok_or(Error::Short {
+                    got: b.len(),
+                    need: INFO_SIZE,
+                })?;
         let name_bytes = &b[0x20..0x20 + INFO_NAME_LEN];
-        let end = name_bytes.iter().position(|&c| c == 0).unwrap_or(INFO_NAME_LEN);
+        let end = name_bytes
+            .iter()
+            .position(|&c| c == 0)
+            .unwrap_or(INFO_NAME_LEN);
         Ok(DeviceInfo {
             executor: if get_u32(b, 0) == 1 {
                 ExecutorKind::Cuda

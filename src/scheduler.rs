@@ -113,7 +113,9 @@ impl RunQueue {
             let effective = self.effective_priority(head, now);
             let better = match best {
                 None => true,
-                Some((_, p, arrival)) => effective > p || (effective == p && head.arrival < arrival),
+                Some((_, p, arrival)) => {
+                    effective > p || (effective == p && head.arrival < arrival)
+                }
             };
             if better {
                 best = Some((level, effective, head.arrival));

@@ -9,7 +9,9 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -17,9 +19,7 @@ use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
 };
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestRegionMmap,
-};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestRegionMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::guest::GuestMem;
@@ -153,7 +153,9 @@ impl SimGuest {
         }
         frontend.set_features(offered & want)?;
         let proto = frontend.get_protocol_features()?;
-        frontend.set_protocol_features(proto & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ))?;
+        frontend.set_protocol_features(
+            proto & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ),
+        )?;
 
         let regions: Vec<VhostUserMemoryRegionInfo> = mem
             .iter()
@@ -230,9 +232,12 @@ impl SimGuest {
 
     /// Reads `size` bytes of config space at `offset`.
     pub fn config(&mut self, offset: u32, size: u32) -> Result<Vec<u8>> {
-        let (_, payload) =
-            self.frontend
-                .get_config(offset, size, VhostUserConfigFlags::WRITABLE, &vec![0u8; size as usize])?;
+        let (_, payload) = self.frontend.get_config(
+            offset,
+            size,
+            VhostUserConfigFlags::WRITABLE,
+            &vec![0u8; size as usize],
+        )?;
         Ok(payload.to_vec())
     }
 
@@ -301,7 +306,11 @@ impl SimGuest {
         let head = self.free.pop().ok_or(Error::RingFull)?;
         for (i, d) in descs.iter().enumerate() {
             let mut raw = [0u8; 16];
-            let mut flags = if d.writable { VRING_DESC_F_WRITE as u16 } else { 0 };
+            let mut flags = if d.writable {
+                VRING_DESC_F_WRITE as u16
+            } else {
+                0
+            };
             if i + 1 < descs.len() {
                 flags |= VRING_DESC_F_NEXT as u16;
             }
@@ -322,9 +331,11 @@ impl SimGuest {
         let slot = self.avail + 4 + 2 * (self.avail_idx % n) as u64;
         let _ = self.mem.write_obj(head.to_le(), GuestAddress(slot));
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        let _ = self
-            .mem
-            .store(self.avail_idx.to_le(), GuestAddress(self.avail + 2), Ordering::Release);
+        let _ = self.mem.store(
+            self.avail_idx.to_le(),
+            GuestAddress(self.avail + 2),
+            Ordering::Release,
+        );
         self.chains[head as usize] = idx;
         head
     }
@@ -403,7 +414,8 @@ impl SimGuest {
                 .ok()
                 .filter(|h| *h < n && !self.chains[*h as usize].is_empty())
                 .ok_or(Error::BadHead(id))?;
-            self.free.extend(std::mem::take(&mut self.chains[head as usize]));
+            self.free
+                .extend(std::mem::take(&mut self.chains[head as usize]));
             out.push(Used { head, len });
             self.last_used = self.last_used.wrapping_add(1);
         }
@@ -427,13 +439,22 @@ impl SimGuest {
 
     /// Lays a request out in slot `slot` (header, payload, response header,
     /// output, contiguous) and puts it on the ring as two descriptors.
-    pub fn submit(&mut self, slot: usize, hdr: &ReqHdr, payload: &[u8], out_cap: usize) -> Result<u16> {
+    pub fn submit(
+        &mut self,
+        slot: usize,
+        hdr: &ReqHdr,
+        payload: &[u8],
+        out_cap: usize,
+    ) -> Result<u16> {
         let base = self.slot(slot);
         let rlen = REQ_HDR_SIZE + payload.len();
         let wbase = base + rlen as u64;
         let wlen = RESP_HDR_SIZE + out_cap;
         if rlen + wlen > self.opts.slot_size {
-            return Err(Error::Memory(format!("request of {} bytes exceeds the slot", rlen + wlen)));
+            return Err(Error::Memory(format!(
+                "request of {} bytes exceeds the slot",
+                rlen + wlen
+            )));
         }
         self.write(base, &hdr.encode())?;
         self.write(base + REQ_HDR_SIZE as u64, payload)?;
@@ -441,7 +462,12 @@ impl SimGuest {
     }
 
     /// Response header and output of a request laid out by `submit`.
-    pub fn response(&self, slot: usize, payload_len: usize, out_cap: usize) -> Result<(RespHdr, Vec<u8>)> {
+    pub fn response(
+        &self,
+        slot: usize,
+        payload_len: usize,
+        out_cap: usize,
+    ) -> Result<(RespHdr, Vec<u8>)> {
         let wbase = self.slot(slot) + (REQ_HDR_SIZE + payload_len) as u64;
         let hdr = RespHdr::decode(&self.read(wbase, RESP_HDR_SIZE)?)?;
         let n = (hdr.output_len as usize).min(out_cap);
@@ -450,7 +476,13 @@ impl SimGuest {
     }
 
     /// One request, start to finish, in slot 0.
-    pub fn call(&mut self, opcode: u16, tag: u64, payload: &[u8], out_cap: usize) -> Result<(RespHdr, Vec<u8>)> {
+    pub fn call(
+        &mut self,
+        opcode: u16,
+        tag: u64,
+        payload: &[u8],
+        out_cap: usize,
+    ) -> Result<(RespHdr, Vec<u8>)> {
         let hdr = ReqHdr::new(opcode, tag, payload.len() as u32);
         let head = self.submit(0, &hdr, payload, out_cap)?;
         self.kick()?;

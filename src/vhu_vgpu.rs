@@ -10,11 +10,15 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::chain;
 use crate::guest::GuestMem;
@@ -145,7 +149,10 @@ impl VhostUserBackend for VgpuBackend {
         match start.checked_add(size as usize) {
             Some(end) if end <= CONFIG_SIZE => bytes[start..end].to_vec(),
             _ => {
-                log::warn!("vm{}: config read {offset}+{size} out of range", self.vm.id());
+                log::warn!(
+                    "vm{}: config read {offset}+{size} out of range",
+                    self.vm.id()
+                );
                 Vec::new()
             }
         }
@@ -228,10 +235,11 @@ fn serve_one(
     socket: &std::path::Path,
     vm: &Arc<Vm>,
 ) -> Result<(), Error> {
-    let mut listener = vhost::vhost_user::Listener::new(socket, true).map_err(|e| Error::Serve {
-        path: socket.to_path_buf(),
-        msg: e.to_string(),
-    })?;
+    let mut listener =
+        vhost::vhost_user::Listener::new(socket, true).map_err(|e| Error::Serve {
+            path: socket.to_path_buf(),
+            msg: e.to_string(),
+        })?;
     let err = |e: vhost_user_backend::Error| Error::Serve {
         path: socket.to_path_buf(),
         msg: e.to_string(),

@@ -152,7 +152,10 @@ impl Vm {
         let gpu = self.gpu();
         let n = gpu.cancel_vm(self.id());
         if n > 0 {
-            log::info!("vm{}: frontend gone, {n} queued request(s) cancelled", self.id());
+            log::info!(
+                "vm{}: frontend gone, {n} queued request(s) cancelled",
+                self.id()
+            );
         }
         gpu.control(crate::scheduler::Control::ReleaseVm { vm_id: self.id() });
     }
@@ -220,7 +223,9 @@ impl Vm {
                     blocked = true;
                     break;
                 }
-                let Some(taken) = ring.pop(settings.vm_id) else { break };
+                let Some(taken) = ring.pop(settings.vm_id) else {
+                    break;
+                };
                 answered |= self.take(ring, taken, &settings, gen);
             }
             if blocked || !ring.enable_notification() {
@@ -233,7 +238,13 @@ impl Vm {
     }
 
     /// Returns true when the chain was answered without scheduling.
-    fn take<R: Ring>(self: &Arc<Self>, ring: &R, taken: TakenChain, s: &VmSettings, gen: u64) -> bool {
+    fn take<R: Ring>(
+        self: &Arc<Self>,
+        ring: &R,
+        taken: TakenChain,
+        s: &VmSettings,
+        gen: u64,
+    ) -> bool {
         let taken_at = Instant::now();
         let Parsed { resp, outcome } = taken.parsed;
         match (outcome, resp) {
@@ -262,7 +273,11 @@ impl Vm {
                         chain::write_response(resp, &Parsed::refusal(err, tag))
                     }
                     _ => {
-                        log::debug!("vm{}: chain {} has no room for a response", s.vm_id, taken.head);
+                        log::debug!(
+                            "vm{}: chain {} has no room for a response",
+                            s.vm_id,
+                            taken.head
+                        );
                         0
                     }
                 };

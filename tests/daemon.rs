@@ -45,7 +45,10 @@ fn every_opcode_gives_correct_results() {
     );
 
     let (h, out) = g.call(Opcode::Ping as u16, 11, &[], 0).unwrap();
-    assert_eq!((status(&h), h.tag, h.output_len, out.len()), (Status::Ok, 11, 0, 0));
+    assert_eq!(
+        (status(&h), h.tag, h.output_len, out.len()),
+        (Status::Ok, 11, 0, 0)
+    );
     assert!(h.dispatch_seq > 0, "PING goes through the scheduler");
 
     let (h, out) = g.call(Opcode::GetInfo as u16, 12, &[], INFO_SIZE).unwrap();
@@ -56,21 +59,40 @@ fn every_opcode_gives_correct_results() {
     assert!(!info.name.is_empty());
 
     let (h, _) = g
-        .call(Opcode::BusyWait as u16, 13, &busy_payload(Duration::from_millis(20)), 0)
+        .call(
+            Opcode::BusyWait as u16,
+            13,
+            &busy_payload(Duration::from_millis(20)),
+            0,
+        )
         .unwrap();
     assert_eq!(status(&h), Status::Ok);
-    assert!(h.exec_ns >= 20_000_000, "BUSY_WAIT holds the slot: {}", h.exec_ns);
+    assert!(
+        h.exec_ns >= 20_000_000,
+        "BUSY_WAIT holds the slot: {}",
+        h.exec_ns
+    );
     // Past the execution limit: held for the limit, then TIMEOUT.
     let (h, _) = g
-        .call(Opcode::BusyWait as u16, 14, &busy_payload(Duration::from_secs(5)), 0)
+        .call(
+            Opcode::BusyWait as u16,
+            14,
+            &busy_payload(Duration::from_secs(5)),
+            0,
+        )
         .unwrap();
     assert_eq!(status(&h), Status::Timeout);
     assert!(h.exec_ns >= 200_000_000 && h.exec_ns < 5_000_000_000);
 
     for (a, b) in [(100, 200), (-5, 3), (i32::MAX, 1), (i32::MIN, -1)] {
-        let (h, out) = g.call(Opcode::ScalarAddI32 as u16, 15, &add_payload(a, b), 4).unwrap();
+        let (h, out) = g
+            .call(Opcode::ScalarAddI32 as u16, 15, &add_payload(a, b), 4)
+            .unwrap();
         assert_eq!((status(&h), h.output_len), (Status::Ok, 4));
-        assert_eq!(i32::from_le_bytes(out[..4].try_into().unwrap()), a.wrapping_add(b));
+        assert_eq!(
+            i32::from_le_bytes(out[..4].try_into().unwrap()),
+            a.wrapping_add(b)
+        );
     }
 
     for n in [0usize, 1, 1000, 4000] {
@@ -79,7 +101,9 @@ fn every_opcode_gives_correct_results() {
         let mut payload = (n as u32).to_le_bytes().to_vec();
         payload.extend_from_slice(&0u32.to_le_bytes());
         payload.extend(a.iter().chain(&b).flat_map(|v| v.to_le_bytes()));
-        let (h, out) = g.call(Opcode::VectorAddF32 as u16, 16, &payload, 4 * n).unwrap();
+        let (h, out) = g
+            .call(Opcode::VectorAddF32 as u16, 16, &payload, 4 * n)
+            .unwrap();
         assert_eq!((status(&h), h.output_len as usize), (Status::Ok, 4 * n));
         for i in 0..n {
             let v = f32::from_le_bytes(out[4 * i..4 * i + 4].try_into().unwrap());
@@ -89,7 +113,13 @@ fn every_opcode_gives_correct_results() {
 }
 
 /// Writes `bytes` in pieces cut at `cuts`, spread apart in guest memory.
-fn pieces(g: &vgpu::sim::SimGuest, base: u64, bytes: &[u8], cuts: &[usize], writable: bool) -> Vec<Desc> {
+fn pieces(
+    g: &vgpu::sim::SimGuest,
+    base: u64,
+    bytes: &[u8],
+    cuts: &[usize],
+    writable: bool,
+) -> Vec<Desc> {
     let mut out = Vec::new();
     let mut start = 0;
     for &end in cuts.iter().chain(std::iter::once(&bytes.len())) {
@@ -109,7 +139,9 @@ fn pieces(g: &vgpu::sim::SimGuest, base: u64, bytes: &[u8], cuts: &[usize], writ
 fn split_layouts_and_indirect_chains() {
     let d = DaemonProc::start(&[(1, "A", "high")], &[]);
     let mut g = d.guest(1);
-    let mut req = ReqHdr::new(Opcode::ScalarAddI32 as u16, 99, 8).encode().to_vec();
+    let mut req = ReqHdr::new(Opcode::ScalarAddI32 as u16, 99, 8)
+        .encode()
+        .to_vec();
     req.extend_from_slice(&add_payload(40, 2));
     let layouts: [(&[usize], &[usize]); 6] = [
         (&[], &[]),
@@ -133,14 +165,22 @@ fn split_layouts_and_indirect_chains() {
             resp.extend(g.read(dsc.addr, dsc.len as usize).unwrap());
         }
         let h = RespHdr::decode(&resp).unwrap();
-        assert_eq!((status(&h), h.tag), (Status::Ok, 99), "layout {rcuts:?} {wcuts:?}");
+        assert_eq!(
+            (status(&h), h.tag),
+            (Status::Ok, 99),
+            "layout {rcuts:?} {wcuts:?}"
+        );
         assert_eq!(i32::from_le_bytes(resp[40..44].try_into().unwrap()), 42);
     }
 
     // The same request as one indirect descriptor.
     let base = g.slot(1);
     g.write(base, &req).unwrap();
-    let descs = [Desc::r(base, 10), Desc::r(base + 10, 22), Desc::w(base + 64, 44)];
+    let descs = [
+        Desc::r(base, 10),
+        Desc::r(base + 10, 22),
+        Desc::w(base + 64, 44),
+    ];
     let head = g.add_indirect_chain(&descs, g.slot(2)).unwrap();
     g.kick().unwrap();
     assert_eq!(g.wait_all(&[head], T).unwrap()[0].len, 44);
@@ -184,25 +224,100 @@ fn malformed_chains_get_the_right_status_and_the_vm_keeps_working() {
 
     // Each case: readable bytes, then how the writable part looks.
     let cases: Vec<(&'static str, Vec<u8>, usize, Option<Status>)> = vec![
-        ("short header", hdr(1, 0)[..23].to_vec(), 40, Some(Status::BadRequest)),
+        (
+            "short header",
+            hdr(1, 0)[..23].to_vec(),
+            40,
+            Some(Status::BadRequest),
+        ),
         ("version 2", bad_version, 40, Some(Status::BadRequest)),
         ("version 0", zero_version, 40, Some(Status::BadRequest)),
         ("flags set", flags, 40, Some(Status::BadRequest)),
         ("reserved set", reserved, 40, Some(Status::BadRequest)),
-        ("unknown opcode", hdr(0x7777, 0), 40, Some(Status::Unsupported)),
-        ("reserved op range", hdr(0x01ff, 0), 40, Some(Status::Unsupported)),
-        ("payload past end", with(hdr(0x0100, 100), &add_payload(1, 2)), 44, Some(Status::BadRequest)),
-        ("payload_len max", with(hdr(0x0100, u32::MAX), &add_payload(1, 2)), 44, Some(Status::BadRequest)),
-        ("add payload short", with(hdr(0x0100, 4), &[1, 0, 0, 0]), 44, Some(Status::BadRequest)),
-        ("add payload long", with(hdr(0x0100, 12), &[0; 12]), 44, Some(Status::BadRequest)),
-        ("add no output room", with(hdr(0x0100, 8), &add_payload(1, 2)), 40, Some(Status::TooLarge)),
-        ("vector n mismatch", with(hdr(0x0101, 8 + 8 * 3), &vec_payload(4, 0, 6)), 56, Some(Status::BadRequest)),
-        ("vector pad set", with(hdr(0x0101, 8 + 8), &vec_payload(1, 9, 2)), 44, Some(Status::BadRequest)),
-        ("vector too large", with(hdr(0x0101, 8), &vec_payload(u32::MAX, 0, 0)), 40, Some(Status::TooLarge)),
-        ("vector output short", with(hdr(0x0101, 8 + 16), &vec_payload(2, 0, 4)), 44, Some(Status::TooLarge)),
-        ("vector header short", with(hdr(0x0101, 4), &[1, 0, 0, 0]), 44, Some(Status::BadRequest)),
-        ("busy payload short", with(hdr(0x0003, 4), &[1, 0, 0, 0]), 40, Some(Status::BadRequest)),
-        ("info output short", hdr(0x0002, 0), 50, Some(Status::TooLarge)),
+        (
+            "unknown opcode",
+            hdr(0x7777, 0),
+            40,
+            Some(Status::Unsupported),
+        ),
+        (
+            "reserved op range",
+            hdr(0x01ff, 0),
+            40,
+            Some(Status::Unsupported),
+        ),
+        (
+            "payload past end",
+            with(hdr(0x0100, 100), &add_payload(1, 2)),
+            44,
+            Some(Status::BadRequest),
+        ),
+        (
+            "payload_len max",
+            with(hdr(0x0100, u32::MAX), &add_payload(1, 2)),
+            44,
+            Some(Status::BadRequest),
+        ),
+        (
+            "add payload short",
+            with(hdr(0x0100, 4), &[1, 0, 0, 0]),
+            44,
+            Some(Status::BadRequest),
+        ),
+        (
+            "add payload long",
+            with(hdr(0x0100, 12), &[0; 12]),
+            44,
+            Some(Status::BadRequest),
+        ),
+        (
+            "add no output room",
+            with(hdr(0x0100, 8), &add_payload(1, 2)),
+            40,
+            Some(Status::TooLarge),
+        ),
+        (
+            "vector n mismatch",
+            with(hdr(0x0101, 8 + 8 * 3), &vec_payload(4, 0, 6)),
+            56,
+            Some(Status::BadRequest),
+        ),
+        (
+            "vector pad set",
+            with(hdr(0x0101, 8 + 8), &vec_payload(1, 9, 2)),
+            44,
+            Some(Status::BadRequest),
+        ),
+        (
+            "vector too large",
+            with(hdr(0x0101, 8), &vec_payload(u32::MAX, 0, 0)),
+            40,
+            Some(Status::TooLarge),
+        ),
+        (
+            "vector output short",
+            with(hdr(0x0101, 8 + 16), &vec_payload(2, 0, 4)),
+            44,
+            Some(Status::TooLarge),
+        ),
+        (
+            "vector header short",
+            with(hdr(0x0101, 4), &[1, 0, 0, 0]),
+            44,
+            Some(Status::BadRequest),
+        ),
+        (
+            "busy payload short",
+            with(hdr(0x0003, 4), &[1, 0, 0, 0]),
+            40,
+            Some(Status::BadRequest),
+        ),
+        (
+            "info output short",
+            hdr(0x0002, 0),
+            50,
+            Some(Status::TooLarge),
+        ),
         ("no writable part", hdr(1, 0), 0, None),
         ("writable too small", hdr(1, 0), 39, None),
     ];
@@ -215,7 +330,12 @@ fn malformed_chains_get_the_right_status_and_the_vm_keeps_working() {
         if wlen > 0 {
             descs.push(Desc::w(resp_at, wlen as u32));
         }
-        all.push(Malformed { name, descs, want, resp_at });
+        all.push(Malformed {
+            name,
+            descs,
+            want,
+            resp_at,
+        });
     }
     let ok_hdr = hdr(1, 0);
     let s = g.slot(40);
@@ -278,13 +398,18 @@ fn malformed_chains_get_the_right_status_and_the_vm_keeps_working() {
 
 #[test]
 fn priorities_contending_behind_a_busy_wait_dispatch_in_order() {
-    let d = DaemonProc::start(&[(1, "A", "high"), (2, "B", "medium"), (3, "A", "low")], &[]);
+    let d = DaemonProc::start(
+        &[(1, "A", "high"), (2, "B", "medium"), (3, "A", "low")],
+        &[],
+    );
     let mut high = d.guest(1);
     let mut med = d.guest(2);
     let mut low = d.guest(3);
     // Hold the GPU, then queue requests lowest priority first.
     let busy = ReqHdr::new(Opcode::BusyWait as u16, 0, 8);
-    let busy_head = low.submit(0, &busy, &busy_payload(Duration::from_millis(1500)), 0).unwrap();
+    let busy_head = low
+        .submit(0, &busy, &busy_payload(Duration::from_millis(1500)), 0)
+        .unwrap();
     low.kick().unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let mut heads = BTreeMap::new();
@@ -306,14 +431,23 @@ fn priorities_contending_behind_a_busy_wait_dispatch_in_order() {
             want.push(busy_head);
         }
         g.wait_all(&want, T).unwrap();
-        let s: Vec<u64> = hs.iter().map(|&(slot, _)| g.response(slot, 0, 0).unwrap().0.dispatch_seq).collect();
+        let s: Vec<u64> = hs
+            .iter()
+            .map(|&(slot, _)| g.response(slot, 0, 0).unwrap().0.dispatch_seq)
+            .collect();
         seqs.insert(name, s);
     }
     let busy_seq = low.response(0, 8, 0).unwrap().0.dispatch_seq;
-    let order: Vec<u64> = ["high", "medium", "low"].iter().flat_map(|n| seqs[n].clone()).collect();
+    let order: Vec<u64> = ["high", "medium", "low"]
+        .iter()
+        .flat_map(|n| seqs[n].clone())
+        .collect();
     // Strictly increasing: every high before every medium before every low,
     // and arrival order within each.
-    assert!(order.windows(2).all(|w| w[0] < w[1]), "dispatch order {seqs:?}");
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "dispatch order {seqs:?}"
+    );
     assert!(busy_seq < order[0]);
 }
 
@@ -327,7 +461,7 @@ fn a_thousand_pipelined_requests_none_lost_or_duplicated() {
     let mut inflight: BTreeMap<u16, usize> = BTreeMap::new();
     let mut seen = vec![0u32; total];
     let mut seqs = Vec::new();
-    while seen.iter().any(|&c| c == 0) {
+    while seen.contains(&0) {
         while next < total && inflight.len() < window {
             let slot = next % window;
             // Slot reuse is safe: a slot's previous request is complete when its
@@ -336,7 +470,9 @@ fn a_thousand_pipelined_requests_none_lost_or_duplicated() {
                 break;
             }
             let h = ReqHdr::new(Opcode::ScalarAddI32 as u16, next as u64, 8);
-            let head = g.submit(slot, &h, &add_payload(next as i32, 1_000_000), 4).unwrap();
+            let head = g
+                .submit(slot, &h, &add_payload(next as i32, 1_000_000), 4)
+                .unwrap();
             inflight.insert(head, next);
             next += 1;
         }
@@ -346,7 +482,10 @@ fn a_thousand_pipelined_requests_none_lost_or_duplicated() {
             let (h, out) = g.response(i % window, 8, 4).unwrap();
             assert_eq!(status(&h), Status::Ok);
             assert_eq!(h.tag as usize, i);
-            assert_eq!(i32::from_le_bytes(out[..4].try_into().unwrap()), i as i32 + 1_000_000);
+            assert_eq!(
+                i32::from_le_bytes(out[..4].try_into().unwrap()),
+                i as i32 + 1_000_000
+            );
             seen[i] += 1;
             seqs.push(h.dispatch_seq);
         }
@@ -365,7 +504,10 @@ fn back_pressure_leaves_chains_in_the_ring_and_loses_none() {
     let busy = ReqHdr::new(Opcode::BusyWait as u16, 1000, 8);
     let mut heads = vec![g.submit(0, &busy, &busy_payload(hold), 0).unwrap()];
     for i in 1..=20 {
-        heads.push(g.submit(i, &ReqHdr::new(Opcode::Ping as u16, i as u64, 0), &[], 0).unwrap());
+        heads.push(
+            g.submit(i, &ReqHdr::new(Opcode::Ping as u16, i as u64, 0), &[], 0)
+                .unwrap(),
+        );
     }
     g.kick().unwrap();
     let used = g.wait_all(&heads, T).unwrap();
@@ -380,7 +522,10 @@ fn back_pressure_leaves_chains_in_the_ring_and_loses_none() {
             taken_during_hold += 1;
         }
     }
-    assert!(taken_during_hold <= 1, "{taken_during_hold} pings were taken past the cap of 2");
+    assert!(
+        taken_during_hold <= 1,
+        "{taken_during_hold} pings were taken past the cap of 2"
+    );
 }
 
 #[test]
@@ -389,9 +534,11 @@ fn frontend_disconnects_with_requests_in_flight_then_reconnects() {
     {
         let mut g = d.guest(1);
         let busy = ReqHdr::new(Opcode::BusyWait as u16, 1, 8);
-        g.submit(0, &busy, &busy_payload(Duration::from_millis(300)), 0).unwrap();
+        g.submit(0, &busy, &busy_payload(Duration::from_millis(300)), 0)
+            .unwrap();
         for i in 1..10 {
-            g.submit(i, &ReqHdr::new(Opcode::Ping as u16, i as u64, 0), &[], 0).unwrap();
+            g.submit(i, &ReqHdr::new(Opcode::Ping as u16, i as u64, 0), &[], 0)
+                .unwrap();
         }
         g.kick().unwrap();
         std::thread::sleep(Duration::from_millis(50));
@@ -400,8 +547,13 @@ fn frontend_disconnects_with_requests_in_flight_then_reconnects() {
     assert_eq!(status(&ping(&mut other)), Status::Ok);
     let mut g = d.guest(1);
     assert_eq!(status(&ping(&mut g)), Status::Ok);
-    let (h, out) = g.call(Opcode::ScalarAddI32 as u16, 5, &add_payload(100, 200), 4).unwrap();
-    assert_eq!((status(&h), out), (Status::Ok, 300i32.to_le_bytes().to_vec()));
+    let (h, out) = g
+        .call(Opcode::ScalarAddI32 as u16, 5, &add_payload(100, 200), 4)
+        .unwrap();
+    assert_eq!(
+        (status(&h), out),
+        (Status::Ok, 300i32.to_le_bytes().to_vec())
+    );
     drop(g);
     // And once more, a third connection.
     let mut g = d.guest(1);
@@ -435,7 +587,8 @@ fn one_vm_flooding_garbage_does_not_disturb_another() {
                 })
                 .collect();
             let junk: Vec<u8> = (0..64).map(|_| next() as u8).collect();
-            g.write(vgpu::sim::DATA_BASE + (round % 8) * 64, &junk).unwrap();
+            g.write(vgpu::sim::DATA_BASE + (round % 8) * 64, &junk)
+                .unwrap();
             let head = g.add_chain(&descs).unwrap();
             g.kick().unwrap();
             g.wait_all(&[head], T).unwrap();
@@ -445,9 +598,14 @@ fn one_vm_flooding_garbage_does_not_disturb_another() {
     });
     let mut good = d.guest(2);
     for i in 0..300 {
-        let (h, out) = good.call(Opcode::ScalarAddI32 as u16, i, &add_payload(i as i32, 1), 4).unwrap();
+        let (h, out) = good
+            .call(Opcode::ScalarAddI32 as u16, i, &add_payload(i as i32, 1), 4)
+            .unwrap();
         assert_eq!(status(&h), Status::Ok);
-        assert_eq!(i32::from_le_bytes(out[..4].try_into().unwrap()), i as i32 + 1);
+        assert_eq!(
+            i32::from_le_bytes(out[..4].try_into().unwrap()),
+            i as i32 + 1
+        );
     }
     assert_eq!(status(&flood.join().unwrap()), Status::Ok);
 }
@@ -457,9 +615,14 @@ fn sigterm_answers_everything_taken_and_exits_zero() {
     let mut d = DaemonProc::start(&[(1, "A", "high")], &[]);
     let mut g = d.guest(1);
     let busy = ReqHdr::new(Opcode::BusyWait as u16, 1, 8);
-    let mut heads = vec![g.submit(0, &busy, &busy_payload(Duration::from_millis(400)), 0).unwrap()];
+    let mut heads = vec![g
+        .submit(0, &busy, &busy_payload(Duration::from_millis(400)), 0)
+        .unwrap()];
     for i in 1..6 {
-        heads.push(g.submit(i, &ReqHdr::new(Opcode::Ping as u16, i as u64, 0), &[], 0).unwrap());
+        heads.push(
+            g.submit(i, &ReqHdr::new(Opcode::Ping as u16, i as u64, 0), &[], 0)
+                .unwrap(),
+        );
     }
     g.kick().unwrap();
     std::thread::sleep(Duration::from_millis(100));
@@ -467,10 +630,17 @@ fn sigterm_answers_everything_taken_and_exits_zero() {
     assert!(st.success(), "exit status {st:?}");
     let used = g.wait_all(&heads, Duration::from_secs(5)).unwrap();
     assert_eq!(used.len(), 6);
-    assert_eq!(status(&g.response(0, 8, 0).unwrap().0), Status::Ok, "running request completes");
+    assert_eq!(
+        status(&g.response(0, 8, 0).unwrap().0),
+        Status::Ok,
+        "running request completes"
+    );
     for i in 1..6 {
         let s = status(&g.response(i, 0, 0).unwrap().0);
-        assert!(matches!(s, Status::Cancelled | Status::Ok), "queued request {i}: {s:?}");
+        assert!(
+            matches!(s, Status::Cancelled | Status::Ok),
+            "queued request {i}: {s:?}"
+        );
     }
 }
 
@@ -486,7 +656,10 @@ fn works_without_event_idx() {
     );
     for i in 0..50 {
         let heads: Vec<u16> = (0..8)
-            .map(|s| g.submit(s, &ReqHdr::new(Opcode::Ping as u16, i, 0), &[], 0).unwrap())
+            .map(|s| {
+                g.submit(s, &ReqHdr::new(Opcode::Ping as u16, i, 0), &[], 0)
+                    .unwrap()
+            })
             .collect();
         g.kick().unwrap();
         assert_eq!(g.wait_all(&heads, T).unwrap().len(), 8);

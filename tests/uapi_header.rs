@@ -53,7 +53,11 @@ fn c_values() -> BTreeMap<String, u64> {
         .arg(&src)
         .output()
         .expect("run the C compiler");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = Command::new(&bin).output().unwrap();
     String::from_utf8(out.stdout)
         .unwrap()
@@ -67,7 +71,10 @@ fn c_values() -> BTreeMap<String, u64> {
 
 /// Offset of `needle` in the Rust encoding (fields carry distinct bytes).
 fn offset_in(bytes: &[u8], needle: &[u8]) -> u64 {
-    bytes.windows(needle.len()).position(|w| w == needle).expect("field present") as u64
+    bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("field present") as u64
 }
 
 #[test]
@@ -92,7 +99,11 @@ fn c_header_matches_rust_definition() {
         ("payload_len", &0x5505_5505u32.to_le_bytes()[..]),
         ("reserved", &0x6606_6606u32.to_le_bytes()[..]),
     ] {
-        assert_eq!(c[&format!("vgpu_req_hdr.{f}")], offset_in(&req, n), "req {f}");
+        assert_eq!(
+            c[&format!("vgpu_req_hdr.{f}")],
+            offset_in(&req, n),
+            "req {f}"
+        );
     }
 
     let resp = RespHdr {
@@ -113,7 +124,11 @@ fn c_header_matches_rust_definition() {
         ("queue_ns", resp.queue_ns.to_le_bytes().to_vec()),
         ("exec_ns", resp.exec_ns.to_le_bytes().to_vec()),
     ] {
-        assert_eq!(c[&format!("vgpu_resp_hdr.{f}")], offset_in(&rb, &n), "resp {f}");
+        assert_eq!(
+            c[&format!("vgpu_resp_hdr.{f}")],
+            offset_in(&rb, &n),
+            "resp {f}"
+        );
     }
 
     assert_eq!(c["sizeof.virtio_vgpu_config"], CONFIG_SIZE as u64);
@@ -124,7 +139,11 @@ fn c_header_matches_rust_definition() {
         ("priority", CFG_PRIORITY),
         ("vm_id", CFG_VM_ID),
     ] {
-        assert_eq!(c[&format!("virtio_vgpu_config.{f}")], off as u64, "config {f}");
+        assert_eq!(
+            c[&format!("virtio_vgpu_config.{f}")],
+            off as u64,
+            "config {f}"
+        );
     }
 
     let info = DeviceInfo {
@@ -145,7 +164,11 @@ fn c_header_matches_rust_definition() {
         ("exec_limit_ms", vec![5u8; 4]),
         ("name", vec![6u8; 4]),
     ] {
-        assert_eq!(c[&format!("vgpu_info.{f}")], offset_in(&info, &n), "info {f}");
+        assert_eq!(
+            c[&format!("vgpu_info.{f}")],
+            offset_in(&info, &n),
+            "info {f}"
+        );
     }
 
     assert_eq!(c["VIRTIO_ID_VGPU"], VIRTIO_ID_VGPU as u64);
@@ -176,7 +199,11 @@ fn c_header_matches_rust_definition() {
     ] {
         assert_eq!(c[k], s as u64, "{k}");
     }
-    for (k, p) in [("prio.low", Priority::Low), ("prio.medium", Priority::Medium), ("prio.high", Priority::High)] {
+    for (k, p) in [
+        ("prio.low", Priority::Low),
+        ("prio.medium", Priority::Medium),
+        ("prio.high", Priority::High),
+    ] {
         assert_eq!(c[k], p as u64, "{k}");
     }
     assert_eq!(c["executor.cpu"], ExecutorKind::Cpu as u64);

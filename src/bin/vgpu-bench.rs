@@ -52,15 +52,32 @@ fn main() -> Result<(), BoxError> {
     cfg.executor = cli.executor;
     let daemon = Daemon::start(&cfg)?;
 
-    println!("vgpu-bench: {} CPUs, executor {:?}", num_cpus(), cli.executor);
+    println!(
+        "vgpu-bench: {} CPUs, executor {:?}",
+        num_cpus(),
+        cli.executor
+    );
     let floor = eventfd_pingpong(cli.iterations)?;
     let ping = ping_latency(&vms[0].socket, cli.iterations)?;
     println!("\nround-trip latency ({} iterations)", cli.iterations);
-    println!("  {:<34} p50 {:>7.2} µs   p99 {:>7.2} µs", "eventfd ping-pong (2 threads)", floor.0, floor.1);
-    println!("  {:<34} p50 {:>7.2} µs   p99 {:>7.2} µs", "PING through the daemon", ping.0, ping.1);
-    println!("  ratio PING / eventfd floor:       p50 {:>7.2}x   p99 {:>7.2}x", ping.0 / floor.0, ping.1 / floor.1);
+    println!(
+        "  {:<34} p50 {:>7.2} µs   p99 {:>7.2} µs",
+        "eventfd ping-pong (2 threads)", floor.0, floor.1
+    );
+    println!(
+        "  {:<34} p50 {:>7.2} µs   p99 {:>7.2} µs",
+        "PING through the daemon", ping.0, ping.1
+    );
+    println!(
+        "  ratio PING / eventfd floor:       p50 {:>7.2}x   p99 {:>7.2}x",
+        ping.0 / floor.0,
+        ping.1 / floor.1
+    );
 
-    println!("\naggregate PING throughput ({} in flight per VM, {:.1} s each)", cli.window, cli.seconds);
+    println!(
+        "\naggregate PING throughput ({} in flight per VM, {:.1} s each)",
+        cli.window, cli.seconds
+    );
     for n in [1usize, 4, 16] {
         let rate = throughput(&vms[..n], cli.window, Duration::from_secs_f64(cli.seconds))?;
         println!("  {n:>2} VM(s): {:>10.0} requests/s", rate);
@@ -82,7 +99,12 @@ fn num_cpus() -> usize {
 
 fn percentiles(mut v: Vec<u64>) -> (f64, f64) {
     v.sort_unstable();
-    let at = |p: usize| v.get((v.len().saturating_sub(1)) * p / 100).copied().unwrap_or(0) as f64 / 1e3;
+    let at = |p: usize| {
+        v.get((v.len().saturating_sub(1)) * p / 100)
+            .copied()
+            .unwrap_or(0) as f64
+            / 1e3
+    };
     (at(50), at(99))
 }
 
@@ -121,7 +143,11 @@ fn eventfd_pingpong(iterations: usize) -> Result<(f64, f64), BoxError> {
 }
 
 fn connect(socket: &Path) -> Result<SimGuest, BoxError> {
-    Ok(SimGuest::connect_retry(socket, SimOptions::default(), Duration::from_secs(10))?)
+    Ok(SimGuest::connect_retry(
+        socket,
+        SimOptions::default(),
+        Duration::from_secs(10),
+    )?)
 }
 
 fn ping_latency(socket: &Path, iterations: usize) -> Result<(f64, f64), BoxError> {
@@ -148,7 +174,8 @@ fn throughput(vms: &[VmSpec], window: usize, span: Duration) -> Result<f64, BoxE
     let threads: Vec<_> = vms
         .iter()
         .map(|vm| {
-            let (socket, start, stop, done) = (vm.socket.clone(), start.clone(), stop.clone(), done.clone());
+            let (socket, start, stop, done) =
+                (vm.socket.clone(), start.clone(), stop.clone(), done.clone());
             std::thread::spawn(move || -> Result<(), String> {
                 let mut g = connect(&socket).map_err(|e| e.to_string())?;
                 let hdr = ReqHdr::new(Opcode::Ping as u16, 0, 0);
@@ -170,7 +197,9 @@ fn throughput(vms: &[VmSpec], window: usize, span: Duration) -> Result<f64, BoxE
                     if slot_of.is_empty() {
                         return Ok(());
                     }
-                    let used = g.wait_used(Duration::from_secs(10)).map_err(|e| e.to_string())?;
+                    let used = g
+                        .wait_used(Duration::from_secs(10))
+                        .map_err(|e| e.to_string())?;
                     for u in used {
                         if let Some(slot) = slot_of.remove(&u.head) {
                             free.push(slot);

@@ -13,7 +13,10 @@ use vgpu::executor::ExecutorChoice;
 use vgpu::protocol::{PoolId, Priority};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "vgpu vhost-user backend: many VMs share GPUs through virtio")]
+#[command(
+    version,
+    about = "vgpu vhost-user backend: many VMs share GPUs through virtio"
+)]
 struct Cli {
     /// A VM to serve: id=N,pool=P,priority=P,socket=PATH[,max-queued=N] (repeatable).
     #[arg(long = "vm", value_name = "SPEC")]

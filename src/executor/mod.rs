@@ -70,7 +70,9 @@ pub fn create(
             "this build has no CUDA executor".into(),
         )),
         ExecutorChoice::Auto => {
-            log::info!("gpu {gpu_index}: no CUDA executor available, falling back to the CPU executor");
+            log::info!(
+                "gpu {gpu_index}: no CUDA executor available, falling back to the CPU executor"
+            );
             Ok(Box::new(CpuExecutor::new(gpu_index, exec_limit)))
         }
     }
