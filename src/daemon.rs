@@ -2,14 +2,19 @@
 //! scheduler per GPU, one vhost-user socket per VM, and an orderly stop.
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::admin::store::{self, Store};
+use crate::control::{self, VmStatus};
 use crate::executor::{self, ExecutorChoice};
 use crate::protocol::{self, PoolId, Priority};
 use crate::scheduler::{self, ArrivalCounter, Gpu, Policy};
@@ -36,6 +41,8 @@ pub enum Error {
     Executor(#[from] executor::Error),
     #[error(transparent)]
     Scheduler(#[from] scheduler::Error),
+    #[error(transparent)]
+    Store(#[from] store::Error),
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
     #[error("cannot prepare socket directory {path}: {source}")]
@@ -227,12 +234,44 @@ impl DaemonConfig {
     }
 }
 
+/// Where the VMs come from.
+#[derive(Debug, Clone)]
+pub enum VmSource {
+    /// Fixed on the command line.
+    Static(Vec<VmSpec>),
+    /// The vgpu-admin database, followed live; sockets are `DIR/vm<ID>.sock`.
+    Database { db: PathBuf, socket_dir: PathBuf },
+}
+
 /// A running daemon.
 pub struct Daemon {
-    gpus: BTreeMap<u32, Arc<Gpu>>,
-    vms: Vec<Arc<Vm>>,
-    sockets: Vec<PathBuf>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: DaemonConfig,
+    arrivals: Arc<ArrivalCounter>,
     stopping: Arc<AtomicBool>,
+    gpus: Mutex<BTreeMap<u32, Arc<Gpu>>>,
+    vms: Mutex<BTreeMap<u32, ServedVm>>,
+    store: Option<Mutex<Store>>,
+    socket_dir: Option<PathBuf>,
+}
+
+struct ServedVm {
+    vm: Arc<Vm>,
+    socket: PathBuf,
+}
+
+/// What the configuration says about one VM.
+struct Wanted {
+    settings: VmSettings,
+    gpu: u32,
+    socket: PathBuf,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Daemon {
@@ -240,78 +279,305 @@ impl Daemon {
         if cfg.vms.is_empty() {
             return Err(Error::NoVms);
         }
-        let stopping = Arc::new(AtomicBool::new(false));
-        let arrivals = Arc::new(ArrivalCounter::default());
-        let mut gpus = BTreeMap::new();
-        for index in cfg.vms.iter().map(|v| cfg.gpu_of(v.pool)) {
-            if gpus.contains_key(&index) {
-                continue;
-            }
-            let exec = executor::create(cfg.executor, index, cfg.exec_limit)?;
-            log::info!("gpu{index}: {}", exec.info().name);
-            gpus.insert(index, Gpu::start(index, exec, cfg.policy, cfg.exec_limit)?);
-        }
-        let mut daemon = Daemon {
-            gpus,
-            vms: Vec::new(),
-            sockets: Vec::new(),
-            stopping: stopping.clone(),
-        };
-        for spec in &cfg.vms {
-            let gpu = daemon.gpus[&cfg.gpu_of(spec.pool)].clone();
-            let vm = Vm::new(
-                VmSettings {
-                    vm_id: spec.vm_id,
-                    pool: spec.pool,
-                    priority: spec.priority,
-                    max_queued: spec.max_queued.unwrap_or(cfg.max_queued),
-                },
-                gpu,
-                arrivals.clone(),
-                stopping.clone(),
-            );
-            if let Some(dir) = spec.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|source| Error::SocketDir {
-                    path: dir.to_path_buf(),
-                    source,
-                })?;
-            }
-            let (thread_vm, socket) = (vm.clone(), spec.socket.clone());
-            std::thread::Builder::new()
-                .name(format!("vgpu-vm{}", spec.vm_id))
-                .spawn(move || {
-                    if let Err(e) = vhu_vgpu::serve_forever(thread_vm, socket) {
-                        log::error!("{e}");
-                    }
-                })
-                .map_err(Error::Thread)?;
-            log::info!(
-                "vm{}: pool {} priority {} on gpu{} at {}",
-                spec.vm_id,
-                spec.pool,
-                spec.priority,
-                cfg.gpu_of(spec.pool),
-                spec.socket.display()
-            );
-            daemon.vms.push(vm);
-            daemon.sockets.push(spec.socket.clone());
-        }
-        Ok(daemon)
+        Daemon::start_with(cfg, VmSource::Static(cfg.vms.clone()))
     }
 
-    pub fn vms(&self) -> &[Arc<Vm>] {
-        &self.vms
+    /// Starts serving, from fixed VMs or from the database.
+    pub fn start_with(cfg: &DaemonConfig, source: VmSource) -> Result<Daemon, Error> {
+        let (store, socket_dir) = match &source {
+            VmSource::Static(_) => (None, None),
+            VmSource::Database { db, socket_dir } => {
+                std::fs::create_dir_all(socket_dir).map_err(|source| Error::SocketDir {
+                    path: socket_dir.clone(),
+                    source,
+                })?;
+                (Some(Mutex::new(Store::open(db)?)), Some(socket_dir.clone()))
+            }
+        };
+        let inner = Arc::new(Inner {
+            cfg: cfg.clone(),
+            arrivals: Arc::new(ArrivalCounter::default()),
+            stopping: Arc::new(AtomicBool::new(false)),
+            gpus: Mutex::new(BTreeMap::new()),
+            vms: Mutex::new(BTreeMap::new()),
+            store,
+            socket_dir,
+        });
+        match source {
+            VmSource::Static(specs) => {
+                let wanted = specs.iter().map(|s| inner.wanted_static(s)).collect();
+                inner.apply(wanted)?;
+            }
+            VmSource::Database { .. } => {
+                inner.reload()?;
+                inner.clone().serve_control()?;
+                inner.clone().watch_database()?;
+            }
+        }
+        Ok(Daemon { inner })
+    }
+
+    pub fn vms(&self) -> Vec<Arc<Vm>> {
+        lock(&self.inner.vms)
+            .values()
+            .map(|s| s.vm.clone())
+            .collect()
+    }
+
+    /// Re-reads the database and applies what changed.
+    pub fn reload(&self) -> Result<(), Error> {
+        self.inner.reload()
+    }
+
+    pub fn status(&self) -> Vec<VmStatus> {
+        self.inner.status()
     }
 
     /// Stops taking chains, finishes the running requests, answers the queued
     /// ones CANCELLED, and removes the sockets.
     pub fn shutdown(&self) {
-        self.stopping.store(true, Ordering::Release);
-        for gpu in self.gpus.values() {
+        self.inner.stopping.store(true, Ordering::Release);
+        for gpu in lock(&self.inner.gpus).values() {
             gpu.shutdown();
         }
-        for s in &self.sockets {
-            let _ = std::fs::remove_file(s);
+        for served in lock(&self.inner.vms).values() {
+            let _ = std::fs::remove_file(&served.socket);
+        }
+        if let Some(dir) = &self.inner.socket_dir {
+            let _ = std::fs::remove_file(control::socket_path(dir));
         }
     }
+}
+
+impl Inner {
+    fn gpu_of(&self, pool: PoolId) -> u32 {
+        self.cfg.gpu_of(pool)
+    }
+
+    fn wanted_static(&self, spec: &VmSpec) -> Wanted {
+        Wanted {
+            settings: VmSettings {
+                vm_id: spec.vm_id,
+                pool: spec.pool,
+                priority: spec.priority,
+                max_queued: spec.max_queued.unwrap_or(self.cfg.max_queued),
+            },
+            gpu: self.gpu_of(spec.pool),
+            socket: spec.socket.clone(),
+        }
+    }
+
+    /// The GPU's scheduler, started on first use.
+    fn gpu(&self, index: u32) -> Result<Arc<Gpu>, Error> {
+        let mut gpus = lock(&self.gpus);
+        if let Some(g) = gpus.get(&index) {
+            return Ok(g.clone());
+        }
+        let exec = executor::create(self.cfg.executor, index, self.cfg.exec_limit)?;
+        log::info!("gpu{index}: {}", exec.info().name);
+        let gpu = Gpu::start(index, exec, self.cfg.policy, self.cfg.exec_limit)?;
+        gpus.insert(index, gpu.clone());
+        Ok(gpu)
+    }
+
+    fn reload(&self) -> Result<(), Error> {
+        let (Some(store), Some(dir)) = (&self.store, &self.socket_dir) else {
+            return Ok(());
+        };
+        let records = lock(store).vms()?;
+        let wanted = records
+            .into_iter()
+            .map(|r| Wanted {
+                settings: VmSettings {
+                    vm_id: r.vm_id,
+                    pool: r.pool,
+                    priority: r.priority,
+                    max_queued: (r.max_queued as usize).max(1),
+                },
+                gpu: r.gpu_index,
+                socket: dir.join(format!("vm{}.sock", r.vm_id)),
+            })
+            .collect();
+        self.apply(wanted)
+    }
+
+    /// Makes the served VMs what `wanted` says: new ones get a socket,
+    /// missing ones are retired, changed ones are updated in place.
+    fn apply(&self, wanted: Vec<Wanted>) -> Result<(), Error> {
+        let mut vms = lock(&self.vms);
+        let keep: std::collections::BTreeSet<u32> =
+            wanted.iter().map(|w| w.settings.vm_id).collect();
+        let gone: Vec<u32> = vms
+            .keys()
+            .copied()
+            .filter(|id| !keep.contains(id))
+            .collect();
+        for id in gone {
+            if let Some(served) = vms.remove(&id) {
+                log::info!("vm{id}: removed from the configuration");
+                retire(served);
+            }
+        }
+        for w in wanted {
+            let gpu = self.gpu(w.gpu)?;
+            let id = w.settings.vm_id;
+            match vms.get(&id) {
+                Some(served) if served.socket == w.socket => {
+                    if served.vm.settings() != w.settings || !Arc::ptr_eq(&served.vm.gpu(), &gpu) {
+                        served.vm.update(w.settings, gpu);
+                    }
+                }
+                _ => {
+                    if let Some(old) = vms.remove(&id) {
+                        retire(old);
+                    }
+                    let served = self.serve_vm(w, gpu)?;
+                    vms.insert(id, served);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn serve_vm(&self, w: Wanted, gpu: Arc<Gpu>) -> Result<ServedVm, Error> {
+        let vm = Vm::new(
+            w.settings.clone(),
+            gpu,
+            self.arrivals.clone(),
+            self.stopping.clone(),
+        );
+        if let Some(dir) = w.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| Error::SocketDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let (thread_vm, socket) = (vm.clone(), w.socket.clone());
+        std::thread::Builder::new()
+            .name(format!("vgpu-vm{}", w.settings.vm_id))
+            .spawn(move || {
+                if let Err(e) = vhu_vgpu::serve_forever(thread_vm, socket) {
+                    log::error!("{e}");
+                }
+            })
+            .map_err(Error::Thread)?;
+        log::info!(
+            "vm{}: pool {} priority {} on gpu{} at {}",
+            w.settings.vm_id,
+            w.settings.pool,
+            w.settings.priority,
+            w.gpu,
+            w.socket.display()
+        );
+        Ok(ServedVm {
+            vm,
+            socket: w.socket,
+        })
+    }
+
+    fn status(&self) -> Vec<VmStatus> {
+        lock(&self.vms).values().map(|s| s.vm.stats()).collect()
+    }
+
+    /// The control socket: one JSON request per line (see src/control.rs).
+    fn serve_control(self: Arc<Self>) -> Result<(), Error> {
+        let Some(dir) = &self.socket_dir else {
+            return Ok(());
+        };
+        let path = control::socket_path(dir);
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).map_err(|source| Error::SocketDir {
+            path: path.clone(),
+            source,
+        })?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(
+            |source| Error::SocketDir {
+                path: path.clone(),
+                source,
+            },
+        )?;
+        log::info!("control socket {}", path.display());
+        std::thread::Builder::new()
+            .name("vgpu-control".into())
+            .spawn(move || {
+                for conn in listener.incoming().flatten() {
+                    let inner = self.clone();
+                    // One short-lived thread per client: a stuck client blocks nobody.
+                    let _ = std::thread::Builder::new()
+                        .name("vgpu-control-conn".into())
+                        .spawn(move || inner.control_conn(conn));
+                }
+            })
+            .map_err(Error::Thread)?;
+        Ok(())
+    }
+
+    fn control_conn(&self, conn: UnixStream) {
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+        let Ok(mut writer) = conn.try_clone() else {
+            return;
+        };
+        let reader = BufReader::new(conn.take(control::MAX_LINE));
+        for line in reader.lines() {
+            let Ok(line) = line else { return };
+            let resp = match serde_json::from_str::<control::Request>(&line) {
+                Ok(control::Request::Reload) => match self.reload() {
+                    Ok(()) => control::Response::ok(),
+                    Err(e) => control::Response::error(e.to_string()),
+                },
+                Ok(control::Request::Status) => control::Response::status(self.status()),
+                Err(e) => control::Response::error(format!("bad request: {e}")),
+            };
+            if writer.write_all(resp.to_line().as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Follows changes that reach the database without a reload request.
+    fn watch_database(self: Arc<Self>) -> Result<(), Error> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let mut seen = lock(store).data_version()?;
+        std::thread::Builder::new()
+            .name("vgpu-db-watch".into())
+            .spawn(move || loop {
+                std::thread::sleep(DB_POLL);
+                if self.stopping.load(Ordering::Acquire) {
+                    return;
+                }
+                let Some(store) = &self.store else { return };
+                let now = match lock(store).data_version() {
+                    Ok(v) => v,
+                    Err(e) => {
+                        log::warn!("database: {e}");
+                        continue;
+                    }
+                };
+                if now != seen {
+                    seen = now;
+                    if let Err(e) = self.reload() {
+                        log::warn!("reload: {e}");
+                    }
+                }
+            })
+            .map_err(Error::Thread)?;
+        Ok(())
+    }
+}
+
+/// How often the database is checked for changes nobody announced.
+const DB_POLL: Duration = Duration::from_millis(500);
+
+/// Takes a VM out of service in the background: its queued work is answered,
+/// then its connection and socket close.
+fn retire(served: ServedVm) {
+    let _ = std::thread::Builder::new()
+        .name(format!("vgpu-retire{}", served.vm.id()))
+        .spawn(move || {
+            served.vm.retire();
+            // Wake the accept() of a VM nobody is connected to.
+            let _ = UnixStream::connect(&served.socket);
+        });
 }

@@ -6,7 +6,8 @@
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::daemon::{Daemon, DaemonConfig, FileConfig, VmSpec};
+use crate::admin::store::{NewVm, Store, VmUuid};
+use crate::daemon::{Daemon, DaemonConfig, FileConfig, VmSource, VmSpec};
 use crate::protocol::{DeviceInfo, Opcode, PoolId, Priority, Status};
 use crate::sim::{SimGuest, SimOptions};
 
@@ -31,11 +32,25 @@ pub fn run(file: FileConfig, rounds: u32) -> Result<(), BoxError> {
         })
     })
     .collect::<Result<_, crate::protocol::Error>>()?;
-    let cfg = DaemonConfig::resolve(file, vms.clone())?;
-    let daemon = Daemon::start(&cfg)?;
+    // The VMs come from a vgpu-admin database, created here on first use.
+    let db = dir.join("vgpu.db");
+    let mut store = Store::open(&db)?;
+    for (i, vm) in vms.iter().enumerate() {
+        let uuid: VmUuid = format!("00000000-0000-4000-8000-00000000000{}", i + 1).parse()?;
+        let mut new = NewVm::new(uuid, vm.pool, vm.priority);
+        new.vm_id = Some(vm.vm_id);
+        new.name = Some(format!("demo-{}", vm.priority));
+        store.register_vm(&new)?;
+    }
+    let cfg = DaemonConfig::resolve(file, Vec::new())?;
+    let source = VmSource::Database {
+        db: db.clone(),
+        socket_dir: dir.clone(),
+    };
+    let daemon = Daemon::start_with(&cfg, source)?;
     println!(
-        "vgpu demo: daemon serving 3 VMs in {} (pools A,A,B share GPU 0)",
-        dir.display()
+        "vgpu demo: daemon serving the 3 VMs of {} (pools A,A,B share GPU 0)",
+        db.display()
     );
     let result = drive(&vms, rounds);
     daemon.shutdown();

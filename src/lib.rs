@@ -2,6 +2,7 @@
 //! vhost-user backend. See `docs/protocol.md` for the device contract.
 
 pub mod admin;
+pub mod backend_channel;
 pub mod chain;
 pub mod control;
 pub mod daemon;

@@ -92,8 +92,25 @@ impl RunQueue {
         }
     }
 
+    /// Queues a job behind those that arrived before it (a job moved from
+    /// another queue may be older than the tail).
     pub fn push(&mut self, job: Job) {
-        self.fifos[job.priority as usize].push_back(job);
+        let fifo = &mut self.fifos[job.priority as usize];
+        match fifo.back() {
+            Some(last) if last.arrival > job.arrival => {
+                let at = fifo.partition_point(|j| j.arrival < job.arrival);
+                fifo.insert(at, job);
+            }
+            _ => fifo.push_back(job),
+        }
+    }
+
+    pub fn count_vm(&self, vm_id: u32) -> usize {
+        self.fifos
+            .iter()
+            .flatten()
+            .filter(|j| j.req.vm_id == vm_id)
+            .count()
     }
 
     pub fn len(&self) -> usize {
@@ -223,9 +240,18 @@ impl Gpu {
         self.wake.notify_one();
     }
 
+    /// Removes every queued job of `vm_id` (to move them elsewhere).
+    pub fn take_vm(&self, vm_id: u32) -> Vec<Job> {
+        self.lock().queue.take_vm(vm_id)
+    }
+
+    pub fn queued_for(&self, vm_id: u32) -> usize {
+        self.lock().queue.count_vm(vm_id)
+    }
+
     /// Answers CANCELLED to every queued job of `vm_id`.
     pub fn cancel_vm(&self, vm_id: u32) -> usize {
-        let jobs = self.lock().queue.take_vm(vm_id);
+        let jobs = self.take_vm(vm_id);
         let n = jobs.len();
         jobs.into_iter().for_each(Job::cancel);
         n

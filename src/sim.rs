@@ -4,7 +4,9 @@
 //! benchmark and `--demo` drive the real daemon through it.
 
 use std::fs::File;
+use std::io::Read;
 use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -56,6 +58,8 @@ pub struct SimOptions {
     pub event_idx: bool,
     /// Bytes per request slot in the data area.
     pub slot_size: usize,
+    /// Hand the backend a channel (BACKEND_REQ) for config-change messages.
+    pub backend_channel: bool,
 }
 
 impl Default for SimOptions {
@@ -65,6 +69,7 @@ impl Default for SimOptions {
             queue_size: 256,
             event_idx: true,
             slot_size: 4096,
+            backend_channel: false,
         }
     }
 }
@@ -103,6 +108,8 @@ pub struct Used {
 
 pub struct SimGuest {
     frontend: Frontend,
+    /// Our end of the backend-request channel.
+    channel: Option<UnixStream>,
     mem: GuestMem,
     _memfd: File,
     opts: SimOptions,
@@ -153,9 +160,18 @@ impl SimGuest {
         }
         frontend.set_features(offered & want)?;
         let proto = frontend.get_protocol_features()?;
-        frontend.set_protocol_features(
-            proto & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ),
-        )?;
+        let mut want_proto = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ;
+        if opts.backend_channel {
+            want_proto |= VhostUserProtocolFeatures::BACKEND_REQ;
+        }
+        frontend.set_protocol_features(proto & want_proto)?;
+        let channel = if opts.backend_channel {
+            let (ours, theirs) = UnixStream::pair()?;
+            frontend.set_backend_request_fd(&theirs)?;
+            Some(ours)
+        } else {
+            None
+        };
 
         let regions: Vec<VhostUserMemoryRegionInfo> = mem
             .iter()
@@ -194,6 +210,7 @@ impl SimGuest {
 
         Ok(SimGuest {
             frontend,
+            channel,
             mem,
             _memfd: file,
             free: (0..opts.queue_size).rev().collect(),
@@ -239,6 +256,29 @@ impl SimGuest {
             &vec![0u8; size as usize],
         )?;
         Ok(payload.to_vec())
+    }
+
+    /// Waits for VHOST_USER_BACKEND_CONFIG_CHANGE_MSG on the backend channel.
+    pub fn wait_config_change(&mut self, timeout: Duration) -> Result<()> {
+        let chan = self
+            .channel
+            .as_mut()
+            .ok_or_else(|| Error::Memory("no backend channel negotiated".into()))?;
+        chan.set_read_timeout(Some(timeout))?;
+        let mut hdr = [0u8; 12];
+        chan.read_exact(&mut hdr).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                Error::Timeout(timeout)
+            }
+            _ => Error::Io(e),
+        })?;
+        let request = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        if request != 2 {
+            return Err(Error::Memory(format!(
+                "unexpected backend request {request}"
+            )));
+        }
+        Ok(())
     }
 
     pub fn config_space(&mut self) -> Result<Vec<u8>> {

@@ -4,7 +4,7 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Backend;
@@ -100,17 +100,7 @@ impl Ring for VhostRing {
 pub struct VgpuBackend {
     vm: Arc<Vm>,
     mem: GuestMemAtomic,
-    backend_req: Arc<Mutex<Option<Backend>>>,
-}
-
-impl VgpuBackend {
-    fn new(vm: Arc<Vm>, mem: GuestMemAtomic) -> Self {
-        VgpuBackend {
-            vm,
-            mem,
-            backend_req: Arc::new(Mutex::new(None)),
-        }
-    }
+    socket: PathBuf,
 }
 
 impl VhostUserBackend for VgpuBackend {
@@ -165,8 +155,16 @@ impl VhostUserBackend for VgpuBackend {
         Ok(())
     }
 
-    fn set_backend_req_fd(&self, backend: Backend) {
-        *self.backend_req.lock().unwrap_or_else(|p| p.into_inner()) = Some(backend);
+    fn set_backend_req_fd(&self, _backend: Backend) {
+        // The library's Backend cannot send CONFIG_CHANGE_MSG: keep our own
+        // handle on the same socket (see backend_channel).
+        match crate::backend_channel::claim(self.vm.id(), &self.socket) {
+            Ok(fd) => {
+                log::info!("vm{}: config-change channel fd {:?}", self.vm.id(), fd);
+                self.vm.set_config_channel(Some(fd))
+            }
+            Err(e) => log::warn!("vm{}: config-change channel unavailable: {e}", self.vm.id()),
+        }
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -210,8 +208,17 @@ impl VhostUserBackend for VgpuBackend {
 /// and a new one may connect after the previous went away.
 pub fn serve_forever(vm: Arc<Vm>, socket: PathBuf) -> Result<(), Error> {
     loop {
+        if vm.is_retired() {
+            let _ = std::fs::remove_file(&socket);
+            log::info!("vm{}: removed, socket closed", vm.id());
+            return Ok(());
+        }
         let mem = GuestMemoryAtomic::new(GuestMem::default());
-        let backend = VgpuBackend::new(vm.clone(), mem.clone());
+        let backend = VgpuBackend {
+            vm: vm.clone(),
+            mem: mem.clone(),
+            socket: socket.clone(),
+        };
         let mut daemon = VhostUserDaemon::new(format!("vgpu-vm{}", vm.id()), backend, mem)
             .map_err(|e| Error::Daemon(e.to_string()))?;
         log::info!("vm{}: listening on {}", vm.id(), socket.display());
@@ -246,6 +253,9 @@ fn serve_one(
     };
     daemon.start(&mut listener).map_err(err)?;
     vm.connect();
+    if let Some(handle) = daemon.shutdown_handle() {
+        vm.set_hangup(Some(Box::new(move || handle.shutdown())));
+    }
     log::info!("vm{}: frontend connected", vm.id());
     let result = match daemon.wait() {
         // A frontend that goes away mid-message is an ordinary disconnect.

@@ -9,6 +9,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::chain::{self, Parsed};
+use crate::control::VmStatus;
 use crate::guest::{GuestBufs, GuestMem};
 use crate::protocol::{DeviceConfig, PoolId, Priority, RespHdr};
 use crate::scheduler::{ArrivalCounter, Completion, Gpu, Job};
@@ -57,18 +58,6 @@ pub trait Ring: Send + Sync + Clone + 'static {
     fn enable_notification(&self) -> bool;
 }
 
-/// Live figures of one VM.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct VmStats {
-    pub vm_id: u32,
-    pub connected: bool,
-    pub outstanding: usize,
-    pub done: u64,
-    pub refused: u64,
-    pub wait_p50_ns: u64,
-    pub wait_p99_ns: u64,
-}
-
 pub struct Vm {
     settings: Mutex<VmSettings>,
     gpu: Mutex<Arc<Gpu>>,
@@ -77,14 +66,20 @@ pub struct Vm {
     /// connection must not touch the new one's ring.
     generation: AtomicU64,
     connected: AtomicBool,
+    /// Daemon-wide stop.
     stopping: Arc<AtomicBool>,
+    /// This VM was removed from the configuration: take no more chains.
+    retired: AtomicBool,
+    /// Closes the current connection (set while a frontend is connected).
+    hangup: Mutex<Option<Box<dyn Fn() + Send>>>,
+    /// The frontend's backend-request channel, for config-change notifications.
+    config_channel: Mutex<Option<std::os::fd::OwnedFd>>,
     outstanding: AtomicUsize,
     drained: Condvar,
     drain_lock: Mutex<()>,
     /// Serialises draining the ring (kick thread and completions).
     pump_lock: Mutex<()>,
     done: AtomicU64,
-    refused: AtomicU64,
     waits: Mutex<VecDeque<u64>>,
 }
 
@@ -106,12 +101,14 @@ impl Vm {
             generation: AtomicU64::new(0),
             connected: AtomicBool::new(false),
             stopping,
+            retired: AtomicBool::new(false),
+            hangup: Mutex::new(None),
+            config_channel: Mutex::new(None),
             outstanding: AtomicUsize::new(0),
             drained: Condvar::new(),
             drain_lock: Mutex::new(()),
             pump_lock: Mutex::new(()),
             done: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
             waits: Mutex::new(VecDeque::with_capacity(WAIT_SAMPLES)),
         })
     }
@@ -128,10 +125,77 @@ impl Vm {
         lock(&self.gpu).clone()
     }
 
-    /// Applies new settings (and GPU) for requests taken from now on.
+    /// Applies new settings at once: requests already queued move to the
+    /// new priority (and GPU) keeping their arrival order, and the guest is
+    /// told when what it sees in config space changed.
     pub fn update(&self, settings: VmSettings, gpu: Arc<Gpu>) {
-        *lock(&self.settings) = settings;
-        *lock(&self.gpu) = gpu;
+        let old = std::mem::replace(&mut *lock(&self.settings), settings.clone());
+        let old_gpu = std::mem::replace(&mut *lock(&self.gpu), gpu.clone());
+        if old.priority != settings.priority || !Arc::ptr_eq(&old_gpu, &gpu) {
+            let moved = old_gpu.take_vm(settings.vm_id);
+            for mut job in moved {
+                job.priority = settings.priority;
+                gpu.submit(job);
+            }
+        }
+        if old.config() != settings.config() {
+            log::info!(
+                "vm{}: now pool {} priority {}",
+                settings.vm_id,
+                settings.pool,
+                settings.priority
+            );
+            self.notify_config_change();
+        }
+        if settings.max_queued > old.max_queued {
+            // Chains left in the ring by the old cap are taken on the next kick
+            // or completion.
+            log::debug!(
+                "vm{}: cap raised to {}",
+                settings.vm_id,
+                settings.max_queued
+            );
+        }
+    }
+
+    /// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG on the frontend's channel.
+    pub fn notify_config_change(&self) {
+        let chan = lock(&self.config_channel);
+        let Some(fd) = chan.as_ref() else {
+            log::info!(
+                "vm{}: no backend channel, guest sees the change on its next config read",
+                self.id()
+            );
+            return;
+        };
+        if let Err(e) = crate::backend_channel::send_config_change(fd) {
+            log::warn!("vm{}: config-change notification failed: {e}", self.id());
+        }
+    }
+
+    pub fn set_config_channel(&self, fd: Option<std::os::fd::OwnedFd>) {
+        if fd.is_none() {
+            crate::backend_channel::release(self.id());
+        }
+        *lock(&self.config_channel) = fd;
+    }
+
+    pub fn set_hangup(&self, hangup: Option<Box<dyn Fn() + Send>>) {
+        *lock(&self.hangup) = hangup;
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    /// Removes the VM from service: no more chains are taken, what it has
+    /// queued is answered, then its connection is closed.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.wait_drained();
+        if let Some(hangup) = lock(&self.hangup).as_ref() {
+            hangup();
+        }
     }
 
     pub fn generation(&self) -> u64 {
@@ -149,6 +213,8 @@ impl Vm {
     pub fn disconnect(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.connected.store(false, Ordering::Release);
+        self.set_config_channel(None);
+        self.set_hangup(None);
         let gpu = self.gpu();
         let n = gpu.cancel_vm(self.id());
         if n > 0 {
@@ -172,6 +238,10 @@ impl Vm {
     /// back in the used ring before the frontend reads the ring base.
     pub fn quiesce(&self) {
         self.gpu().cancel_vm(self.id());
+        self.wait_drained();
+    }
+
+    fn wait_drained(&self) {
         let mut g = lock(&self.drain_lock);
         while self.outstanding.load(Ordering::Acquire) > 0 {
             g = self
@@ -182,7 +252,7 @@ impl Vm {
         }
     }
 
-    pub fn stats(&self) -> VmStats {
+    pub fn stats(&self) -> VmStatus {
         let mut waits: Vec<u64> = lock(&self.waits).iter().copied().collect();
         waits.sort_unstable();
         let pct = |p: usize| {
@@ -192,12 +262,14 @@ impl Vm {
                 waits[(waits.len() - 1) * p / 100]
             }
         };
-        VmStats {
+        let queued = self.gpu().queued_for(self.id()) as u64;
+        let outstanding = self.outstanding.load(Ordering::Acquire) as u64;
+        VmStatus {
             vm_id: self.id(),
             connected: self.connected.load(Ordering::Acquire),
-            outstanding: self.outstanding.load(Ordering::Acquire),
+            queued,
+            in_flight: outstanding.saturating_sub(queued),
             done: self.done.load(Ordering::Relaxed),
-            refused: self.refused.load(Ordering::Relaxed),
             wait_p50_ns: pct(50),
             wait_p99_ns: pct(99),
         }
@@ -213,7 +285,7 @@ impl Vm {
             ring.disable_notification();
             let mut blocked = false;
             loop {
-                if self.stopping.load(Ordering::Acquire) {
+                if self.stopping.load(Ordering::Acquire) || self.is_retired() {
                     blocked = true;
                     break;
                 }
@@ -266,7 +338,6 @@ impl Vm {
                 false
             }
             (outcome, resp) => {
-                self.refused.fetch_add(1, Ordering::Relaxed);
                 let used = match (outcome, &resp) {
                     (Err((err, tag)), Some(resp)) => {
                         log::debug!("vm{}: chain {} refused: {err}", s.vm_id, taken.head);

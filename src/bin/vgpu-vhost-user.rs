@@ -8,7 +8,7 @@ use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use vgpu::daemon::{self, Daemon, DaemonConfig, FileConfig, VmSpec};
+use vgpu::daemon::{self, Daemon, DaemonConfig, FileConfig, VmSource, VmSpec};
 use vgpu::executor::ExecutorChoice;
 use vgpu::protocol::{PoolId, Priority};
 
@@ -45,6 +45,14 @@ struct Cli {
     /// Anti-starvation: a waiting request gains a priority level every MS.
     #[arg(long, value_name = "MS")]
     aging_ms: Option<u64>,
+    /// vgpu-admin database to serve VMs from (when no --vm/--socket is given);
+    /// created on first use.
+    #[arg(long, env = "VGPU_DB", default_value = vgpu::admin::store::DEFAULT_DB_PATH)]
+    db: PathBuf,
+    /// Directory of the per-VM sockets (vm<ID>.sock) and control.sock in
+    /// database mode (default: socket_dir of the configuration, /run/vgpu).
+    #[arg(long)]
+    socket_dir: Option<PathBuf>,
     /// TOML file overriding the embedded defaults (config/vgpu.toml).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -111,9 +119,27 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     if cli.demo {
         return vgpu::demo::run(file, cli.demo_requests);
     }
-    let cfg = DaemonConfig::resolve(file, vms)?;
+    let socket_dir = cli
+        .socket_dir
+        .clone()
+        .or_else(|| file.socket_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(vgpu::control::DEFAULT_SOCKET_DIR));
+    let cfg = DaemonConfig::resolve(file, vms.clone())?;
+    let source = if vms.is_empty() {
+        log::info!(
+            "serving the VMs of {} (sockets in {})",
+            cli.db.display(),
+            socket_dir.display()
+        );
+        VmSource::Database {
+            db: cli.db.clone(),
+            socket_dir,
+        }
+    } else {
+        VmSource::Static(vms)
+    };
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
-    let daemon = Daemon::start(&cfg)?;
+    let daemon = Daemon::start_with(&cfg, source)?;
     if let Some(sig) = signals.forever().next() {
         log::info!("signal {sig}: stopping");
     }

@@ -1,0 +1,226 @@
+//! The daemon serving from a vgpu-admin database and following it live:
+//! `vgpu-admin` changes reach the scheduler and the guest's config space
+//! (with a config-change notification) without a restart.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use vgpu::protocol::*;
+use vgpu::sim::{SimGuest, SimOptions};
+
+const UUID1: &str = "11111111-1111-4111-8111-111111111111";
+const UUID2: &str = "22222222-2222-4222-8222-222222222222";
+const UUID3: &str = "33333333-3333-4333-8333-333333333333";
+
+fn admin(db: &Path, dir: &Path, args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_vgpu-admin"))
+        .arg("--db")
+        .arg(db)
+        .arg("--socket-dir")
+        .arg(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vgpu-admin");
+    assert!(
+        out.status.success(),
+        "vgpu-admin {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+struct Db {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Db {
+    fn db(&self) -> std::path::PathBuf {
+        self.dir.path().join("vgpu.db")
+    }
+    fn admin(&self, args: &[&str]) -> Output {
+        admin(&self.db(), self.dir.path(), args)
+    }
+    fn guest(&self, id: u32) -> SimGuest {
+        let opts = SimOptions {
+            backend_channel: true,
+            ..Default::default()
+        };
+        SimGuest::connect_retry(&self.dir.path().join(format!("vm{id}.sock")), opts, T)
+            .expect("connect")
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start() -> Db {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("vgpu.db");
+    admin(&db, dir.path(), &["init"]);
+    admin(
+        &db,
+        dir.path(),
+        &[
+            "register-vm",
+            UUID1,
+            "--pool",
+            "A",
+            "--priority",
+            "high",
+            "--name",
+            "one",
+        ],
+    );
+    admin(
+        &db,
+        dir.path(),
+        &[
+            "register-vm",
+            UUID2,
+            "--pool",
+            "B",
+            "--priority",
+            "medium",
+            "--name",
+            "two",
+        ],
+    );
+    let child = Command::new(env!("CARGO_BIN_EXE_vgpu-vhost-user"))
+        .args(["--executor", "cpu", "--db"])
+        .arg(&db)
+        .arg("--socket-dir")
+        .arg(dir.path())
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&dir.path().join("control.sock"));
+    Db { child, dir }
+}
+
+fn word(cfg: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(cfg[off..off + 4].try_into().unwrap())
+}
+
+#[test]
+fn set_priority_changes_scheduling_and_config_space_live() {
+    let d = start();
+    let mut one = d.guest(1);
+    let mut two = d.guest(2);
+    let cfg = one.config_space().unwrap();
+    assert_eq!(
+        (
+            word(&cfg, CFG_POOL_ID),
+            word(&cfg, CFG_PRIORITY),
+            word(&cfg, CFG_VM_ID)
+        ),
+        (b'A' as u32, 2, 1)
+    );
+
+    d.admin(&["set-priority", "one", "low"]);
+    one.wait_config_change(T)
+        .expect("config-change notification");
+    let cfg = one.config_space().unwrap();
+    assert_eq!(word(&cfg, CFG_PRIORITY), 0, "guest sees the new priority");
+    d.admin(&["set-pool", UUID1, "B"]);
+    one.wait_config_change(T).unwrap();
+    assert_eq!(word(&one.config_space().unwrap(), CFG_POOL_ID), b'B' as u32);
+
+    // Scheduling follows at once: vm1 (now low) queues first, vm2 (medium)
+    // second, both behind a busy wait; vm2 is dispatched first.
+    let busy = ReqHdr::new(Opcode::BusyWait as u16, 0, 8);
+    let b = two
+        .submit(5, &busy, &busy_payload(Duration::from_millis(800)), 0)
+        .unwrap();
+    two.kick().unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    let h1 = one
+        .submit(0, &ReqHdr::new(Opcode::Ping as u16, 1, 0), &[], 0)
+        .unwrap();
+    one.kick().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let h2 = two
+        .submit(0, &ReqHdr::new(Opcode::Ping as u16, 2, 0), &[], 0)
+        .unwrap();
+    two.kick().unwrap();
+    one.wait_all(&[h1], T).unwrap();
+    two.wait_all(&[h2, b], T).unwrap();
+    let s1 = one.response(0, 0, 0).unwrap().0.dispatch_seq;
+    let s2 = two.response(0, 0, 0).unwrap().0.dispatch_seq;
+    assert!(s2 < s1, "medium vm2 ({s2}) before now-low vm1 ({s1})");
+
+    // A request already queued moves with its VM: raise vm1 while it waits.
+    let b = two
+        .submit(5, &busy, &busy_payload(Duration::from_millis(800)), 0)
+        .unwrap();
+    two.kick().unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    let h2 = two
+        .submit(0, &ReqHdr::new(Opcode::Ping as u16, 3, 0), &[], 0)
+        .unwrap();
+    two.kick().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let h1 = one
+        .submit(0, &ReqHdr::new(Opcode::Ping as u16, 4, 0), &[], 0)
+        .unwrap();
+    one.kick().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    d.admin(&["set-priority", "1", "high"]);
+    one.wait_all(&[h1], T).unwrap();
+    two.wait_all(&[h2, b], T).unwrap();
+    let s1 = one.response(0, 0, 0).unwrap().0.dispatch_seq;
+    let s2 = two.response(0, 0, 0).unwrap().0.dispatch_seq;
+    assert!(s1 < s2, "re-prioritised vm1 ({s1}) before vm2 ({s2})");
+}
+
+#[test]
+fn registered_vms_get_sockets_and_removed_ones_lose_them() {
+    let d = start();
+    let sock3 = d.dir.path().join("vm3.sock");
+    assert!(!sock3.exists());
+    d.admin(&[
+        "register-vm",
+        UUID3,
+        "--pool",
+        "A",
+        "--priority",
+        "low",
+        "--vm-id",
+        "3",
+    ]);
+    let mut three = SimGuest::connect_retry(&sock3, SimOptions::default(), T).unwrap();
+    assert_eq!(word(&three.config_space().unwrap(), CFG_VM_ID), 3);
+    let (h, out) = three
+        .call(Opcode::ScalarAddI32 as u16, 1, &add_payload(100, 200), 4)
+        .unwrap();
+    assert_eq!((h.status, out), (0, 300i32.to_le_bytes().to_vec()));
+
+    // Live figures through the control socket.
+    let out = d.admin(&["status", "--json"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("\"done\""), "status has live figures: {text}");
+
+    d.admin(&["remove-vm", UUID3]);
+    let deadline = Instant::now() + T;
+    while sock3.exists() {
+        assert!(Instant::now() < deadline, "removed VM's socket stays");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(three);
+    // The other VMs are untouched.
+    let mut one = d.guest(1);
+    assert_eq!(ping(&mut one).status, 0);
+}
