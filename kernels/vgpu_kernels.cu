@@ -67,7 +67,7 @@ extern "C" __global__ void busy_wait(unsigned long long ns)
 #define TN 8
 #define NT 256
 
-extern "C" __global__ void __launch_bounds__(NT)
+extern "C" __global__ void __launch_bounds__(NT, 2)
 sgemm_f32(unsigned int M, unsigned int N, unsigned int K,
 	  const float *__restrict__ A, const float *__restrict__ B,
 	  float *__restrict__ C)

@@ -52,10 +52,7 @@ impl GuestBufs {
             return Ok(());
         }
         if !self.mem.check_range(addr, len) {
-            return Err(Error::OutOfRange {
-                addr: addr.0,
-                len,
-            });
+            return Err(Error::OutOfRange { addr: addr.0, len });
         }
         self.segs.push((addr, len));
         self.len += len;
@@ -152,7 +149,11 @@ impl GuestBufs {
     }
 
     /// Guest ranges covering `len` bytes from `off` (caller checked bounds).
-    fn ranges(&self, mut off: usize, mut len: usize) -> impl Iterator<Item = (GuestAddress, usize)> + '_ {
+    fn ranges(
+        &self,
+        mut off: usize,
+        mut len: usize,
+    ) -> impl Iterator<Item = (GuestAddress, usize)> + '_ {
         self.segs.iter().filter_map(move |&(addr, n)| {
             if len == 0 {
                 return None;

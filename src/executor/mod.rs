@@ -9,6 +9,7 @@ use crate::protocol::{DeviceInfo, Opcode, Status};
 
 pub mod cpu;
 pub mod ops;
+pub mod remoting;
 
 pub use cpu::CpuExecutor;
 
@@ -66,7 +67,9 @@ pub fn create(
             "this build has no CUDA executor".into(),
         )),
         ExecutorChoice::Auto => {
-            log::info!("gpu {gpu_index}: no CUDA executor available, falling back to the CPU executor");
+            log::info!(
+                "gpu {gpu_index}: no CUDA executor available, falling back to the CPU executor"
+            );
             Ok(Box::new(CpuExecutor::new(gpu_index, exec_limit)))
         }
     }
