@@ -63,18 +63,36 @@ pub enum Error {
     Driver(#[from] DriverError),
 }
 
+/// Where a VM's CUDA remoting calls run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// In a worker process per VM (`vgpu-cuda-worker`): a faulting guest
+    /// kernel ends only that process. The default.
+    Process,
+    /// In this process, one CUDA context per VM. Handles and device memory
+    /// are separate, but a faulting guest kernel poisons the whole process
+    /// (measured: every context then fails). Used inside the worker.
+    InProcess,
+}
+
 /// Settings of the CUDA executor.
 #[derive(Debug, Clone)]
 pub struct CudaConfig {
     /// Device-memory quota of a VM for remoting, unless set per VM with
     /// [`Executor::set_vm_quota`].
     pub default_vm_quota: u64,
+    pub isolation: Isolation,
+    /// The worker binary; by default `$VGPU_CUDA_WORKER` or
+    /// `vgpu-cuda-worker` next to the running executable.
+    pub worker_path: Option<std::path::PathBuf>,
 }
 
 impl Default for CudaConfig {
     fn default() -> Self {
         CudaConfig {
             default_vm_quota: remoting::DEFAULT_QUOTA,
+            isolation: Isolation::Process,
+            worker_path: None,
         }
     }
 }
@@ -252,6 +270,11 @@ pub struct CudaExecutor {
     regs: HashMap<u32, Registration>,
     vms: HashMap<u32, VmState>,
     quotas: HashMap<u32, u64>,
+    workers: HashMap<u32, super::worker::VmWorker>,
+    worker_path: Option<std::path::PathBuf>,
+    /// Inside a worker process: the process ends after a fault or timeout,
+    /// so nothing needs tearing down.
+    worker_mode: bool,
     stats: CudaStats,
 }
 
@@ -300,8 +323,20 @@ impl CudaExecutor {
             regs: HashMap::new(),
             vms: HashMap::new(),
             quotas: HashMap::new(),
+            workers: HashMap::new(),
+            worker_path: None,
+            worker_mode: false,
             stats: CudaStats::default(),
         };
+        if ex.config.isolation == Isolation::Process {
+            ex.worker_path = super::worker::worker_path(ex.config.worker_path.as_deref());
+            if ex.worker_path.is_none() {
+                log::warn!(
+                    "gpu {gpu_index}: {} not found: CUDA remoting calls will answer UNSUPPORTED",
+                    super::worker::WORKER_BIN
+                );
+            }
+        }
         ex.dev_in.ensure(MIN_DEV_BUF)?;
         ex.dev_out.ensure(MIN_DEV_BUF)?;
         log::info!(
@@ -314,6 +349,42 @@ impl CudaExecutor {
 
     pub fn stats(&self) -> CudaStats {
         self.stats
+    }
+
+    /// The executor inside a remoting worker process.
+    pub fn new_remoting_only(gpu_index: u32, config: CudaConfig) -> Result<Self, Error> {
+        let mut ex = Self::new(gpu_index, Duration::from_secs(10), config)?;
+        ex.worker_mode = true;
+        Ok(ex)
+    }
+
+    /// First handle number of the VM's tables (a worker generation's range).
+    pub fn set_handle_start(&mut self, vm_id: u32, first: u64) {
+        self.vm_state(vm_id).tables.start_at(first);
+    }
+
+    fn quota_of(&self, vm_id: u32) -> u64 {
+        *self
+            .quotas
+            .get(&vm_id)
+            .unwrap_or(&self.config.default_vm_quota)
+    }
+
+    /// Remoting through the VM's worker process.
+    fn remoting_in_worker(&mut self, req: &Request, limit: Duration) -> Result<u32, Status> {
+        let Some(path) = self.worker_path.clone() else {
+            return Err(Status::Unsupported);
+        };
+        let quota = self.quota_of(req.vm_id);
+        let w = self.workers.entry(req.vm_id).or_default();
+        let (res, spawned) = w.execute(&path, self.gpu_index, req, limit, quota);
+        if spawned {
+            self.stats.vm_contexts_created += 1;
+        }
+        if matches!(res, Err(Status::DeviceError) | Err(Status::Timeout)) {
+            self.stats.vm_contexts_faulted += 1;
+        }
+        res
     }
 
     /// The executor's own context (for benchmarks that compare against
@@ -725,7 +796,10 @@ impl CudaExecutor {
                     self.gpu_index
                 );
                 self.stats.vm_contexts_faulted += 1;
-                self.teardown_vm_ctx(vm_id);
+                if !self.worker_mode {
+                    // May wait for the kernel; a worker just exits instead.
+                    self.teardown_vm_ctx(vm_id);
+                }
                 return Err(Status::Timeout);
             }
             spins += 1;
@@ -966,7 +1040,10 @@ impl Executor for CudaExecutor {
 
     fn execute(&mut self, req: &Request, limit: Duration) -> Result<u32, Status> {
         if req.opcode.is_remoting() {
-            return self.remoting(req, limit);
+            return match self.config.isolation {
+                Isolation::Process => self.remoting_in_worker(req, limit),
+                Isolation::InProcess => self.remoting(req, limit),
+            };
         }
         bind(&self.ctx).map_err(|e| self.own_error(e))?;
         match req.opcode {
@@ -992,6 +1069,7 @@ impl Executor for CudaExecutor {
     }
 
     fn release_vm(&mut self, vm_id: u32) {
+        self.workers.remove(&vm_id);
         self.teardown_vm_ctx(vm_id);
         self.vms.remove(&vm_id);
         self.unregister(vm_id);
@@ -1063,7 +1141,13 @@ impl Executor for CudaExecutor {
 
 impl Drop for CudaExecutor {
     fn drop(&mut self) {
-        let vms: Vec<u32> = self.vms.keys().chain(self.regs.keys()).copied().collect();
+        let vms: Vec<u32> = self
+            .vms
+            .keys()
+            .chain(self.regs.keys())
+            .chain(self.workers.keys())
+            .copied()
+            .collect();
         for vm in vms {
             self.release_vm(vm);
         }

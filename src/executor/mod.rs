@@ -12,9 +12,10 @@ pub mod cpu;
 pub mod cuda;
 pub mod ops;
 pub mod remoting;
+pub mod worker;
 
 pub use cpu::CpuExecutor;
-pub use cuda::{CudaConfig, CudaExecutor};
+pub use cuda::{CudaConfig, CudaExecutor, Isolation};
 
 /// One request as an executor sees it: already validated against the
 /// header, with its payload and output as guest buffer views.

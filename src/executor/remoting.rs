@@ -329,6 +329,12 @@ impl<B, M> VmTables<B, M> {
         }
     }
 
+    /// Continues the handle counter at `counter` (low 32 bits), e.g. for a
+    /// new worker generation.
+    pub fn start_at(&mut self, counter: u64) {
+        self.next = (self.next & !0xffff_ffff) | (counter & 0xffff_ffff).max(1);
+    }
+
     fn next_handle(&mut self) -> Result<u64, Error> {
         let h = self.next;
         if h & 0xffff_ffff == 0xffff_ffff {
@@ -592,6 +598,9 @@ mod tests {
         t.reserve(1).unwrap();
         let c = t.add_buffer(1, 1).unwrap();
         assert!(c > m, "handles are never reused");
+        t.start_at(1 << 24);
+        let d = t.add_module("m2").unwrap();
+        assert_eq!(d, (3 << 32) | (1 << 24));
         assert_eq!(t.remove_module(m), Err(Error::NotFound(m)));
     }
 
