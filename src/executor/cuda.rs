@@ -13,10 +13,12 @@
 //!   PORTABLE nor DEVICEMAP: guest RAM must not become addressable from the
 //!   per-VM contexts, where guest kernels run. When registration fails the
 //!   executor stages through a pinned buffer of its own (logged once).
-//! * Remoting: each VM gets its own non-primary context on first use, so that
-//!   a VM's kernels can neither see another VM's device memory nor poison the
-//!   other contexts with a sticky fault. A fault tears down that VM's context
-//!   (its handles become NOT_FOUND); the next remoting call builds a new one.
+//! * Remoting: by default each VM's calls run in a worker process of its own
+//!   (`worker.rs`), because a faulting kernel poisons every CUDA context of
+//!   its process (measured on the H200). Inside that process (or with
+//!   `Isolation::InProcess`) each VM has its own non-primary context, created
+//!   on first use; a fault or timeout tears it down (its handles become
+//!   NOT_FOUND) and the worker exits; the next call starts afresh.
 //!
 //! Nothing here calls into CUDA before `is_culib_present()` said the driver
 //! library exists, so a machine without libcuda gets an error, never a panic.
