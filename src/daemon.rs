@@ -17,7 +17,7 @@ use crate::admin::store::{self, Store};
 use crate::control::{self, VmStatus};
 use crate::executor::{self, ExecutorChoice};
 use crate::protocol::{self, PoolId, Priority};
-use crate::scheduler::{self, ArrivalCounter, Gpu, Policy};
+use crate::scheduler::{self, ArrivalCounter, Control, Gpu, Policy};
 use crate::vhu_vgpu;
 use crate::vm::{Vm, VmSettings};
 
@@ -268,6 +268,8 @@ struct Wanted {
     settings: VmSettings,
     gpu: u32,
     socket: PathBuf,
+    /// Device memory for CUDA remoting; `None`: the executor's default.
+    gpu_mem_quota: Option<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -364,6 +366,7 @@ impl Inner {
             },
             gpu: self.gpu_of(spec.pool),
             socket: spec.socket.clone(),
+            gpu_mem_quota: None,
         }
     }
 
@@ -373,9 +376,9 @@ impl Inner {
         if let Some(g) = gpus.get(&index) {
             return Ok(g.clone());
         }
-        let exec = executor::create(self.cfg.executor, index, self.cfg.exec_limit)?;
-        log::info!("gpu{index}: {}", exec.info().name);
-        let gpu = Gpu::start(index, exec, self.cfg.policy, self.cfg.exec_limit)?;
+        let (choice, limit) = (self.cfg.executor, self.cfg.exec_limit);
+        let make = move || executor::create(choice, index, limit);
+        let gpu = Gpu::start(index, make, self.cfg.policy, limit)?;
         gpus.insert(index, gpu.clone());
         Ok(gpu)
     }
@@ -396,6 +399,7 @@ impl Inner {
                 },
                 gpu: r.gpu_index,
                 socket: dir.join(format!("vm{}.sock", r.vm_id)),
+                gpu_mem_quota: Some(r.gpu_mem_quota_mib.saturating_mul(1 << 20)),
             })
             .collect();
         self.apply(wanted)
@@ -421,6 +425,9 @@ impl Inner {
         for w in wanted {
             let gpu = self.gpu(w.gpu)?;
             let id = w.settings.vm_id;
+            if let Some(bytes) = w.gpu_mem_quota {
+                gpu.control(Control::SetQuota { vm_id: id, bytes });
+            }
             match vms.get(&id) {
                 Some(served) if served.socket == w.socket => {
                     if served.vm.settings() != w.settings || !Arc::ptr_eq(&served.vm.gpu(), &gpu) {

@@ -171,6 +171,16 @@ impl GuestBufs {
     }
 }
 
+/// Anonymous (not file-backed) guest memory with regions at the given guest
+/// addresses, for tests and benchmarks that drive an executor directly.
+pub fn anonymous_memory(ranges: &[(u64, usize)]) -> Result<Arc<GuestMem>, Error> {
+    let ranges: Vec<(GuestAddress, usize)> =
+        ranges.iter().map(|&(a, n)| (GuestAddress(a), n)).collect();
+    GuestMem::from_ranges(&ranges)
+        .map(Arc::new)
+        .map_err(|e| Error::Access(e.to_string()))
+}
+
 #[cfg(test)]
 pub(crate) fn test_memory(size: usize) -> Arc<GuestMem> {
     Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), size)]).expect("anonymous test memory"))

@@ -154,9 +154,44 @@ pub enum Opcode {
     BusyWait = 0x0003,
     ScalarAddI32 = 0x0100,
     VectorAddF32 = 0x0101,
+    SaxpyF32 = 0x0102,
+    SgemmF32 = 0x0103,
+    // CUDA remoting (docs/cuda-remoting.md).
+    MemAlloc = 0x0201,
+    MemFree = 0x0202,
+    MemcpyHtoD = 0x0203,
+    MemcpyDtoH = 0x0204,
+    ModuleLoad = 0x0205,
+    ModuleUnload = 0x0206,
+    Launch = 0x0207,
+    Synchronize = 0x0208,
 }
 
 impl Opcode {
+    /// Every opcode, for tests and tables.
+    pub const ALL: [Opcode; 15] = [
+        Opcode::Ping,
+        Opcode::GetInfo,
+        Opcode::BusyWait,
+        Opcode::ScalarAddI32,
+        Opcode::VectorAddF32,
+        Opcode::SaxpyF32,
+        Opcode::SgemmF32,
+        Opcode::MemAlloc,
+        Opcode::MemFree,
+        Opcode::MemcpyHtoD,
+        Opcode::MemcpyDtoH,
+        Opcode::ModuleLoad,
+        Opcode::ModuleUnload,
+        Opcode::Launch,
+        Opcode::Synchronize,
+    ];
+
+    /// True for the CUDA remoting calls (0x02xx).
+    pub fn is_remoting(self) -> bool {
+        (self as u16) & 0xff00 == 0x0200
+    }
+
     pub fn from_u16(v: u16) -> Option<Self> {
         Some(match v {
             0x0001 => Opcode::Ping,
@@ -164,6 +199,16 @@ impl Opcode {
             0x0003 => Opcode::BusyWait,
             0x0100 => Opcode::ScalarAddI32,
             0x0101 => Opcode::VectorAddF32,
+            0x0102 => Opcode::SaxpyF32,
+            0x0103 => Opcode::SgemmF32,
+            0x0201 => Opcode::MemAlloc,
+            0x0202 => Opcode::MemFree,
+            0x0203 => Opcode::MemcpyHtoD,
+            0x0204 => Opcode::MemcpyDtoH,
+            0x0205 => Opcode::ModuleLoad,
+            0x0206 => Opcode::ModuleUnload,
+            0x0207 => Opcode::Launch,
+            0x0208 => Opcode::Synchronize,
             _ => return None,
         })
     }
@@ -479,6 +524,12 @@ mod tests {
     fn opcode_status_values() {
         assert_eq!(Opcode::from_u16(0x0100), Some(Opcode::ScalarAddI32));
         assert_eq!(Opcode::from_u16(0x0200), None);
+        assert_eq!(Opcode::from_u16(0x0103), Some(Opcode::SgemmF32));
+        for op in Opcode::ALL {
+            assert_eq!(Opcode::from_u16(op as u16), Some(op));
+        }
+        assert!(Opcode::Launch.is_remoting());
+        assert!(!Opcode::SgemmF32.is_remoting());
         for v in 0..10 {
             assert_eq!(Status::from_u32(v).unwrap() as u32, v);
         }

@@ -15,6 +15,10 @@ use crate::protocol::{Opcode, Priority, RespHdr, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error(transparent)]
+    Executor(#[from] crate::executor::Error),
+    #[error("the worker of GPU {0} died while starting")]
+    WorkerDied(u32),
     #[error("cannot start the worker thread of GPU {gpu}: {source}")]
     Spawn {
         gpu: u32,
@@ -76,6 +80,8 @@ pub enum Control {
     MapMemory { vm_id: u32, mem: Arc<GuestMem> },
     /// The VM's frontend went away.
     ReleaseVm { vm_id: u32 },
+    /// The VM's device-memory quota for CUDA remoting.
+    SetQuota { vm_id: u32, bytes: u64 },
 }
 
 /// The queue of one GPU: three FIFOs, one per priority.
@@ -187,12 +193,17 @@ pub struct Gpu {
 }
 
 impl Gpu {
-    pub fn start(
+    /// Starts the GPU's worker, which builds its executor with `make` on its
+    /// own thread (CUDA contexts belong to the thread that drives them).
+    pub fn start<F>(
         index: u32,
-        executor: Box<dyn Executor>,
+        make: F,
         policy: Policy,
         exec_limit: Duration,
-    ) -> Result<Arc<Gpu>, Error> {
+    ) -> Result<Arc<Gpu>, Error>
+    where
+        F: FnOnce() -> Result<Box<dyn Executor>, crate::executor::Error> + Send + 'static,
+    {
         let gpu = Arc::new(Gpu {
             index,
             shared: Mutex::new(Shared {
@@ -205,10 +216,31 @@ impl Gpu {
             worker: Mutex::new(None),
         });
         let worker_gpu = gpu.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = std::thread::Builder::new()
             .name(format!("vgpu-gpu{index}"))
-            .spawn(move || worker_gpu.run(executor))
+            .spawn(move || match make() {
+                Ok(executor) => {
+                    log::info!("gpu{index}: {}", executor.info().name);
+                    let _ = ready_tx.send(Ok(()));
+                    worker_gpu.run(executor)
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
             .map_err(|source| Error::Spawn { gpu: index, source })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                return Err(Error::Executor(e));
+            }
+            Err(_) => {
+                let _ = handle.join();
+                return Err(Error::WorkerDied(index));
+            }
+        }
         *gpu.worker.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
         Ok(gpu)
     }
@@ -303,6 +335,9 @@ impl Gpu {
                     executor.map_guest_memory(vm_id, &mem)
                 }
                 Some(Err(Control::ReleaseVm { vm_id })) => executor.release_vm(vm_id),
+                Some(Err(Control::SetQuota { vm_id, bytes })) => {
+                    executor.set_vm_quota(vm_id, bytes)
+                }
                 Some(Ok(job)) => {
                     dispatch_seq += 1;
                     self.dispatch(executor.as_mut(), job, dispatch_seq);

@@ -3,7 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::{ops, Executor, Request};
+use super::ops::{self, f32_bytes, f32s};
+use super::{Executor, Request};
 use crate::protocol::{DeviceInfo, ExecutorKind, Opcode, Status};
 
 pub struct CpuExecutor {
@@ -25,11 +26,33 @@ pub fn vector_add(a: &[f32], b: &[f32]) -> Vec<f32> {
     a.iter().zip(b).map(|(x, y)| x + y).collect()
 }
 
-fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+/// Reference SAXPY: a * x + y, with one rounding like the GPU's fmaf.
+pub fn saxpy(a: f32, x: &[f32], y: &[f32]) -> Vec<f32> {
+    x.iter().zip(y).map(|(x, y)| a.mul_add(*x, *y)).collect()
+}
+
+/// Reference SGEMM: C (m x n) = A (m x k) * B (k x n), row-major. Blocked
+/// i-k-j loops so that it stays usable (a few GFLOP/s) at test sizes.
+pub fn sgemm(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
+    const BLK: usize = 64;
+    let mut c = vec![0f32; m * n];
+    if a.len() < m * k || b.len() < k * n {
+        return c;
+    }
+    for k0 in (0..k).step_by(BLK) {
+        let k1 = (k0 + BLK).min(k);
+        for i in 0..m {
+            let crow = &mut c[i * n..(i + 1) * n];
+            for p in k0..k1 {
+                let av = a[i * k + p];
+                let brow = &b[p * n..(p + 1) * n];
+                for (cv, bv) in crow.iter_mut().zip(brow) {
+                    *cv = av.mul_add(*bv, *cv);
+                }
+            }
+        }
+    }
+    c
 }
 
 impl Executor for CpuExecutor {
@@ -70,12 +93,57 @@ impl Executor for CpuExecutor {
                 let bytes = req.payload.to_vec().map_err(|_| Status::BadRequest)?;
                 let a = f32s(&bytes[8..8 + 4 * n]);
                 let b = f32s(&bytes[8 + 4 * n..]);
-                let out: Vec<u8> = vector_add(&a, &b)
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect();
-                ops::write_output(&req.output, &out)
+                ops::write_output(&req.output, &f32_bytes(&vector_add(&a, &b)))
+            }
+            Opcode::SaxpyF32 => {
+                let (n, a) = ops::saxpy_shape(&req.payload, &req.output)?;
+                let bytes = req.payload.to_vec().map_err(|_| Status::BadRequest)?;
+                let x = f32s(&bytes[8..8 + 4 * n]);
+                let y = f32s(&bytes[8 + 4 * n..]);
+                ops::write_output(&req.output, &f32_bytes(&saxpy(a, &x, &y)))
+            }
+            Opcode::SgemmF32 => {
+                let d = ops::sgemm_shape(&req.payload, &req.output)?;
+                let bytes = req.payload.to_vec().map_err(|_| Status::BadRequest)?;
+                let a = f32s(&bytes[ops::GemmDims::A_OFFSET..d.b_offset()]);
+                let b = f32s(&bytes[d.b_offset()..]);
+                ops::write_output(&req.output, &f32_bytes(&sgemm(d.m, d.n, d.k, &a, &b)))
+            }
+            // CUDA remoting needs a GPU.
+            Opcode::MemAlloc
+            | Opcode::MemFree
+            | Opcode::MemcpyHtoD
+            | Opcode::MemcpyDtoH
+            | Opcode::ModuleLoad
+            | Opcode::ModuleUnload
+            | Opcode::Launch
+            | Opcode::Synchronize => Err(Status::Unsupported),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sgemm_matches_naive() {
+        let (m, n, k) = (13, 70, 129);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 3) % 13) as f32 - 6.0).collect();
+        let c = sgemm(m, n, k, &a, &b);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+                // Small integers: exact in f32 whatever the order.
+                assert_eq!(c[i * n + j], want, "C[{i}][{j}]");
             }
         }
+        assert_eq!(sgemm(2, 2, 2, &[1.0], &[1.0]), vec![0.0; 4]);
+    }
+
+    #[test]
+    fn saxpy_reference() {
+        assert_eq!(saxpy(2.0, &[1.0, -1.0], &[0.5, 4.0]), vec![2.5, 2.0]);
     }
 }

@@ -2,15 +2,20 @@
 //! GPU's scheduler worker. The CPU executor does real arithmetic on the host;
 //! the CUDA executor runs the same operations on an NVIDIA GPU.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::guest::GuestBufs;
+use crate::guest::{GuestBufs, GuestMem};
 use crate::protocol::{DeviceInfo, Opcode, Status};
 
 pub mod cpu;
+pub mod cuda;
 pub mod ops;
+pub mod remoting;
+pub mod worker;
 
 pub use cpu::CpuExecutor;
+pub use cuda::{CudaConfig, CudaExecutor, Isolation};
 
 /// One request as an executor sees it: already validated against the
 /// header, with its payload and output as guest buffer views.
@@ -34,12 +39,21 @@ pub trait Executor: Send {
     /// many output bytes it wrote, or the status that ends it.
     fn execute(&mut self, req: &Request, limit: Duration) -> Result<u32, Status>;
 
-    /// The VM's memory table changed: an executor may register the regions
-    /// for DMA. Default: nothing to do.
-    fn map_guest_memory(&mut self, _vm_id: u32, _mem: &std::sync::Arc<crate::guest::GuestMem>) {}
-
-    /// The VM's frontend went away: release whatever the executor holds for it.
+    /// The VM's frontend went away: release whatever the executor holds for it
+    /// (guest memory registrations, its CUDA context, handles, device memory).
     fn release_vm(&mut self, _vm_id: u32) {}
+
+    /// The VM's memory table is now `mem` (after SET_MEM_TABLE). The CUDA
+    /// executor registers its regions with the driver for zero-copy DMA and
+    /// unregisters the previous table's; calling it again with the same `Arc`
+    /// does nothing. Requests whose buffers lie in another (older) table still
+    /// work, through a staging copy.
+    fn map_guest_memory(&mut self, _vm_id: u32, _mem: &Arc<GuestMem>) {}
+
+    /// Device-memory quota of the VM for CUDA remoting (MEM_ALLOC past it
+    /// answers NO_RESOURCES). Takes effect at once; memory already allocated
+    /// stays allocated.
+    fn set_vm_quota(&mut self, _vm_id: u32, _bytes: u64) {}
 }
 
 /// `--executor` choice.
@@ -58,22 +72,58 @@ pub enum Error {
     CudaUnavailable(String),
 }
 
-/// Builds the executor for GPU `gpu_index`.
+/// Builds the executor for GPU `gpu_index`, with the default CUDA settings.
+/// Call it on the thread that will drive the executor.
 pub fn create(
     choice: ExecutorChoice,
     gpu_index: u32,
     exec_limit: Duration,
 ) -> Result<Box<dyn Executor>, Error> {
+    create_with(choice, gpu_index, exec_limit, &CudaConfig::default())
+}
+
+/// [`create`] with explicit CUDA settings.
+pub fn create_with(
+    choice: ExecutorChoice,
+    gpu_index: u32,
+    exec_limit: Duration,
+    config: &CudaConfig,
+) -> Result<Box<dyn Executor>, Error> {
     match choice {
         ExecutorChoice::Cpu => Ok(Box::new(CpuExecutor::new(gpu_index, exec_limit))),
-        ExecutorChoice::Cuda => Err(Error::CudaUnavailable(
-            "this build has no CUDA executor".into(),
-        )),
-        ExecutorChoice::Auto => {
-            log::info!(
-                "gpu {gpu_index}: no CUDA executor available, falling back to the CPU executor"
-            );
-            Ok(Box::new(CpuExecutor::new(gpu_index, exec_limit)))
+        ExecutorChoice::Cuda => CudaExecutor::new(gpu_index, exec_limit, config.clone())
+            .map(|e| Box::new(e) as Box<dyn Executor>)
+            .map_err(|e| Error::CudaUnavailable(e.to_string())),
+        ExecutorChoice::Auto => match CudaExecutor::new(gpu_index, exec_limit, config.clone()) {
+            Ok(e) => Ok(Box::new(e)),
+            Err(e) => {
+                log::info!(
+                    "gpu {gpu_index}: CUDA executor not available ({e}), falling back to the CPU executor"
+                );
+                Ok(Box::new(CpuExecutor::new(gpu_index, exec_limit)))
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ExecutorKind;
+
+    #[test]
+    fn fallback_without_libcuda() {
+        if cuda::driver_present() {
+            // A GPU machine: tests/gpu.rs covers this case.
+            return;
         }
+        let ex = create(ExecutorChoice::Auto, 0, Duration::from_secs(1)).unwrap();
+        assert_eq!(ex.info().executor, ExecutorKind::Cpu);
+        let err = create(ExecutorChoice::Cuda, 0, Duration::from_secs(1))
+            .err()
+            .expect("no CUDA executor without libcuda");
+        assert!(err.to_string().contains("libcuda"), "{err}");
+        let ex = create(ExecutorChoice::Cpu, 3, Duration::from_secs(1)).unwrap();
+        assert_eq!(ex.info().gpu_index, 3);
     }
 }

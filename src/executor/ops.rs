@@ -6,8 +6,11 @@ use std::time::Duration;
 use crate::guest::GuestBufs;
 use crate::protocol::{DeviceInfo, Status};
 
-/// Largest VECTOR_ADD_F32 element count (128 MiB of payload).
+/// Largest VECTOR_ADD_F32 / SAXPY_F32 element count (128 MiB of payload).
 pub const MAX_VECTOR_LEN: u32 = 16 << 20;
+/// Largest element count of one SGEMM_F32 matrix (A, B or C): 8192 x 8192
+/// floats, 256 MiB.
+pub const MAX_MATRIX_ELEMS: u64 = 64 << 20;
 
 fn read_exact<const N: usize>(payload: &GuestBufs) -> Result<[u8; N], Status> {
     if payload.len() != N {
@@ -69,7 +72,209 @@ pub fn vector_add_len(payload: &GuestBufs, output: &GuestBufs) -> Result<usize, 
     Ok(n)
 }
 
+/// SAXPY_F32 shape: payload le32 n, f32 a, f32 x[n], f32 y[n]; output holds
+/// n f32. Returns (n, a) after checking lengths and the output size.
+pub fn saxpy_shape(payload: &GuestBufs, output: &GuestBufs) -> Result<(usize, f32), Status> {
+    if payload.len() < 8 {
+        return Err(Status::BadRequest);
+    }
+    let mut b = [0u8; 8];
+    payload.read_at(0, &mut b).map_err(|_| Status::BadRequest)?;
+    let n = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let a = f32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    if n > MAX_VECTOR_LEN {
+        return Err(Status::TooLarge);
+    }
+    let n = n as usize;
+    if payload.len() != 8 + 8 * n {
+        return Err(Status::BadRequest);
+    }
+    if output.len() < 4 * n {
+        return Err(Status::TooLarge);
+    }
+    Ok((n, a))
+}
+
+/// Dimensions of an SGEMM_F32 request: C (m x n) = A (m x k) * B (k x n).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemmDims {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl GemmDims {
+    /// Byte offset of A in the payload.
+    pub const A_OFFSET: usize = 12;
+    pub fn a_bytes(&self) -> usize {
+        4 * self.m * self.k
+    }
+    pub fn b_bytes(&self) -> usize {
+        4 * self.k * self.n
+    }
+    pub fn c_bytes(&self) -> usize {
+        4 * self.m * self.n
+    }
+    /// Byte offset of B in the payload.
+    pub fn b_offset(&self) -> usize {
+        Self::A_OFFSET + self.a_bytes()
+    }
+    pub fn flops(&self) -> f64 {
+        2.0 * self.m as f64 * self.n as f64 * self.k as f64
+    }
+}
+
+/// SGEMM_F32 shape: payload le32 m, n, k, f32 A[m*k], f32 B[k*n] (row-major);
+/// output holds m*n f32. Every dimension is at least 1 and every matrix at
+/// most `MAX_MATRIX_ELEMS` elements.
+pub fn sgemm_shape(payload: &GuestBufs, output: &GuestBufs) -> Result<GemmDims, Status> {
+    if payload.len() < GemmDims::A_OFFSET {
+        return Err(Status::BadRequest);
+    }
+    let mut b = [0u8; 12];
+    payload.read_at(0, &mut b).map_err(|_| Status::BadRequest)?;
+    let m = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64;
+    let n = u32::from_le_bytes([b[4], b[5], b[6], b[7]]) as u64;
+    let k = u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as u64;
+    if m == 0 || n == 0 || k == 0 {
+        return Err(Status::BadRequest);
+    }
+    if m * k > MAX_MATRIX_ELEMS || k * n > MAX_MATRIX_ELEMS || m * n > MAX_MATRIX_ELEMS {
+        return Err(Status::TooLarge);
+    }
+    let d = GemmDims {
+        m: m as usize,
+        n: n as usize,
+        k: k as usize,
+    };
+    if payload.len() != GemmDims::A_OFFSET + d.a_bytes() + d.b_bytes() {
+        return Err(Status::BadRequest);
+    }
+    if output.len() < d.c_bytes() {
+        return Err(Status::TooLarge);
+    }
+    Ok(d)
+}
+
+/// Little-endian f32s of a byte slice (a trailing partial float is ignored).
+pub fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// f32s as little-endian bytes.
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
 /// GET_INFO output.
 pub fn write_info(output: &GuestBufs, info: &DeviceInfo) -> Result<u32, Status> {
     write_output(output, &info.encode())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::{test_memory, GuestBufs};
+    use vm_memory::GuestAddress;
+
+    fn bufs(mem: &std::sync::Arc<crate::guest::GuestMem>, at: u64, bytes: &[u8]) -> GuestBufs {
+        let mut b = GuestBufs::new(mem.clone());
+        b.push(GuestAddress(at), bytes.len()).unwrap();
+        b.write_at(0, bytes).unwrap();
+        b
+    }
+
+    fn out(mem: &std::sync::Arc<crate::guest::GuestMem>, at: u64, len: usize) -> GuestBufs {
+        let mut b = GuestBufs::new(mem.clone());
+        b.push(GuestAddress(at), len).unwrap();
+        b
+    }
+
+    #[test]
+    fn saxpy_shapes() {
+        let mem = test_memory(1 << 20);
+        let mut p = 2u32.to_le_bytes().to_vec();
+        p.extend(2.5f32.to_le_bytes());
+        p.extend(f32_bytes(&[1.0, 2.0, 3.0, 4.0]));
+        let pb = bufs(&mem, 0, &p);
+        assert_eq!(saxpy_shape(&pb, &out(&mem, 0x8000, 8)), Ok((2, 2.5)));
+        assert_eq!(
+            saxpy_shape(&pb, &out(&mem, 0x8000, 7)),
+            Err(Status::TooLarge)
+        );
+        let short = bufs(&mem, 0x1000, &p[..p.len() - 1]);
+        assert_eq!(
+            saxpy_shape(&short, &out(&mem, 0x8000, 8)),
+            Err(Status::BadRequest)
+        );
+        let mut huge = (MAX_VECTOR_LEN + 1).to_le_bytes().to_vec();
+        huge.extend(1.0f32.to_le_bytes());
+        assert_eq!(
+            saxpy_shape(&bufs(&mem, 0x2000, &huge), &out(&mem, 0x8000, 8)),
+            Err(Status::TooLarge)
+        );
+        assert_eq!(
+            saxpy_shape(&bufs(&mem, 0x2000, &[0; 4]), &out(&mem, 0x8000, 8)),
+            Err(Status::BadRequest)
+        );
+    }
+
+    fn gemm_payload(m: u32, n: u32, k: u32, extra: usize) -> Vec<u8> {
+        let mut p = Vec::new();
+        for v in [m, n, k] {
+            p.extend(v.to_le_bytes());
+        }
+        p.resize(12 + 4 * (m * k + k * n) as usize + extra, 0);
+        p
+    }
+
+    #[test]
+    fn sgemm_shapes() {
+        let mem = test_memory(1 << 20);
+        let p = gemm_payload(3, 5, 7, 0);
+        let d = sgemm_shape(&bufs(&mem, 0, &p), &out(&mem, 0x8000, 60)).unwrap();
+        assert_eq!(d, GemmDims { m: 3, n: 5, k: 7 });
+        assert_eq!(d.b_offset(), 12 + 84);
+        assert_eq!(d.c_bytes(), 60);
+        assert_eq!(d.flops(), 210.0);
+        assert_eq!(
+            sgemm_shape(&bufs(&mem, 0, &p), &out(&mem, 0x8000, 59)),
+            Err(Status::TooLarge)
+        );
+        let p = gemm_payload(3, 5, 7, 1);
+        assert_eq!(
+            sgemm_shape(&bufs(&mem, 0, &p), &out(&mem, 0x8000, 60)),
+            Err(Status::BadRequest)
+        );
+        let p = gemm_payload(0, 5, 7, 0);
+        assert_eq!(
+            sgemm_shape(&bufs(&mem, 0, &p), &out(&mem, 0x8000, 60)),
+            Err(Status::BadRequest)
+        );
+        // 16384 x 16384 A is past the limit; the payload is never read.
+        let mut p = Vec::new();
+        for v in [16384u32, 1, 16384] {
+            p.extend(v.to_le_bytes());
+        }
+        assert_eq!(
+            sgemm_shape(&bufs(&mem, 0, &p), &out(&mem, 0x8000, 60)),
+            Err(Status::TooLarge)
+        );
+        // u32::MAX dimensions do not overflow.
+        let mut p = Vec::new();
+        for v in [u32::MAX, u32::MAX, u32::MAX] {
+            p.extend(v.to_le_bytes());
+        }
+        assert_eq!(
+            sgemm_shape(&bufs(&mem, 0, &p), &out(&mem, 0x8000, 60)),
+            Err(Status::TooLarge)
+        );
+        assert_eq!(
+            sgemm_shape(&bufs(&mem, 0, &[1, 2]), &out(&mem, 0x8000, 60)),
+            Err(Status::BadRequest)
+        );
+    }
 }

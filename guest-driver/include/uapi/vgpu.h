@@ -59,6 +59,39 @@ struct vgpu_resp_hdr {
 #define VGPU_OP_BUSY_WAIT	0x0003	/* payload: le64 ns */
 #define VGPU_OP_SCALAR_ADD_I32	0x0100	/* payload: le32 a, le32 b; out: le32 */
 #define VGPU_OP_VECTOR_ADD_F32	0x0101	/* payload: le32 n, le32 0, f32 a[n], f32 b[n] */
+#define VGPU_OP_SAXPY_F32	0x0102	/* payload: le32 n, f32 a, f32 x[n], f32 y[n]; out: f32 a*x+y [n] */
+#define VGPU_OP_SGEMM_F32	0x0103	/* payload: le32 m, n, k, f32 A[m*k], f32 B[k*n] (row-major); out: f32 C[m*n] */
+
+/* CUDA remoting (docs/cuda-remoting.md): handles are per VM, le64. */
+#define VGPU_OP_MEM_ALLOC	0x0201	/* payload: le64 size; out: le64 handle */
+#define VGPU_OP_MEM_FREE	0x0202	/* payload: le64 handle */
+#define VGPU_OP_MEMCPY_HTOD	0x0203	/* payload: le64 handle, le64 offset, bytes */
+#define VGPU_OP_MEMCPY_DTOH	0x0204	/* payload: le64 handle, le64 offset, le64 len; out: bytes */
+#define VGPU_OP_MODULE_LOAD	0x0205	/* payload: PTX text; out: le64 module handle */
+#define VGPU_OP_MODULE_UNLOAD	0x0206	/* payload: le64 module handle */
+#define VGPU_OP_LAUNCH		0x0207	/* payload: struct vgpu_launch, name, params */
+#define VGPU_OP_SYNCHRONIZE	0x0208	/* nothing in, nothing out */
+
+/* LAUNCH payload: this header, then name_len bytes of kernel name (no NUL),
+ * then param_count parameters, each a struct vgpu_launch_param followed by
+ * `size` bytes of value, packed without padding. */
+struct vgpu_launch {
+	__le64 module;
+	__le32 grid[3];
+	__le32 block[3];
+	__le32 shared_mem_bytes;
+	__le32 name_len;	/* 1..256 */
+	__le32 param_count;	/* 0..64, must match the kernel */
+	__le32 reserved;	/* 0 */
+};					/* 48 bytes */
+
+#define VGPU_PARAM_BUFFER	0	/* size 8: le64 buffer handle -> its device address */
+#define VGPU_PARAM_BYTES	1	/* size bytes passed as they are */
+
+struct vgpu_launch_param {
+	__le32 kind;
+	__le32 size;		/* must equal the kernel's parameter size */
+};
 
 /* Status codes */
 #define VGPU_S_OK		0

@@ -1,0 +1,8 @@
+//! Worker process of the CUDA executor: runs one VM's CUDA remoting calls so
+//! that a faulting guest kernel ends only this process (see
+//! `src/executor/worker.rs`). Started by the daemon, not by hand.
+
+fn main() {
+    env_logger::init();
+    std::process::exit(vgpu::executor::worker::worker_main());
+}

@@ -1,0 +1,622 @@
+//! CUDA remoting (opcodes 0x02xx, `docs/cuda-remoting.md`), the part that
+//! needs no GPU: payload parsing, the per-VM handle tables and the per-VM
+//! device-memory quota. The CUDA executor keeps one [`VmTables`] per VM and
+//! stores its raw CUDA objects in them; everything here is plain Rust and is
+//! unit-tested without a GPU.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+
+use crate::protocol::Status;
+
+/// Largest MODULE_LOAD payload (PTX text).
+pub const MAX_PTX_LEN: usize = 16 << 20;
+/// Longest kernel name in a LAUNCH.
+pub const MAX_NAME_LEN: usize = 256;
+/// Most parameters of one LAUNCH.
+pub const MAX_PARAMS: usize = 64;
+/// Most bytes of all parameter values of one LAUNCH (CUDA's classic 4 KiB).
+pub const MAX_PARAM_BYTES: usize = 4096;
+/// Most live device buffers of one VM.
+pub const MAX_BUFFERS: usize = 65536;
+/// Most loaded modules of one VM.
+pub const MAX_MODULES: usize = 256;
+/// Default device-memory quota of a VM (can be changed per VM).
+pub const DEFAULT_QUOTA: u64 = 4 << 30;
+
+/// Size of the fixed LAUNCH header (`struct vgpu_launch`).
+pub const LAUNCH_HDR_SIZE: usize = 48;
+/// Size of a parameter header (`struct vgpu_launch_param`).
+pub const PARAM_HDR_SIZE: usize = 8;
+/// Parameter kind: le64 buffer handle, passed as the buffer's device address.
+pub const PARAM_BUFFER: u32 = 0;
+/// Parameter kind: raw bytes passed as they are.
+pub const PARAM_BYTES: u32 = 1;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("malformed payload: {0}")]
+    Malformed(&'static str),
+    #[error("payload too large: {0}")]
+    TooLarge(&'static str),
+    #[error("no such handle {0:#x}")]
+    NotFound(u64),
+    #[error("quota exceeded: {used} + {want} > {limit} bytes")]
+    Quota { used: u64, want: u64, limit: u64 },
+    #[error("too many {0}")]
+    TooMany(&'static str),
+    #[error("range {offset}+{len} outside a {size}-byte buffer")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+}
+
+impl Error {
+    /// The status a guest sees for this error.
+    pub fn status(&self) -> Status {
+        match self {
+            Error::Malformed(_) | Error::OutOfRange { .. } => Status::BadRequest,
+            Error::TooLarge(_) => Status::TooLarge,
+            Error::NotFound(_) => Status::NotFound,
+            Error::Quota { .. } | Error::TooMany(_) => Status::NoResources,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        e.status()
+    }
+}
+
+fn le64(b: &[u8], off: usize) -> Result<u64, Error> {
+    b.get(off..off + 8)
+        .and_then(|s| s.try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or(Error::Malformed("short payload"))
+}
+
+fn le32(b: &[u8], off: usize) -> Result<u32, Error> {
+    b.get(off..off + 4)
+        .and_then(|s| s.try_into().ok())
+        .map(u32::from_le_bytes)
+        .ok_or(Error::Malformed("short payload"))
+}
+
+/// MEM_ALLOC payload: le64 size (at least 1).
+pub fn parse_alloc(p: &[u8]) -> Result<u64, Error> {
+    if p.len() != 8 {
+        return Err(Error::Malformed("MEM_ALLOC takes 8 bytes"));
+    }
+    match le64(p, 0)? {
+        0 => Err(Error::Malformed("zero-size allocation")),
+        n => Ok(n),
+    }
+}
+
+/// MEM_FREE / MODULE_UNLOAD payload: le64 handle.
+pub fn parse_handle(p: &[u8]) -> Result<u64, Error> {
+    if p.len() != 8 {
+        return Err(Error::Malformed("handle payload takes 8 bytes"));
+    }
+    le64(p, 0)
+}
+
+/// Size of the MEMCPY_HTOD header before the data.
+pub const HTOD_HDR_SIZE: usize = 16;
+
+/// MEMCPY_HTOD header: le64 handle, le64 offset (the data follows).
+pub fn parse_htod_header(p: &[u8]) -> Result<(u64, u64), Error> {
+    if p.len() < HTOD_HDR_SIZE {
+        return Err(Error::Malformed("MEMCPY_HTOD needs 16 header bytes"));
+    }
+    Ok((le64(p, 0)?, le64(p, 8)?))
+}
+
+/// MEMCPY_DTOH payload: le64 handle, le64 offset, le64 len.
+pub fn parse_dtoh(p: &[u8]) -> Result<(u64, u64, u64), Error> {
+    if p.len() != 24 {
+        return Err(Error::Malformed("MEMCPY_DTOH takes 24 bytes"));
+    }
+    Ok((le64(p, 0)?, le64(p, 8)?, le64(p, 16)?))
+}
+
+/// MODULE_LOAD payload: PTX text, optionally NUL-terminated (trailing NULs
+/// are dropped), no NUL inside.
+pub fn parse_ptx(p: &[u8]) -> Result<CString, Error> {
+    if p.len() > MAX_PTX_LEN {
+        return Err(Error::TooLarge("PTX"));
+    }
+    let end = p.iter().rposition(|&c| c != 0).map_or(0, |i| i + 1);
+    if end == 0 {
+        return Err(Error::Malformed("empty PTX"));
+    }
+    CString::new(&p[..end]).map_err(|_| Error::Malformed("NUL inside PTX"))
+}
+
+/// Checks that `len` bytes at `offset` lie inside a `size`-byte buffer.
+pub fn check_range(size: u64, offset: u64, len: u64) -> Result<(), Error> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange { offset, len, size }),
+    }
+}
+
+/// One kernel parameter of a LAUNCH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Param {
+    /// A buffer handle of the calling VM; the kernel gets its device address.
+    Buffer(u64),
+    /// Bytes passed as they are (scalars, structs).
+    Bytes(Vec<u8>),
+}
+
+impl Param {
+    /// Size of the value the kernel receives.
+    pub fn size(&self) -> usize {
+        match self {
+            Param::Buffer(_) => 8,
+            Param::Bytes(b) => b.len(),
+        }
+    }
+}
+
+/// A parsed LAUNCH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    pub module: u64,
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub shared_mem_bytes: u32,
+    pub name: CString,
+    pub params: Vec<Param>,
+}
+
+/// LAUNCH payload: `struct vgpu_launch` (48 bytes), `name_len` bytes of kernel
+/// name, then `param_count` times (le32 kind, le32 size, `size` bytes), packed.
+pub fn parse_launch(p: &[u8]) -> Result<Launch, Error> {
+    if p.len() < LAUNCH_HDR_SIZE {
+        return Err(Error::Malformed("LAUNCH header is 48 bytes"));
+    }
+    let module = le64(p, 0)?;
+    let grid = [le32(p, 8)?, le32(p, 12)?, le32(p, 16)?];
+    let block = [le32(p, 20)?, le32(p, 24)?, le32(p, 28)?];
+    let shared_mem_bytes = le32(p, 32)?;
+    let name_len = le32(p, 36)? as usize;
+    let param_count = le32(p, 40)? as usize;
+    if le32(p, 44)? != 0 {
+        return Err(Error::Malformed("reserved field not zero"));
+    }
+    if grid.contains(&0) || block.contains(&0) {
+        return Err(Error::Malformed("zero grid or block dimension"));
+    }
+    if name_len == 0 || name_len > MAX_NAME_LEN {
+        return Err(Error::Malformed("kernel name length"));
+    }
+    if param_count > MAX_PARAMS {
+        return Err(Error::TooLarge("parameter count"));
+    }
+    let name = p
+        .get(LAUNCH_HDR_SIZE..LAUNCH_HDR_SIZE + name_len)
+        .ok_or(Error::Malformed("short kernel name"))?;
+    let name = CString::new(name).map_err(|_| Error::Malformed("NUL in kernel name"))?;
+    let mut off = LAUNCH_HDR_SIZE + name_len;
+    let mut params = Vec::with_capacity(param_count);
+    let mut total = 0usize;
+    for _ in 0..param_count {
+        let kind = le32(p, off)?;
+        let size = le32(p, off + 4)? as usize;
+        off += PARAM_HDR_SIZE;
+        total = total.saturating_add(size);
+        if size > MAX_PARAM_BYTES || total > MAX_PARAM_BYTES {
+            return Err(Error::TooLarge("parameter bytes"));
+        }
+        let val = p
+            .get(off..off + size)
+            .ok_or(Error::Malformed("short parameter"))?;
+        off += size;
+        params.push(match kind {
+            PARAM_BUFFER if size == 8 => Param::Buffer(le64(val, 0)?),
+            PARAM_BUFFER => return Err(Error::Malformed("buffer parameter size is not 8")),
+            PARAM_BYTES if size > 0 => Param::Bytes(val.to_vec()),
+            PARAM_BYTES => return Err(Error::Malformed("empty parameter")),
+            _ => return Err(Error::Malformed("unknown parameter kind")),
+        });
+    }
+    if off != p.len() {
+        return Err(Error::Malformed("trailing bytes after the parameters"));
+    }
+    Ok(Launch {
+        module,
+        grid,
+        block,
+        shared_mem_bytes,
+        name,
+        params,
+    })
+}
+
+/// Encodes a LAUNCH payload (the guest side of [`parse_launch`]; used by tests
+/// and benchmarks).
+pub fn encode_launch(l: &Launch) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend(l.module.to_le_bytes());
+    for v in l.grid.iter().chain(&l.block) {
+        p.extend(v.to_le_bytes());
+    }
+    p.extend(l.shared_mem_bytes.to_le_bytes());
+    let name = l.name.as_bytes();
+    p.extend((name.len() as u32).to_le_bytes());
+    p.extend((l.params.len() as u32).to_le_bytes());
+    p.extend(0u32.to_le_bytes());
+    p.extend(name);
+    for prm in &l.params {
+        match prm {
+            Param::Buffer(h) => {
+                p.extend(PARAM_BUFFER.to_le_bytes());
+                p.extend(8u32.to_le_bytes());
+                p.extend(h.to_le_bytes());
+            }
+            Param::Bytes(b) => {
+                p.extend(PARAM_BYTES.to_le_bytes());
+                p.extend((b.len() as u32).to_le_bytes());
+                p.extend(b);
+            }
+        }
+    }
+    p
+}
+
+/// Device-memory accounting of one VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub limit: u64,
+    pub used: u64,
+}
+
+impl Quota {
+    pub fn new(limit: u64) -> Self {
+        Quota { limit, used: 0 }
+    }
+
+    /// Takes `want` bytes, or fails without changing anything.
+    pub fn charge(&mut self, want: u64) -> Result<(), Error> {
+        match self.used.checked_add(want) {
+            Some(total) if total <= self.limit => {
+                self.used = total;
+                Ok(())
+            }
+            _ => Err(Error::Quota {
+                used: self.used,
+                want,
+                limit: self.limit,
+            }),
+        }
+    }
+
+    pub fn release(&mut self, n: u64) {
+        self.used = self.used.saturating_sub(n);
+    }
+}
+
+/// A device buffer of a VM: whatever the executor stores plus its size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Buffer<B> {
+    pub dev: B,
+    pub size: u64,
+}
+
+/// The handle tables and quota of one VM. `B` is the executor's device buffer
+/// (a device pointer), `M` its module. Buffer and module handles share one
+/// counter that never goes back, so a handle is never reused in the VM's life:
+/// after a context rebuild (see [`VmTables::reset`]) every old handle stays
+/// NOT_FOUND instead of naming something new. A handle carries the VM id in
+/// its high 32 bits, so one VM's handles never name anything in another VM's
+/// table (NOT_FOUND there) and a mix-up is visible in logs.
+#[derive(Debug)]
+pub struct VmTables<B, M> {
+    next: u64,
+    buffers: HashMap<u64, Buffer<B>>,
+    modules: HashMap<u64, M>,
+    pub quota: Quota,
+}
+
+impl<B, M> VmTables<B, M> {
+    pub fn new(vm_id: u32, quota: u64) -> Self {
+        VmTables {
+            next: (u64::from(vm_id) << 32) | 1,
+            buffers: HashMap::new(),
+            modules: HashMap::new(),
+            quota: Quota::new(quota),
+        }
+    }
+
+    /// Continues the handle counter at `counter` (low 32 bits), e.g. for a
+    /// new worker generation.
+    pub fn start_at(&mut self, counter: u64) {
+        self.next = (self.next & !0xffff_ffff) | (counter & 0xffff_ffff).max(1);
+    }
+
+    fn next_handle(&mut self) -> Result<u64, Error> {
+        let h = self.next;
+        if h & 0xffff_ffff == 0xffff_ffff {
+            return Err(Error::TooMany("handles in this VM's life"));
+        }
+        self.next += 1;
+        Ok(h)
+    }
+
+    /// Checks the quota and the buffer count, and charges `size` bytes. The
+    /// caller then allocates and calls [`VmTables::add_buffer`], or
+    /// [`Quota::release`] if the allocation failed.
+    pub fn reserve(&mut self, size: u64) -> Result<(), Error> {
+        if self.buffers.len() >= MAX_BUFFERS {
+            return Err(Error::TooMany("buffers"));
+        }
+        if self.next & 0xffff_ffff == 0xffff_ffff {
+            return Err(Error::TooMany("handles in this VM's life"));
+        }
+        self.quota.charge(size)
+    }
+
+    /// Records a buffer already charged with [`VmTables::reserve`].
+    pub fn add_buffer(&mut self, size: u64, dev: B) -> Result<u64, Error> {
+        let h = self.next_handle()?;
+        self.buffers.insert(h, Buffer { dev, size });
+        Ok(h)
+    }
+
+    pub fn buffer(&self, h: u64) -> Result<&Buffer<B>, Error> {
+        self.buffers.get(&h).ok_or(Error::NotFound(h))
+    }
+
+    /// Removes a buffer and gives its bytes back to the quota.
+    pub fn free_buffer(&mut self, h: u64) -> Result<Buffer<B>, Error> {
+        let b = self.buffers.remove(&h).ok_or(Error::NotFound(h))?;
+        self.quota.release(b.size);
+        Ok(b)
+    }
+
+    pub fn can_add_module(&self) -> Result<(), Error> {
+        if self.modules.len() >= MAX_MODULES || self.next & 0xffff_ffff == 0xffff_ffff {
+            Err(Error::TooMany("modules"))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn add_module(&mut self, m: M) -> Result<u64, Error> {
+        let h = self.next_handle()?;
+        self.modules.insert(h, m);
+        Ok(h)
+    }
+
+    pub fn module(&self, h: u64) -> Result<&M, Error> {
+        self.modules.get(&h).ok_or(Error::NotFound(h))
+    }
+
+    pub fn remove_module(&mut self, h: u64) -> Result<M, Error> {
+        self.modules.remove(&h).ok_or(Error::NotFound(h))
+    }
+
+    pub fn buffer_count(&self) -> usize {
+        self.buffers.len()
+    }
+
+    pub fn module_count(&self) -> usize {
+        self.modules.len()
+    }
+
+    /// Forgets every buffer and module (their context is gone or going) and
+    /// returns them; the quota is fully released, the handle counter kept.
+    pub fn reset(&mut self) -> (Vec<Buffer<B>>, Vec<M>) {
+        self.quota.used = 0;
+        (
+            self.buffers.drain().map(|(_, b)| b).collect(),
+            self.modules.drain().map(|(_, m)| m).collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simple_payloads() {
+        assert_eq!(parse_alloc(&4096u64.to_le_bytes()), Ok(4096));
+        assert!(parse_alloc(&0u64.to_le_bytes()).is_err());
+        assert!(parse_alloc(&[1, 2, 3]).is_err());
+        assert_eq!(parse_handle(&7u64.to_le_bytes()), Ok(7));
+        assert!(parse_handle(&[0; 9]).is_err());
+        let mut h = 3u64.to_le_bytes().to_vec();
+        h.extend(16u64.to_le_bytes());
+        assert_eq!(parse_htod_header(&h), Ok((3, 16)));
+        h.extend([1, 2, 3]);
+        assert_eq!(parse_htod_header(&h), Ok((3, 16)));
+        assert!(parse_htod_header(&h[..15]).is_err());
+        let mut d = h[..16].to_vec();
+        d.extend(100u64.to_le_bytes());
+        assert_eq!(parse_dtoh(&d), Ok((3, 16, 100)));
+        assert!(parse_dtoh(&d[..23]).is_err());
+    }
+
+    #[test]
+    fn ptx_text() {
+        assert_eq!(
+            parse_ptx(b".version 8.0\0\0").unwrap().as_bytes(),
+            b".version 8.0"
+        );
+        assert_eq!(parse_ptx(b"abc").unwrap().as_bytes(), b"abc");
+        assert_eq!(parse_ptx(b"a\0b"), Err(Error::Malformed("NUL inside PTX")));
+        assert!(parse_ptx(b"\0\0").is_err());
+        assert!(parse_ptx(b"").is_err());
+        assert_eq!(
+            parse_ptx(&vec![b'x'; MAX_PTX_LEN + 1])
+                .unwrap_err()
+                .status(),
+            Status::TooLarge
+        );
+    }
+
+    #[test]
+    fn ranges() {
+        assert!(check_range(100, 0, 100).is_ok());
+        assert!(check_range(100, 100, 0).is_ok());
+        assert!(check_range(100, 1, 100).is_err());
+        assert!(check_range(100, u64::MAX, 2).is_err());
+    }
+
+    fn sample_launch() -> Launch {
+        Launch {
+            module: 5,
+            grid: [4, 1, 1],
+            block: [128, 1, 1],
+            shared_mem_bytes: 0,
+            name: CString::new("scale_add_f32").unwrap(),
+            params: vec![
+                Param::Buffer(9),
+                Param::Bytes(2.0f32.to_le_bytes().to_vec()),
+                Param::Bytes(vec![1, 2, 3]),
+            ],
+        }
+    }
+
+    #[test]
+    fn launch_roundtrip() {
+        let l = sample_launch();
+        let p = encode_launch(&l);
+        assert_eq!(p.len(), 48 + 13 + (8 + 8) + (8 + 4) + (8 + 3));
+        assert_eq!(parse_launch(&p), Ok(l));
+    }
+
+    #[test]
+    fn launch_rejects() {
+        let good = encode_launch(&sample_launch());
+        // Every truncation is malformed, never a panic.
+        for n in 0..good.len() {
+            assert!(parse_launch(&good[..n]).is_err(), "prefix {n}");
+        }
+        let mut p = good.clone();
+        p.push(0);
+        assert!(parse_launch(&p).is_err());
+        let mut p = good.clone();
+        p[44] = 1; // reserved
+        assert!(parse_launch(&p).is_err());
+        let mut p = good.clone();
+        p[8..12].copy_from_slice(&0u32.to_le_bytes()); // grid.x = 0
+        assert!(parse_launch(&p).is_err());
+        let mut p = good.clone();
+        p[48] = 0; // NUL in the name
+        assert!(parse_launch(&p).is_err());
+        let mut p = good.clone();
+        p[40..44].copy_from_slice(&65u32.to_le_bytes());
+        assert_eq!(parse_launch(&p).unwrap_err().status(), Status::TooLarge);
+        let mut p = good.clone();
+        p[36..40].copy_from_slice(&0u32.to_le_bytes());
+        assert!(parse_launch(&p).is_err());
+        // A buffer parameter that is not 8 bytes.
+        let mut l = sample_launch();
+        l.params = vec![Param::Bytes(vec![0; 8])];
+        let mut p = encode_launch(&l);
+        p[48 + 13..48 + 13 + 4].copy_from_slice(&PARAM_BUFFER.to_le_bytes());
+        p[48 + 13 + 4..48 + 13 + 8].copy_from_slice(&4u32.to_le_bytes());
+        p.truncate(p.len() - 4);
+        assert!(parse_launch(&p).is_err());
+        // Unknown kind.
+        let mut p = encode_launch(&l);
+        p[48 + 13..48 + 13 + 4].copy_from_slice(&7u32.to_le_bytes());
+        assert!(parse_launch(&p).is_err());
+        // Too many parameter bytes.
+        l.params = vec![Param::Bytes(vec![0; 3000]), Param::Bytes(vec![0; 3000])];
+        assert_eq!(
+            parse_launch(&encode_launch(&l)).unwrap_err().status(),
+            Status::TooLarge
+        );
+        // Huge declared size does not overflow.
+        let mut p = encode_launch(&sample_launch());
+        p[48 + 13 + 4..48 + 13 + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(parse_launch(&p).is_err());
+    }
+
+    #[test]
+    fn handle_space_exhaustion() {
+        let mut t: VmTables<u64, ()> = VmTables::new(0, 10);
+        t.next = 0xffff_fffe;
+        t.reserve(1).unwrap();
+        assert!(t.add_buffer(1, 0).is_ok());
+        assert_eq!(t.reserve(1).unwrap_err().status(), Status::NoResources);
+        assert!(t.add_module(()).is_err());
+        assert!(t.can_add_module().is_err());
+    }
+
+    #[test]
+    fn quota_accounting() {
+        let mut q = Quota::new(100);
+        assert!(q.charge(60).is_ok());
+        assert_eq!(q.charge(41).unwrap_err().status(), Status::NoResources);
+        assert_eq!(q.used, 60);
+        assert!(q.charge(40).is_ok());
+        q.release(100);
+        assert_eq!(q.used, 0);
+        q.release(5);
+        assert_eq!(q.used, 0);
+        assert!(q.charge(u64::MAX).is_err());
+    }
+
+    #[test]
+    fn tables_handles_and_quota() {
+        let mut t: VmTables<u64, &'static str> = VmTables::new(3, 1000);
+        t.reserve(600).unwrap();
+        let a = t.add_buffer(600, 0xdead).unwrap();
+        assert_eq!(a >> 32, 3);
+        assert_eq!(
+            t.reserve(500),
+            Err(Error::Quota {
+                used: 600,
+                want: 500,
+                limit: 1000
+            })
+        );
+        t.reserve(400).unwrap();
+        let b = t.add_buffer(400, 0xbeef).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(t.buffer(a).unwrap().dev, 0xdead);
+        assert_eq!(t.free_buffer(a).unwrap().size, 600);
+        assert_eq!(t.free_buffer(a), Err(Error::NotFound(a)));
+        assert_eq!(t.buffer(a).unwrap_err().status(), Status::NotFound);
+        assert_eq!(t.quota.used, 400);
+        let m = t.add_module("mod").unwrap();
+        assert!(
+            t.buffer(m).is_err(),
+            "module handles are not buffer handles"
+        );
+        assert!(t.module(b).is_err());
+        assert_eq!(*t.module(m).unwrap(), "mod");
+        let (bufs, mods) = t.reset();
+        assert_eq!((bufs.len(), mods.len()), (1, 1));
+        assert_eq!(t.quota.used, 0);
+        assert!(t.buffer(b).is_err() && t.module(m).is_err());
+        t.reserve(1).unwrap();
+        let c = t.add_buffer(1, 1).unwrap();
+        assert!(c > m, "handles are never reused");
+        t.start_at(1 << 24);
+        let d = t.add_module("m2").unwrap();
+        assert_eq!(d, (3 << 32) | (1 << 24));
+        assert_eq!(t.remove_module(m), Err(Error::NotFound(m)));
+    }
+
+    #[test]
+    fn separate_vms_have_separate_tables() {
+        let mut vm1: VmTables<u64, ()> = VmTables::new(1, 10);
+        let mut vm2: VmTables<u64, ()> = VmTables::new(2, 10);
+        vm1.reserve(1).unwrap();
+        let h = vm1.add_buffer(1, 42).unwrap();
+        vm2.reserve(1).unwrap();
+        let h2 = vm2.add_buffer(1, 43).unwrap();
+        // VM 1's handle names nothing in VM 2, and the other way round.
+        assert_ne!(h, h2);
+        assert_eq!(vm2.buffer(h), Err(Error::NotFound(h)));
+        assert_eq!(vm1.buffer(h2), Err(Error::NotFound(h2)));
+        assert_eq!(vm1.buffer(h).unwrap().dev, 42);
+        assert_eq!(vm2.buffer(h2).unwrap().dev, 43);
+    }
+}

@@ -1,0 +1,572 @@
+//! GPU tests of the CUDA executor, driven directly (no daemon). They need an
+//! NVIDIA GPU and libcuda, so they are `#[ignore]`d; on the GPU machine run
+//! them with (see docs/gpu.md):
+//!
+//!     cargo test --release --test gpu -- --ignored --test-threads=1
+//!
+//! or, where there is no cargo, the test binary built elsewhere with
+//! `cargo test --release --no-run --test gpu`:
+//!
+//!     ./gpu-<hash> --ignored --test-threads=1
+
+#[path = "gpu_common/mod.rs"]
+mod common;
+
+use std::ffi::CString;
+use std::time::{Duration, Instant};
+
+use common::{f32_bytes, f32s, Guest, Rng};
+use vgpu::executor::cpu::{saxpy, sgemm, vector_add};
+use vgpu::executor::remoting::{encode_launch, Launch, Param};
+use vgpu::executor::{
+    create, CpuExecutor, CudaConfig, CudaExecutor, Executor, ExecutorChoice, Request,
+};
+use vgpu::protocol::{DeviceInfo, ExecutorKind, Opcode, Status};
+
+const LIMIT: Duration = Duration::from_secs(10);
+const TEST_PTX: &str = include_str!("kernels/remote_test.ptx");
+
+fn cuda() -> CudaExecutor {
+    let _ = env_logger::builder().is_test(true).try_init();
+    CudaExecutor::new(0, LIMIT, CudaConfig::default()).expect("CUDA executor on GPU 0")
+}
+
+fn run(ex: &mut dyn Executor, req: &Request) -> Result<Vec<u8>, Status> {
+    let n = ex.execute(req, LIMIT)?;
+    let mut out = vec![0u8; n as usize];
+    req.output.read_at(0, &mut out).unwrap();
+    Ok(out)
+}
+
+/// Runs `req` on the GPU and on the CPU executor (into a second output
+/// buffer) and returns both outputs.
+fn both(ex: &mut CudaExecutor, g: &mut Guest, req: &Request) -> (Vec<u8>, Vec<u8>) {
+    let gpu = run(ex, req).expect("GPU result");
+    let cpu_req = Request {
+        vm_id: req.vm_id,
+        opcode: req.opcode,
+        tag: req.tag,
+        payload: req.payload.clone(),
+        output: g.alloc(req.output.len(), false),
+    };
+    let cpu = run(&mut CpuExecutor::new(0, LIMIT), &cpu_req).expect("CPU result");
+    (gpu, cpu)
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn create_picks_cuda() {
+    for choice in [ExecutorChoice::Auto, ExecutorChoice::Cuda] {
+        let ex = create(choice, 0, LIMIT).unwrap();
+        let info = ex.info();
+        assert_eq!(info.executor, ExecutorKind::Cuda);
+        assert!(!info.name.is_empty());
+        assert!(info.memory_total > 1 << 30);
+        assert!(info.compute_capability >= 8 << 16, "{info:?}");
+    }
+    assert!(create(ExecutorChoice::Cuda, 1000, LIMIT).is_err());
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn builtin_ops_match_cpu_reference() {
+    let mut ex = cuda();
+    let mut g = Guest::new(256 << 20);
+    ex.map_guest_memory(1, &g.mem);
+    let mut rng = Rng::seeded();
+
+    let r = g.request(1, Opcode::Ping, &[], 0);
+    assert_eq!(ex.execute(&r, LIMIT), Ok(0));
+
+    let r = g.request(1, Opcode::GetInfo, &[], 96);
+    let info = DeviceInfo::decode(&run(&mut ex, &r).unwrap()).unwrap();
+    eprintln!("GET_INFO: {info:?}");
+    assert_eq!(info.executor, ExecutorKind::Cuda);
+    assert_eq!(info.exec_limit_ms, 10_000);
+
+    let mut cases = vec![(i32::MAX, 1), (-5, 3), (i32::MIN, -1)];
+    for _ in 0..50 {
+        cases.push((rng.next_u64() as i32, rng.next_u64() as i32));
+    }
+    for (a, b) in cases {
+        let r = g.request(1, Opcode::ScalarAddI32, &common::scalar_payload(a, b), 4);
+        assert_eq!(run(&mut ex, &r).unwrap(), a.wrapping_add(b).to_le_bytes());
+    }
+    g.reset();
+
+    for n in [0usize, 1, 1000, 257 * 1024 + 3, 1 << 20] {
+        let (a, b) = (rng.f32s(n), rng.f32s(n));
+        let r = g.request(
+            1,
+            Opcode::VectorAddF32,
+            &common::vector_add_payload(&a, &b),
+            4 * n,
+        );
+        let (gpu, cpu) = both(&mut ex, &mut g, &r);
+        assert_eq!(gpu, cpu, "VECTOR_ADD n={n}");
+        assert_eq!(f32s(&gpu), vector_add(&a, &b));
+        g.reset();
+
+        let s = rng.f32() * 4.0;
+        let r = g.request(
+            1,
+            Opcode::SaxpyF32,
+            &common::saxpy_payload(s, &a, &b),
+            4 * n,
+        );
+        let (gpu, cpu) = both(&mut ex, &mut g, &r);
+        assert_eq!(gpu, cpu, "SAXPY n={n}");
+        assert_eq!(f32s(&gpu), saxpy(s, &a, &b));
+        g.reset();
+    }
+
+    for (m, n, k) in [
+        (1, 1, 1),
+        (3, 200, 17),
+        (130, 257, 67),
+        (256, 128, 512),
+        (512, 512, 512),
+    ] {
+        let (a, b) = (rng.f32s(m * k), rng.f32s(k * n));
+        let r = g.request(
+            1,
+            Opcode::SgemmF32,
+            &common::sgemm_payload(m, n, k, &a, &b),
+            4 * m * n,
+        );
+        let gpu = f32s(&run(&mut ex, &r).unwrap());
+        let want = sgemm(m, n, k, &a, &b);
+        // Inputs in [-1, 1): summation order differs, error grows with k.
+        let tol = 1e-5 * k as f32 + 1e-6;
+        let worst = gpu
+            .iter()
+            .zip(&want)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= tol, "SGEMM {m}x{n}x{k}: max error {worst} > {tol}");
+        g.reset();
+    }
+
+    // Malformed requests are refused the same way as on the CPU executor.
+    let r = g.request(1, Opcode::SgemmF32, &[1, 0, 0, 0], 4);
+    assert_eq!(ex.execute(&r, LIMIT), Err(Status::BadRequest));
+    let r = g.request(
+        1,
+        Opcode::VectorAddF32,
+        &common::vector_add_payload(&[1.0], &[2.0]),
+        3,
+    );
+    assert_eq!(ex.execute(&r, LIMIT), Err(Status::TooLarge));
+
+    let st = ex.stats();
+    eprintln!("stats: {st:?}");
+    assert!(
+        st.zero_copy > 0 && st.staged == 0,
+        "zero-copy path used: {st:?}"
+    );
+    assert_eq!(st.registered_bytes, 256 << 20);
+    ex.release_vm(1);
+    assert_eq!(ex.stats().registered_bytes, 0);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn busy_wait_and_timeout() {
+    let mut ex = cuda();
+    let mut g = Guest::new(1 << 20);
+    ex.map_guest_memory(1, &g.mem);
+    let r = g.request(1, Opcode::BusyWait, &50_000_000u64.to_le_bytes(), 0);
+    let t = Instant::now();
+    assert_eq!(ex.execute(&r, LIMIT), Ok(0));
+    let el = t.elapsed();
+    assert!(
+        el >= Duration::from_millis(50) && el < Duration::from_millis(500),
+        "{el:?}"
+    );
+    let r = g.request(1, Opcode::BusyWait, &5_000_000_000u64.to_le_bytes(), 0);
+    let t = Instant::now();
+    assert_eq!(
+        ex.execute(&r, Duration::from_millis(200)),
+        Err(Status::Timeout)
+    );
+    let el = t.elapsed();
+    assert!(
+        el >= Duration::from_millis(200) && el < Duration::from_millis(1000),
+        "{el:?}"
+    );
+    eprintln!("BUSY_WAIT 50 ms ok; 5 s under a 200 ms limit: TIMEOUT after {el:?}");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn staging_fallback_without_registration() {
+    let mut ex = cuda();
+    let mut g = Guest::new(64 << 20);
+    let mut rng = Rng::seeded();
+    let n = 100_000;
+    let (a, b) = (rng.f32s(n), rng.f32s(n));
+    let r = g.request(
+        7,
+        Opcode::VectorAddF32,
+        &common::vector_add_payload(&a, &b),
+        4 * n,
+    );
+    assert_eq!(f32s(&run(&mut ex, &r).unwrap()), vector_add(&a, &b));
+    let r = g.request(7, Opcode::ScalarAddI32, &common::scalar_payload(40, 2), 4);
+    assert_eq!(run(&mut ex, &r).unwrap(), 42i32.to_le_bytes());
+    let st = ex.stats();
+    assert!(st.staged > 0 && st.zero_copy == 0, "{st:?}");
+    // A request from an old memory table after the table changed: staged too.
+    let mut g2 = Guest::new(1 << 20);
+    ex.map_guest_memory(7, &g2.mem);
+    ex.map_guest_memory(7, &g2.mem); // same table again: no-op
+    let r = g.request(7, Opcode::ScalarAddI32, &common::scalar_payload(1, 2), 4);
+    assert_eq!(run(&mut ex, &r).unwrap(), 3i32.to_le_bytes());
+    let r = g2.request(7, Opcode::ScalarAddI32, &common::scalar_payload(1, 2), 4);
+    assert_eq!(run(&mut ex, &r).unwrap(), 3i32.to_le_bytes());
+    assert!(ex.stats().zero_copy > 0);
+}
+
+// ---- remoting ------------------------------------------------------------
+
+struct Vm<'a> {
+    id: u32,
+    g: &'a mut Guest,
+}
+
+impl Vm<'_> {
+    fn call(
+        &mut self,
+        ex: &mut CudaExecutor,
+        op: Opcode,
+        payload: &[u8],
+        out: usize,
+    ) -> Result<Vec<u8>, Status> {
+        let r = self.g.request(self.id, op, payload, out);
+        let res = run(ex, &r);
+        self.g.reset();
+        res
+    }
+    fn handle(&mut self, ex: &mut CudaExecutor, op: Opcode, payload: &[u8]) -> Result<u64, Status> {
+        let b = self.call(ex, op, payload, 8)?;
+        Ok(u64::from_le_bytes(
+            b.try_into().map_err(|_| Status::BadRequest)?,
+        ))
+    }
+    fn alloc(&mut self, ex: &mut CudaExecutor, size: u64) -> Result<u64, Status> {
+        self.handle(ex, Opcode::MemAlloc, &size.to_le_bytes())
+    }
+    fn free(&mut self, ex: &mut CudaExecutor, h: u64) -> Result<(), Status> {
+        self.call(ex, Opcode::MemFree, &h.to_le_bytes(), 0)
+            .map(|_| ())
+    }
+    fn htod(&mut self, ex: &mut CudaExecutor, h: u64, off: u64, data: &[u8]) -> Result<(), Status> {
+        let mut p = h.to_le_bytes().to_vec();
+        p.extend(off.to_le_bytes());
+        p.extend(data);
+        self.call(ex, Opcode::MemcpyHtoD, &p, 0).map(|_| ())
+    }
+    fn dtoh(
+        &mut self,
+        ex: &mut CudaExecutor,
+        h: u64,
+        off: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, Status> {
+        let mut p = h.to_le_bytes().to_vec();
+        p.extend(off.to_le_bytes());
+        p.extend(len.to_le_bytes());
+        self.call(ex, Opcode::MemcpyDtoH, &p, len as usize)
+    }
+    fn load(&mut self, ex: &mut CudaExecutor) -> Result<u64, Status> {
+        self.handle(ex, Opcode::ModuleLoad, TEST_PTX.as_bytes())
+    }
+    fn launch(
+        &mut self,
+        ex: &mut CudaExecutor,
+        module: u64,
+        name: &str,
+        grid: u32,
+        block: u32,
+        params: Vec<Param>,
+    ) -> Result<(), Status> {
+        let l = Launch {
+            module,
+            grid: [grid, 1, 1],
+            block: [block, 1, 1],
+            shared_mem_bytes: 0,
+            name: CString::new(name).unwrap(),
+            params,
+        };
+        self.call(ex, Opcode::Launch, &encode_launch(&l), 0)
+            .map(|_| ())
+    }
+    /// p[i] = p[i] * s + t on a device buffer of n floats.
+    fn scale_add(
+        &mut self,
+        ex: &mut CudaExecutor,
+        module: u64,
+        buf: u64,
+        s: f32,
+        t: f32,
+        n: u32,
+    ) -> Result<(), Status> {
+        self.launch(
+            ex,
+            module,
+            "scale_add_f32",
+            n.div_ceil(128),
+            128,
+            vec![
+                Param::Buffer(buf),
+                Param::Bytes(s.to_le_bytes().to_vec()),
+                Param::Bytes(t.to_le_bytes().to_vec()),
+                Param::Bytes(n.to_le_bytes().to_vec()),
+            ],
+        )
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn remoting_round_trip() {
+    let mut ex = cuda();
+    let mut g = Guest::new(64 << 20);
+    ex.map_guest_memory(1, &g.mem);
+    let mut vm = Vm { id: 1, g: &mut g };
+    let mut rng = Rng::seeded();
+    let n = 100_000u32;
+    let data = rng.f32s(n as usize);
+
+    let buf = vm.alloc(&mut ex, 4 * n as u64).unwrap();
+    vm.htod(&mut ex, buf, 0, &f32_bytes(&data)).unwrap();
+    let m = vm.load(&mut ex).unwrap();
+    vm.scale_add(&mut ex, m, buf, 3.0, 0.5, n).unwrap();
+    assert_eq!(vm.call(&mut ex, Opcode::Synchronize, &[], 0), Ok(vec![]));
+    let out = f32s(&vm.dtoh(&mut ex, buf, 0, 4 * n as u64).unwrap());
+    // nvcc contracts p * s + t into one fma.
+    let want: Vec<f32> = data.iter().map(|x| x.mul_add(3.0, 0.5)).collect();
+    assert_eq!(out, want);
+    // Partial copies at an offset.
+    vm.htod(&mut ex, buf, 8, &f32_bytes(&[7.0, 8.0])).unwrap();
+    assert_eq!(
+        f32s(&vm.dtoh(&mut ex, buf, 4, 12).unwrap()),
+        vec![want[1], 7.0, 8.0]
+    );
+
+    // Refusals.
+    assert_eq!(
+        vm.dtoh(&mut ex, buf, 4 * n as u64 - 4, 8),
+        Err(Status::BadRequest)
+    );
+    assert_eq!(
+        vm.htod(&mut ex, buf, u64::MAX, &[1]),
+        Err(Status::BadRequest)
+    );
+    assert_eq!(
+        vm.launch(&mut ex, m, "no_such_kernel", 1, 1, vec![]),
+        Err(Status::NotFound)
+    );
+    assert_eq!(
+        vm.launch(&mut ex, m, "scale_add_f32", 1, 1, vec![Param::Buffer(buf)]),
+        Err(Status::BadRequest),
+        "too few parameters"
+    );
+    assert_eq!(
+        vm.launch(
+            &mut ex,
+            m,
+            "poke_u32",
+            1,
+            1,
+            vec![Param::Buffer(buf), Param::Bytes(vec![0; 8])]
+        ),
+        Err(Status::BadRequest),
+        "wrong parameter size"
+    );
+    assert_eq!(
+        vm.launch(&mut ex, m, "scale_add_f32", 1, 4096, vec![]),
+        Err(Status::BadRequest)
+    );
+    assert_eq!(
+        vm.launch(&mut ex, buf, "scale_add_f32", 1, 1, vec![]),
+        Err(Status::NotFound)
+    );
+    assert_eq!(
+        vm.call(&mut ex, Opcode::ModuleLoad, b"not ptx at all", 8),
+        Err(Status::BadRequest)
+    );
+    assert_eq!(
+        vm.call(&mut ex, Opcode::ModuleLoad, b"a\0b", 8),
+        Err(Status::BadRequest)
+    );
+    // Bad requests did not cost the context.
+    assert_eq!(ex.stats().vm_contexts_created, 1);
+    assert_eq!(ex.stats().vm_contexts_faulted, 0);
+
+    assert_eq!(
+        vm.call(&mut ex, Opcode::ModuleUnload, &m.to_le_bytes(), 0),
+        Ok(vec![])
+    );
+    assert_eq!(
+        vm.call(&mut ex, Opcode::ModuleUnload, &m.to_le_bytes(), 0),
+        Err(Status::NotFound)
+    );
+    vm.free(&mut ex, buf).unwrap();
+    assert_eq!(vm.free(&mut ex, buf), Err(Status::NotFound));
+    assert_eq!(vm.dtoh(&mut ex, buf, 0, 4), Err(Status::NotFound));
+    // Built-in operations still fine on the executor's own context.
+    let r =
+        vm.g.request(1, Opcode::ScalarAddI32, &common::scalar_payload(2, 2), 4);
+    assert_eq!(run(&mut ex, &r).unwrap(), 4i32.to_le_bytes());
+    ex.release_vm(1);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn handles_are_per_vm_and_quota_holds() {
+    let mut ex = cuda();
+    let (mut g1, mut g2) = (Guest::new(8 << 20), Guest::new(8 << 20));
+    let mut vm1 = Vm { id: 1, g: &mut g1 };
+    let mut vm2 = Vm { id: 2, g: &mut g2 };
+    let b1 = vm1.alloc(&mut ex, 4096).unwrap();
+    let m1 = vm1.load(&mut ex).unwrap();
+    assert_eq!(vm2.dtoh(&mut ex, b1, 0, 4), Err(Status::NotFound));
+    assert_eq!(
+        vm2.htod(&mut ex, b1, 0, &[1, 2, 3, 4]),
+        Err(Status::NotFound)
+    );
+    assert_eq!(vm2.free(&mut ex, b1), Err(Status::NotFound));
+    assert_eq!(
+        vm2.launch(&mut ex, m1, "scale_add_f32", 1, 1, vec![]),
+        Err(Status::NotFound)
+    );
+    let b2 = vm2.alloc(&mut ex, 16).unwrap();
+    let m2 = vm2.load(&mut ex).unwrap();
+    assert_eq!(
+        vm2.scale_add(&mut ex, m2, b1, 1.0, 1.0, 4),
+        Err(Status::NotFound),
+        "another VM's buffer as a parameter"
+    );
+    vm2.htod(&mut ex, b2, 0, &f32_bytes(&[1.0; 4])).unwrap();
+    vm2.scale_add(&mut ex, m2, b2, 2.0, 0.0, 4).unwrap();
+    assert_eq!(f32s(&vm2.dtoh(&mut ex, b2, 0, 16).unwrap()), vec![2.0; 4]);
+    assert_eq!(ex.stats().vm_contexts_created, 2);
+
+    // Quota: 1 MiB for VM 3.
+    ex.set_vm_quota(3, 1 << 20);
+    let mut g3 = Guest::new(1 << 20);
+    let mut vm3 = Vm { id: 3, g: &mut g3 };
+    let a = vm3.alloc(&mut ex, 768 << 10).unwrap();
+    assert_eq!(vm3.alloc(&mut ex, 512 << 10), Err(Status::NoResources));
+    let b = vm3.alloc(&mut ex, 256 << 10).unwrap();
+    assert_eq!(vm3.alloc(&mut ex, 1), Err(Status::NoResources));
+    vm3.free(&mut ex, a).unwrap();
+    let c = vm3.alloc(&mut ex, 512 << 10).unwrap();
+    vm3.free(&mut ex, b).unwrap();
+    vm3.free(&mut ex, c).unwrap();
+    // More than the GPU has: the quota allows it, the driver does not.
+    ex.set_vm_quota(3, u64::MAX);
+    assert_eq!(vm3.alloc(&mut ex, 1 << 50), Err(Status::NoResources));
+    assert!(
+        vm3.alloc(&mut ex, 1 << 20).is_ok(),
+        "quota released after the failed allocation"
+    );
+    assert_eq!(vm3.alloc(&mut ex, 0), Err(Status::BadRequest));
+    for v in [1, 2, 3] {
+        ex.release_vm(v);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn faulting_kernel_only_hurts_its_vm() {
+    let mut ex = cuda();
+    let (mut g1, mut g2) = (Guest::new(8 << 20), Guest::new(8 << 20));
+    ex.map_guest_memory(1, &g1.mem);
+    ex.map_guest_memory(2, &g2.mem);
+    let mut vm1 = Vm { id: 1, g: &mut g1 };
+    let mut vm2 = Vm { id: 2, g: &mut g2 };
+    let b1 = vm1.alloc(&mut ex, 64).unwrap();
+    let m1 = vm1.load(&mut ex).unwrap();
+    let b2 = vm2.alloc(&mut ex, 64).unwrap();
+    let m2 = vm2.load(&mut ex).unwrap();
+    vm2.htod(&mut ex, b2, 0, &f32_bytes(&[1.0; 16])).unwrap();
+
+    // VM 1 writes to an address that is mapped nowhere.
+    let t = Instant::now();
+    let r = vm1.launch(
+        &mut ex,
+        m1,
+        "poke_u32",
+        1,
+        1,
+        vec![
+            Param::Bytes(0x10u64.to_le_bytes().to_vec()),
+            Param::Bytes(7u32.to_le_bytes().to_vec()),
+        ],
+    );
+    assert_eq!(r, Err(Status::DeviceError));
+    eprintln!("fault detected and context torn down in {:?}", t.elapsed());
+    assert_eq!(ex.stats().vm_contexts_faulted, 1);
+    // Its handles are gone.
+    assert_eq!(vm1.dtoh(&mut ex, b1, 0, 4), Err(Status::NotFound));
+    assert_eq!(
+        vm1.launch(&mut ex, m1, "spin_ns", 1, 1, vec![]),
+        Err(Status::NotFound)
+    );
+
+    // VM 2 is untouched: its buffer, module and results.
+    vm2.scale_add(&mut ex, m2, b2, 5.0, 1.0, 16).unwrap();
+    assert_eq!(f32s(&vm2.dtoh(&mut ex, b2, 0, 64).unwrap()), vec![6.0; 16]);
+    // So are the built-in operations.
+    let r = vm2
+        .g
+        .request(2, Opcode::ScalarAddI32, &common::scalar_payload(20, 22), 4);
+    assert_eq!(run(&mut ex, &r).unwrap(), 42i32.to_le_bytes());
+    vm2.g.reset();
+
+    // VM 1 works again in a rebuilt context.
+    let b1 = vm1.alloc(&mut ex, 64).unwrap();
+    let m1 = vm1.load(&mut ex).unwrap();
+    vm1.htod(&mut ex, b1, 0, &f32_bytes(&[2.0; 16])).unwrap();
+    vm1.scale_add(&mut ex, m1, b1, 2.0, 0.0, 16).unwrap();
+    assert_eq!(f32s(&vm1.dtoh(&mut ex, b1, 0, 64).unwrap()), vec![4.0; 16]);
+    assert_eq!(ex.stats().vm_contexts_created, 3);
+
+    // A guest kernel past the execution limit: TIMEOUT, context torn down,
+    // the GPU free again for the others.
+    let t = Instant::now();
+    let r = vm1.g.request(
+        1,
+        Opcode::Launch,
+        &encode_launch(&Launch {
+            module: m1,
+            grid: [1, 1, 1],
+            block: [1, 1, 1],
+            shared_mem_bytes: 0,
+            name: CString::new("spin_ns").unwrap(),
+            params: vec![Param::Bytes(3_000_000_000u64.to_le_bytes().to_vec())],
+        }),
+        0,
+    );
+    assert_eq!(
+        ex.execute(&r, Duration::from_millis(300)),
+        Err(Status::Timeout)
+    );
+    vm1.g.reset();
+    let timeout_at = t.elapsed();
+    let r = vm2
+        .g
+        .request(2, Opcode::ScalarAddI32, &common::scalar_payload(1, 1), 4);
+    assert_eq!(run(&mut ex, &r).unwrap(), 2i32.to_le_bytes());
+    vm2.g.reset();
+    eprintln!(
+        "3 s guest kernel under a 300 ms limit: TIMEOUT after {timeout_at:?}, next built-in op done after {:?}",
+        t.elapsed()
+    );
+    vm2.scale_add(&mut ex, m2, b2, 1.0, 1.0, 16).unwrap();
+    assert_eq!(f32s(&vm2.dtoh(&mut ex, b2, 0, 64).unwrap()), vec![7.0; 16]);
+    ex.release_vm(1);
+    ex.release_vm(2);
+}
