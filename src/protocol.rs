@@ -156,7 +156,7 @@ pub enum Opcode {
     VectorAddF32 = 0x0101,
     SaxpyF32 = 0x0102,
     SgemmF32 = 0x0103,
-    // CUDA remoting (docs/cuda-remoting.md).
+    // CUDA remoting (docs/protocol.md, "CUDA remoting").
     MemAlloc = 0x0201,
     MemFree = 0x0202,
     MemcpyHtoD = 0x0203,

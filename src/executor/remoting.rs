@@ -1,4 +1,4 @@
-//! CUDA remoting (opcodes 0x02xx, `docs/cuda-remoting.md`), the part that
+//! CUDA remoting (opcodes 0x02xx, `docs/protocol.md, "CUDA remoting"`), the part that
 //! needs no GPU: payload parsing, the per-VM handle tables and the per-VM
 //! device-memory quota. The CUDA executor keeps one [`VmTables`] per VM and
 //! stores its raw CUDA objects in them; everything here is plain Rust and is
