@@ -4,7 +4,7 @@
 //! `BEGIN IMMEDIATE` transaction and is validated here before it reaches the
 //! database; the schema's CHECK and FOREIGN KEY constraints are the last line
 //! of defence. The schema is created and upgraded by the migrations in
-//! `src/admin/migrations/`, tracked with `PRAGMA user_version`.
+//! `config/migrations/`, tracked with `PRAGMA user_version`.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::protocol::{DeviceConfig, PoolId, Priority};
 
 /// Migrations in order; migration `i` brings the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[include_str!("../../config/migrations/0001_init.sql")];
 
 /// How long a connection waits for another writer before giving up.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -831,30 +831,6 @@ mod tests {
             matches!(err, Error::SchemaTooNew { found: 99, .. }),
             "{err}"
         );
-    }
-
-    #[test]
-    fn schema_file_matches_migrations() {
-        let (_dir, store) = open();
-        let mem = Connection::open_in_memory().unwrap();
-        mem.execute_batch(include_str!("../../config/schema.sql"))
-            .unwrap();
-        let dump = |c: &Connection| -> Vec<(String, String)> {
-            let mut st = c
-                .prepare("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name")
-                .unwrap();
-            let rows = st
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                .unwrap()
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .unwrap();
-            rows
-        };
-        assert_eq!(dump(&store.conn), dump(&mem));
-        let pools: i64 = mem
-            .query_row("SELECT count(*) FROM pools", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(pools, 2);
     }
 
     #[test]

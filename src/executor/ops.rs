@@ -46,56 +46,43 @@ pub fn write_output(output: &GuestBufs, bytes: &[u8]) -> Result<u32, Status> {
     u32::try_from(bytes.len()).map_err(|_| Status::TooLarge)
 }
 
-/// VECTOR_ADD_F32 shape: payload le32 n, le32 0, f32 a[n], f32 b[n]; output
-/// holds n f32. Returns n after checking lengths and the output size.
+/// Shape shared by VECTOR_ADD_F32 and SAXPY_F32: payload le32 n, a 4-byte
+/// word, then two arrays of n f32; the output holds n f32. Returns n and the
+/// word after checking lengths and the output size.
+fn two_vectors(payload: &GuestBufs, output: &GuestBufs) -> Result<(usize, [u8; 4]), Status> {
+    if payload.len() < 8 {
+        return Err(Status::BadRequest);
+    }
+    let mut b = [0u8; 8];
+    payload.read_at(0, &mut b).map_err(|_| Status::BadRequest)?;
+    let n = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    if n > MAX_VECTOR_LEN {
+        return Err(Status::TooLarge);
+    }
+    let n = n as usize;
+    if payload.len() != 8 + 8 * n {
+        return Err(Status::BadRequest);
+    }
+    if output.len() < 4 * n {
+        return Err(Status::TooLarge);
+    }
+    Ok((n, [b[4], b[5], b[6], b[7]]))
+}
+
+/// VECTOR_ADD_F32: payload le32 n, le32 0, f32 a[n], f32 b[n]. Returns n.
 pub fn vector_add_len(payload: &GuestBufs, output: &GuestBufs) -> Result<usize, Status> {
-    if payload.len() < 8 {
-        return Err(Status::BadRequest);
+    match two_vectors(payload, output)? {
+        (n, [0, 0, 0, 0]) => Ok(n),
+        _ => Err(Status::BadRequest),
     }
-    let mut b = [0u8; 8];
-    payload.read_at(0, &mut b).map_err(|_| Status::BadRequest)?;
-    let n = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    let pad = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-    if pad != 0 {
-        return Err(Status::BadRequest);
-    }
-    if n > MAX_VECTOR_LEN {
-        return Err(Status::TooLarge);
-    }
-    let n = n as usize;
-    if payload.len() != 8 + 8 * n {
-        return Err(Status::BadRequest);
-    }
-    if output.len() < 4 * n {
-        return Err(Status::TooLarge);
-    }
-    Ok(n)
 }
 
-/// SAXPY_F32 shape: payload le32 n, f32 a, f32 x[n], f32 y[n]; output holds
-/// n f32. Returns (n, a) after checking lengths and the output size.
+/// SAXPY_F32: payload le32 n, f32 a, f32 x[n], f32 y[n]. Returns n and a.
 pub fn saxpy_shape(payload: &GuestBufs, output: &GuestBufs) -> Result<(usize, f32), Status> {
-    if payload.len() < 8 {
-        return Err(Status::BadRequest);
-    }
-    let mut b = [0u8; 8];
-    payload.read_at(0, &mut b).map_err(|_| Status::BadRequest)?;
-    let n = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    let a = f32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-    if n > MAX_VECTOR_LEN {
-        return Err(Status::TooLarge);
-    }
-    let n = n as usize;
-    if payload.len() != 8 + 8 * n {
-        return Err(Status::BadRequest);
-    }
-    if output.len() < 4 * n {
-        return Err(Status::TooLarge);
-    }
-    Ok((n, a))
+    let (n, a) = two_vectors(payload, output)?;
+    Ok((n, f32::from_le_bytes(a)))
 }
 
-/// Dimensions of an SGEMM_F32 request: C (m x n) = A (m x k) * B (k x n).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemmDims {
     pub m: usize,
