@@ -468,6 +468,22 @@ fn next_free_vm_id(conn: &Connection) -> Result<u32> {
         .ok_or(Error::NoFreeVmId)
 }
 
+/// Runs `f` again while SQLite answers BUSY, for up to [`BUSY_TIMEOUT`].
+fn retry_busy<T>(mut f: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match f() {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// An open vgpu database.
 pub struct Store {
     conn: Connection,
@@ -493,14 +509,19 @@ impl Store {
         conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
         conn.pragma_update(None, "foreign_keys", true)
             .map_err(open_err)?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .map_err(open_err)?;
+        // Switching a new database to WAL while other processes open it too
+        // can answer SQLITE_BUSY without waiting on the busy handler: retry.
+        let mode: String =
+            retry_busy(|| conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)))
+                .map_err(open_err)?;
         if !mode.eq_ignore_ascii_case("wal") {
             log::warn!("{}: journal mode is {mode}, not WAL", path.display());
         }
         let mut store = Store { conn, path };
-        store.migrate()?;
+        retry_busy(|| match store.migrate() {
+            Err(Error::Sqlite(e)) => Err(e),
+            other => Ok(other),
+        })??;
         Ok(store)
     }
 
