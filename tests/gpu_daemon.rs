@@ -367,8 +367,11 @@ fn remoting_round_trip_through_the_daemon() {
     assert!(out == want, "scale_add_f32 result");
 
     // Another VM cannot use these handles.
+    let mut p4 = buf.to_le_bytes().to_vec();
+    p4.extend(0u64.to_le_bytes());
+    p4.extend(4u64.to_le_bytes());
     assert_eq!(
-        call(&mut other, Opcode::MemcpyDtoH, &p, bytes as usize),
+        call(&mut other, Opcode::MemcpyDtoH, &p4, 4),
         Err(Status::NotFound)
     );
     assert_eq!(

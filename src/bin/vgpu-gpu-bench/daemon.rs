@@ -315,16 +315,19 @@ fn sections(o: &Opts, sockets: &[PathBuf]) -> Res<()> {
         "\n== daemon: SCALAR_ADD aggregate throughput, pipelined ({} in flight per VM, {:.1} s each) ==",
         o.window, o.seconds
     );
-    let one_vm = throughput(&small_socks[..1], o.window, span)?;
+    let (one_vm, busy1) = throughput(&small_socks[..1], o.window, span)?;
     println!(
-        "{:<58} {:10.0} requests/s",
-        "1 VM through the daemon", one_vm
+        "{:<58} {:10.0} requests/s   executor busy {:5.1} % of the time",
+        "1 VM through the daemon",
+        one_vm,
+        busy1 * 100.0
     );
-    let all = throughput(small_socks, o.window, span)?;
+    let (all, busy) = throughput(small_socks, o.window, span)?;
     println!(
-        "{:<58} {:10.0} requests/s",
+        "{:<58} {:10.0} requests/s   executor busy {:5.1} % of the time",
         format!("{} VMs through the daemon", small_socks.len()),
-        all
+        all,
+        busy * 100.0
     );
     let d1 = direct.scalar_throughput(1, span)?;
     println!(
@@ -358,11 +361,14 @@ fn sections(o: &Opts, sockets: &[PathBuf]) -> Res<()> {
 }
 
 /// Every VM keeps `window` SCALAR_ADDs in flight for `span`; returns
-/// completed requests per second, all VMs together. Every answer is checked.
-fn throughput(sockets: &[PathBuf], window: usize, span: Duration) -> Res<f64> {
+/// completed requests per second, all VMs together, and the share of the
+/// wall time the executor spent executing them (sum of their exec_ns).
+/// Every answer is checked.
+fn throughput(sockets: &[PathBuf], window: usize, span: Duration) -> Res<(f64, f64)> {
     let start = Arc::new(Barrier::new(sockets.len() + 1));
     let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
+    // Requests done, and the sum of their exec_ns.
+    let done = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
     let threads: Vec<_> = sockets
         .iter()
         .enumerate()
@@ -379,16 +385,19 @@ fn throughput(sockets: &[PathBuf], window: usize, span: Duration) -> Res<f64> {
         })
         .collect();
     start.wait();
-    let before = done.load(Ordering::Relaxed);
+    let before = [0, 1].map(|i| done[i].load(Ordering::Relaxed));
     let t = Instant::now();
     std::thread::sleep(span);
-    let count = done.load(Ordering::Relaxed) - before;
+    let after = [0, 1].map(|i| done[i].load(Ordering::Relaxed));
     let elapsed = t.elapsed();
     stop.store(true, Ordering::Relaxed);
     for th in threads {
         th.join().map_err(|_| "guest thread panicked")??;
     }
-    Ok(count as f64 / elapsed.as_secs_f64())
+    Ok((
+        (after[0] - before[0]) as f64 / elapsed.as_secs_f64(),
+        (after[1] - before[1]) as f64 / elapsed.as_nanos() as f64,
+    ))
 }
 
 fn pipeline(
@@ -397,7 +406,7 @@ fn pipeline(
     window: usize,
     start: &Barrier,
     stop: &AtomicBool,
-    done: &AtomicU64,
+    done: &[AtomicU64; 2],
 ) -> Res<()> {
     let mut started = false;
     let r = pipeline_run(socket, vm, window, start, stop, done, &mut started);
@@ -414,7 +423,7 @@ fn pipeline_run(
     window: usize,
     start: &Barrier,
     stop: &AtomicBool,
-    done: &AtomicU64,
+    done: &[AtomicU64; 2],
     started: &mut bool,
 ) -> Res<()> {
     let mut g = SimGuest::connect_retry(socket, SimOptions::default(), Duration::from_secs(20))?;
@@ -455,7 +464,8 @@ fn pipeline_run(
             }
             free.push(slot);
             if counting {
-                done.fetch_add(1, Ordering::Relaxed);
+                done[0].fetch_add(1, Ordering::Relaxed);
+                done[1].fetch_add(h.exec_ns, Ordering::Relaxed);
             }
         }
         if !*started {
