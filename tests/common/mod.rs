@@ -14,12 +14,25 @@ pub struct DaemonProc {
     pub dir: tempfile::TempDir,
 }
 
+/// The daemon binary: `$VGPU_DAEMON` (for test binaries run where cargo's
+/// build directory does not exist, e.g. on a GPU machine), else cargo's.
+pub fn daemon_binary() -> PathBuf {
+    std::env::var_os("VGPU_DAEMON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_vgpu-vhost-user")))
+}
+
 impl DaemonProc {
     /// Starts the daemon with `vms` as (id, pool, priority) and extra args.
     pub fn start(vms: &[(u32, &str, &str)], extra: &[&str]) -> DaemonProc {
+        DaemonProc::start_executor("cpu", vms, extra)
+    }
+
+    /// Same, with `--executor executor`.
+    pub fn start_executor(executor: &str, vms: &[(u32, &str, &str)], extra: &[&str]) -> DaemonProc {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vgpu-vhost-user"));
-        cmd.arg("--executor").arg("cpu");
+        let mut cmd = Command::new(daemon_binary());
+        cmd.arg("--executor").arg(executor);
         for (id, pool, prio) in vms {
             let sock = dir.path().join(format!("vm{id}.sock"));
             cmd.arg("--vm").arg(format!(

@@ -1,5 +1,7 @@
-//! GPU benchmark of the CUDA executor, driven directly (no daemon), against
-//! plain cudarc doing the same work in the same process:
+//! GPU benchmark of the CUDA executor against plain cudarc doing the same work
+//! in the same process, in two sections.
+//!
+//! Executor section: the executor driven directly (no daemon).
 //!
 //! * SCALAR_ADD_I32 round trip, p50/p99: executor vs cudarc (copy in, kernel,
 //!   copy out, sync) and cudarc without the copy in (operands as kernel
@@ -9,10 +11,18 @@
 //! * SGEMM_F32 (default 8192^3): executor request (copies included) vs the same
 //!   kernel launched directly through cudarc, with and without copies.
 //!
-//! Usage: `vgpu-gpu-bench [--sgemm N] [--iters N]` (see docs/gpu.md).
+//! Daemon section (`daemon.rs`): the daemon in this process with the CUDA
+//! executor, simulated guests on its sockets, beside direct cudarc baselines
+//! (`direct.rs`): SCALAR_ADD round trip, VECTOR_ADD 1 Mi / 16 Mi floats from
+//! guest memfd RAM, SGEMM, and SCALAR_ADD throughput from several VMs.
+//!
+//! Usage: `vgpu-gpu-bench [--only executor|daemon] [--sgemm N] [--iters N]
+//! [--seconds S] [--window W] [--vms N]` (see docs/gpu.md).
 
-#[path = "../../tests/gpu_common/mod.rs"]
+#[path = "../../../tests/gpu_common/mod.rs"]
 mod common;
+mod daemon;
+mod direct;
 
 use std::time::{Duration, Instant};
 
@@ -60,17 +70,45 @@ fn status(s: Result<u32, Status>) -> Res<u32> {
 }
 
 fn main() -> Res<()> {
-    env_logger::init();
-    let mut sgemm_n = 8192usize;
-    let mut iters = 20000usize;
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let mut o = daemon::Opts {
+        iters: 20000,
+        sgemm_n: 8192,
+        seconds: 2.0,
+        window: 32,
+        vms: 8,
+    };
+    let mut only: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
+        let mut val = || args.next().ok_or(format!("{a} needs a value"));
         match a.as_str() {
-            "--sgemm" => sgemm_n = args.next().ok_or("--sgemm N")?.parse()?,
-            "--iters" => iters = args.next().ok_or("--iters N")?.parse()?,
+            "--sgemm" => o.sgemm_n = val()?.parse()?,
+            "--iters" => o.iters = val()?.parse()?,
+            "--seconds" => o.seconds = val()?.parse()?,
+            "--window" => o.window = val()?.parse()?,
+            "--vms" => o.vms = val()?.parse()?,
+            "--only" => only = Some(val()?),
             _ => return Err(format!("unknown argument {a}").into()),
         }
     }
+    if o.sgemm_n == 0 || o.iters == 0 || o.window == 0 || o.vms == 0 {
+        return Err("--sgemm, --iters, --window and --vms must be positive".into());
+    }
+    match only.as_deref() {
+        None => {
+            println!("######## executor section (executor driven directly) ########");
+            executor_section(o.sgemm_n, o.iters)?;
+            println!("\n######## daemon section (in-process daemon, simulated guests) ########");
+            daemon::run(&o)
+        }
+        Some("executor") => executor_section(o.sgemm_n, o.iters),
+        Some("daemon") => daemon::run(&o),
+        Some(x) => Err(format!("--only {x}: expected executor or daemon").into()),
+    }
+}
+
+fn executor_section(sgemm_n: usize, iters: usize) -> Res<()> {
     let limit = Duration::from_secs(60);
     let mut ex = CudaExecutor::new(0, limit, CudaConfig::default())?;
     let info = ex.info();
