@@ -2,6 +2,11 @@
 //! then the order in which the daemon took the chains off the rings (a global
 //! arrival counter). Non-preemptive; every response carries the dispatch
 //! sequence number and the queue and execution times.
+//!
+//! Batching: when the popped job is batchable (the executor says so), the
+//! worker keeps taking the queue's next choices while they are batchable too,
+//! up to [`MAX_BATCH`], and hands them to the executor together. The order
+//! and the dispatch sequence numbers are those of one-by-one dispatch.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +31,9 @@ pub enum Error {
         source: std::io::Error,
     },
 }
+
+/// Most jobs the worker hands to the executor at once.
+pub const MAX_BATCH: usize = 32;
 
 /// How the queue picks among priorities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +138,12 @@ impl RunQueue {
     /// Takes the next job to dispatch. Within a priority the FIFO head is the
     /// oldest, so only the three heads compete.
     pub fn pop(&mut self, now: Instant) -> Option<Job> {
+        self.pop_if(now, |_| true)
+    }
+
+    /// Takes the next job to dispatch only if `pred` accepts it; otherwise
+    /// leaves the queue as it is.
+    pub fn pop_if(&mut self, now: Instant, pred: impl FnOnce(&Job) -> bool) -> Option<Job> {
         let mut best: Option<(usize, u32, u64)> = None;
         for (level, fifo) in self.fifos.iter().enumerate() {
             let Some(head) = fifo.front() else { continue };
@@ -144,7 +158,13 @@ impl RunQueue {
                 best = Some((level, effective, head.arrival));
             }
         }
-        best.and_then(|(level, _, _)| self.fifos[level].pop_front())
+        let (level, _, _) = best?;
+        let fifo = &mut self.fifos[level];
+        if fifo.front().is_some_and(pred) {
+            fifo.pop_front()
+        } else {
+            None
+        }
     }
 
     fn effective_priority(&self, job: &Job, now: Instant) -> u32 {
@@ -321,7 +341,19 @@ impl Gpu {
                         break Some(Err(c));
                     }
                     if let Some(job) = s.queue.pop(Instant::now()) {
-                        break Some(Ok(job));
+                        let mut jobs = vec![job];
+                        if executor.batchable(&jobs[0].req) {
+                            // The queue's next choices, while they are
+                            // batchable; a control message ends the batch.
+                            let now = Instant::now();
+                            while jobs.len() < MAX_BATCH && s.control.is_empty() {
+                                match s.queue.pop_if(now, |j| executor.batchable(&j.req)) {
+                                    Some(j) => jobs.push(j),
+                                    None => break,
+                                }
+                            }
+                        }
+                        break Some(Ok(jobs));
                     }
                     if s.shutdown {
                         break None;
@@ -338,19 +370,48 @@ impl Gpu {
                 Some(Err(Control::SetQuota { vm_id, bytes })) => {
                     executor.set_vm_quota(vm_id, bytes)
                 }
-                Some(Ok(job)) => {
-                    dispatch_seq += 1;
-                    self.dispatch(executor.as_mut(), job, dispatch_seq);
-                }
+                Some(Ok(jobs)) => self.dispatch(executor.as_mut(), jobs, &mut dispatch_seq),
             }
         }
     }
 
-    fn dispatch(&self, executor: &mut dyn Executor, job: Job, dispatch_seq: u64) {
+    /// Runs `jobs` (one, or a batch in dispatch order) and completes each.
+    /// In a batch every job's `exec_ns` is the time of the whole batch, from
+    /// handing it to the executor until the executor returned.
+    fn dispatch(&self, executor: &mut dyn Executor, jobs: Vec<Job>, dispatch_seq: &mut u64) {
         let start = Instant::now();
-        let queue_ns = duration_ns(start.saturating_duration_since(job.taken_at));
-        let result = executor.execute(&job.req, self.exec_limit);
+        let results = match jobs.as_slice() {
+            [job] => vec![executor.execute(&job.req, self.exec_limit)],
+            _ => {
+                let reqs: Vec<&Request> = jobs.iter().map(|j| &j.req).collect();
+                executor.execute_batch(&reqs, self.exec_limit)
+            }
+        };
         let exec = start.elapsed();
+        if results.len() != jobs.len() {
+            log::error!(
+                "gpu{}: executor returned {} results for a batch of {}",
+                self.index,
+                results.len(),
+                jobs.len()
+            );
+        }
+        for (i, job) in jobs.into_iter().enumerate() {
+            *dispatch_seq += 1;
+            let result = results.get(i).copied().unwrap_or(Err(Status::DeviceError));
+            self.complete(job, result, start, exec, *dispatch_seq);
+        }
+    }
+
+    fn complete(
+        &self,
+        job: Job,
+        result: Result<u32, Status>,
+        start: Instant,
+        exec: Duration,
+        dispatch_seq: u64,
+    ) {
+        let queue_ns = duration_ns(start.saturating_duration_since(job.taken_at));
         let (status, output_len) = match result {
             // Nothing preempts a built-in op; a late one is reported late.
             Ok(_) if exec > self.exec_limit && job.req.opcode != Opcode::BusyWait => {
@@ -452,6 +513,114 @@ mod tests {
         q.push(job(Priority::Low, 1, now - step * 2));
         q.push(job(Priority::High, 2, now));
         assert_eq!(q.pop(now).unwrap().arrival, 2);
+    }
+
+    /// Records every batch it is given (tags in order); GET_INFO is not
+    /// batchable, BUSY_WAIT blocks until the test releases it.
+    struct Recorder {
+        batches: Arc<Mutex<Vec<Vec<u64>>>>,
+        started: std::sync::mpsc::Sender<()>,
+        release: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl Executor for Recorder {
+        fn info(&self) -> crate::protocol::DeviceInfo {
+            crate::executor::CpuExecutor::new(0, Duration::from_secs(1)).info()
+        }
+        fn execute(&mut self, req: &Request, _limit: Duration) -> Result<u32, Status> {
+            self.batches.lock().unwrap().push(vec![req.tag]);
+            if req.opcode == Opcode::BusyWait {
+                self.started.send(()).unwrap();
+                self.release.recv().unwrap();
+            }
+            Ok(0)
+        }
+        fn batchable(&self, req: &Request) -> bool {
+            req.opcode == Opcode::Ping
+        }
+        fn execute_batch(
+            &mut self,
+            reqs: &[&Request],
+            _limit: Duration,
+        ) -> Vec<Result<u32, Status>> {
+            assert!(reqs.iter().all(|r| self.batchable(r)));
+            self.batches
+                .lock()
+                .unwrap()
+                .push(reqs.iter().map(|r| r.tag).collect());
+            reqs.iter().map(|r| Ok(r.tag as u32)).collect()
+        }
+    }
+
+    struct Record(Arc<Mutex<Vec<RespHdr>>>);
+    impl Completion for Record {
+        fn complete(self: Box<Self>, resp: RespHdr) {
+            self.0.lock().unwrap().push(resp);
+        }
+    }
+
+    #[test]
+    fn batches_keep_dispatch_order() {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel();
+        let rec = batches.clone();
+        let gpu = Gpu::start(
+            0,
+            move || {
+                Ok(Box::new(Recorder {
+                    batches: rec,
+                    started: started_tx,
+                    release: release_rx,
+                }) as Box<dyn Executor>)
+            },
+            Policy::Strict,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let resps = Arc::new(Mutex::new(Vec::new()));
+        let submit = |tag: u64, opcode: Opcode, priority: Priority| {
+            let mut j = job(priority, tag, Instant::now());
+            j.req.opcode = opcode;
+            j.done = Box::new(Record(resps.clone()));
+            gpu.submit(j);
+        };
+        // Tag 0 occupies the worker while the rest queue up.
+        submit(0, Opcode::BusyWait, Priority::Medium);
+        started_rx.recv().unwrap();
+        for tag in 1..=42 {
+            let (op, prio) = match tag {
+                36 => (Opcode::GetInfo, Priority::Medium),
+                41 | 42 => (Opcode::Ping, Priority::Low),
+                _ => (Opcode::Ping, Priority::Medium),
+            };
+            submit(tag, op, prio);
+        }
+        submit(43, Opcode::Ping, Priority::High);
+        release_tx.send(()).unwrap();
+        let t = Instant::now();
+        while resps.lock().unwrap().len() < 44 {
+            assert!(t.elapsed() < Duration::from_secs(10), "not all answered");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        gpu.shutdown();
+        // One-by-one order: high first, then medium by arrival, then low.
+        let order: Vec<u64> = [0, 43].into_iter().chain(1..=40).chain([41, 42]).collect();
+        let resps = resps.lock().unwrap();
+        let got: Vec<(u64, u64)> = resps.iter().map(|r| (r.tag, r.dispatch_seq)).collect();
+        let want: Vec<(u64, u64)> = order.iter().copied().zip(1..).collect();
+        assert_eq!(got, want);
+        // Each batched job got its own result; GET_INFO ran alone.
+        for r in resps.iter().filter(|r| r.tag != 0 && r.tag != 36) {
+            assert_eq!(r.status, Status::Ok as u32);
+            assert_eq!(u64::from(r.output_len), r.tag);
+        }
+        let batches = batches.lock().unwrap();
+        let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
+        // [busy], [43, 1..=31] (32), [32..=35], [36: GET_INFO], [37..=42].
+        assert_eq!(sizes, vec![1, MAX_BATCH, 4, 1, 6]);
+        let flat: Vec<u64> = batches.iter().flatten().copied().collect();
+        assert_eq!(flat, order);
     }
 
     #[test]

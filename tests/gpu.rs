@@ -227,6 +227,78 @@ fn staging_fallback_without_registration() {
     assert!(ex.stats().zero_copy > 0);
 }
 
+/// `execute_batch` (what the scheduler uses for runs of queued PINGs and
+/// SCALAR_ADDs) answers exactly as `execute` one by one: results, statuses
+/// of malformed requests, outputs; with the batched kernel and with the
+/// per-request fallback; batches longer than the executor's chunk.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn batches_match_single_requests() {
+    let mut ex = cuda();
+    assert!(
+        ex.batch_kernel_loaded(),
+        "the driver refused kernels/vgpu_batch.ptx"
+    );
+    let mut g = Guest::new(16 << 20);
+    ex.map_guest_memory(1, &g.mem);
+    let mut rng = Rng::seeded();
+    for fallback in [false, true] {
+        if fallback {
+            ex.disable_batch_kernel();
+        }
+        for len in [1usize, 2, 31, 64, 65, 150] {
+            let specs: Vec<(Opcode, Vec<u8>, usize)> = (0..len)
+                .map(|i| {
+                    let (a, b) = (rng.next_u64() as i32, rng.next_u64() as i32);
+                    match i % 10 {
+                        3 => (Opcode::Ping, vec![], 0),
+                        7 => (Opcode::ScalarAddI32, vec![1, 2, 3], 4),
+                        8 => (Opcode::ScalarAddI32, common::scalar_payload(a, b), 3),
+                        _ => (Opcode::ScalarAddI32, common::scalar_payload(a, b), 4),
+                    }
+                })
+                .collect();
+            let single: Vec<_> = specs
+                .iter()
+                .map(|(op, p, o)| {
+                    let r = g.request(1, *op, p, *o);
+                    // Memory reused after g.reset() holds older outputs.
+                    r.output.write_at(0, &vec![0u8; *o]).unwrap();
+                    let res = ex.execute(&r, LIMIT);
+                    let mut out = vec![0u8; r.output.len()];
+                    r.output.read_at(0, &mut out).unwrap();
+                    (res, out)
+                })
+                .collect();
+            let reqs: Vec<Request> = specs
+                .iter()
+                .map(|(op, p, o)| {
+                    let r = g.request(1, *op, p, *o);
+                    r.output.write_at(0, &vec![0u8; *o]).unwrap();
+                    r
+                })
+                .collect();
+            let refs: Vec<&Request> = reqs.iter().collect();
+            let before = ex.stats().batches;
+            let got = ex.execute_batch(&refs, LIMIT);
+            assert_eq!(ex.stats().batches, before + 1);
+            assert_eq!(got.len(), len);
+            for (i, (r, (res, out))) in reqs.iter().zip(&single).enumerate() {
+                let mut o = vec![0u8; r.output.len()];
+                r.output.read_at(0, &mut o).unwrap();
+                assert_eq!(
+                    (&got[i], &o),
+                    (res, out),
+                    "fallback {fallback}, len {len}, #{i}"
+                );
+            }
+            assert!(single.iter().any(|(r, _)| *r == Ok(4)));
+            g.reset();
+        }
+    }
+    eprintln!("batches equal single execution; stats {:?}", ex.stats());
+}
+
 // ---- remoting ------------------------------------------------------------
 
 struct Vm<'a> {

@@ -42,6 +42,8 @@ use crate::protocol::{DeviceInfo, ExecutorKind, Opcode, Status};
 
 /// PTX of the built-in kernels (see `kernels/vgpu_kernels.cu`).
 pub const KERNELS_PTX: &str = include_str!("../../kernels/vgpu_kernels.ptx");
+/// PTX of the batched SCALAR_ADD kernel (see `kernels/vgpu_batch.cu`).
+pub const BATCH_PTX: &str = include_str!("../../kernels/vgpu_batch.ptx");
 
 /// Threads per block of the element-wise kernels.
 const EW_BLOCK: u32 = 256;
@@ -54,6 +56,12 @@ const GEMM_THREADS: u32 = 256;
 const MIN_DEV_BUF: usize = 1 << 20;
 /// Device arrays of one request start at multiples of this.
 const DEV_ALIGN: usize = 256;
+/// SCALAR_ADDs of one batch that share a launch, a copy out and a
+/// synchronization (longer batches run in chunks of this many).
+const BATCH_SLOTS: usize = 64;
+/// Byte offset of the results in the batch buffers (operand pairs first).
+const BATCH_OUT: usize = 8 * BATCH_SLOTS;
+const BATCH_BYTES: usize = BATCH_OUT + 4 * BATCH_SLOTS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -112,6 +120,9 @@ pub struct CudaStats {
     pub vm_contexts_created: u64,
     /// Per-VM contexts torn down after a fault or timeout.
     pub vm_contexts_faulted: u64,
+    /// Batches run by `execute_batch`, and the requests in them.
+    pub batches: u64,
+    pub batched_requests: u64,
 }
 
 /// True when the driver library can be loaded (checked before any CUDA call).
@@ -265,6 +276,13 @@ pub struct CudaExecutor {
     k_saxpy: CudaFunction,
     k_sgemm: CudaFunction,
     k_busy_wait: CudaFunction,
+    /// The batched SCALAR_ADD kernel, when its PTX loaded.
+    k_scalar_batch: Option<CudaFunction>,
+    _batch_module: Option<Arc<CudaModule>>,
+    /// Operand pairs then results of a batch's SCALAR_ADDs (pinned host, and
+    /// device).
+    batch_host: PinnedBuf,
+    batch_dev: DevBuf,
     dev_in: DevBuf,
     dev_out: DevBuf,
     staging: PinnedBuf,
@@ -297,6 +315,18 @@ impl CudaExecutor {
         let ctx = CudaContext::new(gpu_index as usize)?;
         let stream = ctx.new_stream()?;
         let module = ctx.load_module(Ptx::from_src(KERNELS_PTX))?;
+        let batch = ctx
+            .load_module(Ptx::from_src(BATCH_PTX))
+            .and_then(|m| Ok((m.load_function("scalar_add_i32_batch")?, m)));
+        let (k_scalar_batch, batch_module) = match batch {
+            Ok((f, m)) => (Some(f), Some(m)),
+            Err(e) => {
+                log::warn!(
+                    "gpu {gpu_index}: batched SCALAR_ADD kernel not loaded ({e}); batches launch per request"
+                );
+                (None, None)
+            }
+        };
         let (major, minor) = ctx.compute_capability()?;
         let info = DeviceInfo {
             executor: ExecutorKind::Cuda,
@@ -315,6 +345,10 @@ impl CudaExecutor {
             k_saxpy: module.load_function("saxpy_f32")?,
             k_sgemm: module.load_function("sgemm_f32")?,
             k_busy_wait: module.load_function("busy_wait")?,
+            k_scalar_batch,
+            _batch_module: batch_module,
+            batch_host: PinnedBuf::default(),
+            batch_dev: DevBuf::default(),
             _module: module,
             ctx,
             stream,
@@ -341,6 +375,8 @@ impl CudaExecutor {
         }
         ex.dev_in.ensure(MIN_DEV_BUF)?;
         ex.dev_out.ensure(MIN_DEV_BUF)?;
+        ex.batch_host.ensure(BATCH_BYTES)?;
+        ex.batch_dev.ensure(BATCH_BYTES)?;
         log::info!(
             "gpu {gpu_index}: CUDA executor on {} (sm_{major}{minor}, {} MiB)",
             ex.info.name,
@@ -571,6 +607,114 @@ impl CudaExecutor {
         self.launch(&self.k_scalar_add, (1, 1, 1), (1, 1, 1), &mut params)
             .map_err(|e| self.own_error(e))?;
         self.copy_out(req.vm_id, out, &req.output, 4)
+    }
+
+    /// Whether batches use the batched SCALAR_ADD kernel (else one launch
+    /// per request).
+    pub fn batch_kernel_loaded(&self) -> bool {
+        self.k_scalar_batch.is_some()
+    }
+
+    /// Makes batches launch per request (tests of that fallback).
+    #[doc(hidden)]
+    pub fn disable_batch_kernel(&mut self) {
+        self.k_scalar_batch = None;
+    }
+
+    /// One chunk (at most BATCH_SLOTS) of a batch: validates every request,
+    /// queues the SCALAR_ADDs' operands, kernel(s) and result copy, waits
+    /// once, then writes each result into its guest output.
+    fn batch_chunk(&mut self, reqs: &[&Request], limit: Duration) -> Vec<Result<u32, Status>> {
+        let mut res: Vec<Result<u32, Status>> = vec![Ok(0); reqs.len()];
+        if let Err(e) = bind(&self.ctx) {
+            let s = self.own_error(e);
+            return vec![Err(s); reqs.len()];
+        }
+        // Request index of each slot.
+        let mut slots: Vec<usize> = Vec::with_capacity(reqs.len());
+        for (i, req) in reqs.iter().enumerate() {
+            res[i] = match req.opcode {
+                Opcode::Ping => Ok(0),
+                Opcode::ScalarAddI32 if slots.len() < BATCH_SLOTS => {
+                    match ops::scalar_add_operands(&req.payload) {
+                        Ok(_) if req.output.len() < 4 => Err(Status::TooLarge),
+                        Ok((a, b)) => {
+                            let k = slots.len();
+                            let pair = &mut self.batch_host.slice(BATCH_BYTES)[8 * k..8 * k + 8];
+                            pair[..4].copy_from_slice(&a.to_le_bytes());
+                            pair[4..].copy_from_slice(&b.to_le_bytes());
+                            slots.push(i);
+                            Ok(4)
+                        }
+                        Err(s) => Err(s),
+                    }
+                }
+                // Not batchable (the scheduler does not send these): alone.
+                _ => self.execute(req, limit),
+            };
+        }
+        if slots.is_empty() {
+            return res;
+        }
+        match self.run_scalar_slots(slots.len()) {
+            Ok(()) => {
+                for (k, &i) in slots.iter().enumerate() {
+                    let at = BATCH_OUT + 4 * k;
+                    let mut v = [0u8; 4];
+                    v.copy_from_slice(&self.batch_host.slice(BATCH_BYTES)[at..at + 4]);
+                    res[i] = ops::write_output(&reqs[i].output, &v);
+                }
+            }
+            Err(s) => {
+                for &i in &slots {
+                    res[i] = Err(s);
+                }
+            }
+        }
+        res
+    }
+
+    /// Runs the first `n` operand pairs of the batch buffer: copy in, one
+    /// kernel (or one per pair), copy the results out, synchronize.
+    fn run_scalar_slots(&mut self, n: usize) -> Result<(), Status> {
+        let stream = self.stream.cu_stream();
+        let (hin, hout) = (self.batch_host.addr, self.batch_host.addr + BATCH_OUT);
+        let (din, dout) = (self.batch_dev.ptr, self.batch_dev.ptr + BATCH_OUT as u64);
+        let run = || -> Result<(), DriverError> {
+            if let Some(f) = &self.k_scalar_batch {
+                // SAFETY: both buffers hold BATCH_BYTES >= 8 * n bytes; the
+                // host one is not touched again before the synchronize below.
+                check(unsafe {
+                    sys::cuMemcpyHtoDAsync_v2(din, hin as *const c_void, 8 * n, stream)
+                })?;
+                let (mut pab, mut pout, mut n32) = (din, dout, n as u32);
+                let mut params = [
+                    &mut pab as *mut u64 as *mut c_void,
+                    &mut pout as *mut u64 as *mut c_void,
+                    &mut n32 as *mut u32 as *mut c_void,
+                ];
+                self.launch(f, (1, 1, 1), (BATCH_SLOTS as u32, 1, 1), &mut params)?;
+            } else {
+                for k in 0..n {
+                    // SAFETY: slot k < n <= BATCH_SLOTS of the pinned buffer
+                    // the executor owns; written by batch_chunk.
+                    let pair = unsafe { std::slice::from_raw_parts((hin + 8 * k) as *const u8, 8) };
+                    let mut a = i32::from_le_bytes([pair[0], pair[1], pair[2], pair[3]]);
+                    let mut b = i32::from_le_bytes([pair[4], pair[5], pair[6], pair[7]]);
+                    let mut out = dout + 4 * k as u64;
+                    let mut params = [
+                        &mut a as *mut i32 as *mut c_void,
+                        &mut b as *mut i32 as *mut c_void,
+                        &mut out as *mut u64 as *mut c_void,
+                    ];
+                    self.launch(&self.k_scalar_add, (1, 1, 1), (1, 1, 1), &mut params)?;
+                }
+            }
+            // SAFETY: as above, 4 * n result bytes, synchronized right after.
+            check(unsafe { sys::cuMemcpyDtoHAsync_v2(hout as *mut c_void, dout, 4 * n, stream) })?;
+            self.sync()
+        };
+        run().map_err(|e| self.own_error(e))
     }
 
     fn ew_grid(n: usize) -> (u32, u32, u32) {
@@ -1070,6 +1214,22 @@ impl Executor for CudaExecutor {
         }
     }
 
+    /// PING and SCALAR_ADD_I32: tiny work whose cost is launch, copy and
+    /// synchronization, which a batch shares.
+    fn batchable(&self, req: &Request) -> bool {
+        matches!(req.opcode, Opcode::Ping | Opcode::ScalarAddI32)
+    }
+
+    fn execute_batch(&mut self, reqs: &[&Request], limit: Duration) -> Vec<Result<u32, Status>> {
+        let mut out = Vec::with_capacity(reqs.len());
+        for chunk in reqs.chunks(BATCH_SLOTS) {
+            out.extend(self.batch_chunk(chunk, limit));
+        }
+        self.stats.batches += 1;
+        self.stats.batched_requests += reqs.len() as u64;
+        out
+    }
+
     fn release_vm(&mut self, vm_id: u32) {
         self.workers.remove(&vm_id);
         self.teardown_vm_ctx(vm_id);
@@ -1158,6 +1318,8 @@ impl Drop for CudaExecutor {
             self.dev_in.release();
             self.dev_out.release();
             self.staging.release();
+            self.batch_host.release();
+            self.batch_dev.release();
         }
     }
 }

@@ -39,6 +39,20 @@ pub trait Executor: Send {
     /// many output bytes it wrote, or the status that ends it.
     fn execute(&mut self, req: &Request, limit: Duration) -> Result<u32, Status>;
 
+    /// True when `req` may run as part of a batch ([`Executor::execute_batch`]).
+    /// The scheduler only batches consecutive jobs for which this holds.
+    fn batchable(&self, _req: &Request) -> bool {
+        false
+    }
+
+    /// Runs several requests (each `batchable`) in the given order and
+    /// returns one result per request, in the same order. An executor may
+    /// overlap them (the CUDA executor queues all their GPU work and
+    /// synchronizes once); the default runs them one by one.
+    fn execute_batch(&mut self, reqs: &[&Request], limit: Duration) -> Vec<Result<u32, Status>> {
+        reqs.iter().map(|r| self.execute(r, limit)).collect()
+    }
+
     /// The VM's frontend went away: release whatever the executor holds for it
     /// (guest memory registrations, its CUDA context, handles, device memory).
     fn release_vm(&mut self, _vm_id: u32) {}
