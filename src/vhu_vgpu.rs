@@ -59,11 +59,14 @@ pub struct VhostRing {
 impl Ring for VhostRing {
     fn pop(&self, vm_id: u32) -> Option<TakenChain> {
         let mem = self.mem.memory().into_inner();
-        let chain = self
-            .vring
-            .get_mut()
-            .get_queue_mut()
-            .pop_descriptor_chain(mem.clone())?;
+        let chain = {
+            let mut state = self.vring.get_mut();
+            // A stopped or reset queue has nothing to give (and popping it logs errors).
+            if !state.get_queue().ready() {
+                return None;
+            }
+            state.get_queue_mut().pop_descriptor_chain(mem.clone())?
+        };
         let head = chain.head_index();
         Some(TakenChain {
             head,
@@ -91,7 +94,8 @@ impl Ring for VhostRing {
     }
 
     fn enable_notification(&self) -> bool {
-        self.vring.enable_notification().unwrap_or(false)
+        self.vring.get_ref().get_queue().ready()
+            && self.vring.enable_notification().unwrap_or(false)
     }
 }
 

@@ -281,9 +281,11 @@ impl Vm {
         let _serial = lock(&self.pump_lock);
         let gen = self.generation();
         let mut answered = false;
+        let mut empty_rounds = 0;
         loop {
             ring.disable_notification();
             let mut blocked = false;
+            let mut took = 0usize;
             loop {
                 if self.stopping.load(Ordering::Acquire) || self.is_retired() {
                     blocked = true;
@@ -298,9 +300,18 @@ impl Vm {
                 let Some(taken) = ring.pop(settings.vm_id) else {
                     break;
                 };
+                took += 1;
                 answered |= self.take(ring, taken, &settings, gen);
             }
-            if blocked || !ring.enable_notification() {
+            if blocked {
+                break;
+            }
+            let more = ring.enable_notification();
+            // Chains that arrived while kicks were off are ours to take; but a
+            // ring that keeps announcing chains and yields none is broken (a
+            // bad avail index): stop rather than spin, the next kick retries.
+            empty_rounds = if took == 0 { empty_rounds + 1 } else { 0 };
+            if !more || empty_rounds >= 2 {
                 break;
             }
         }
