@@ -330,8 +330,9 @@ static int vgpu_queue_req(struct vgpu *vgpu, struct vgpu_request *req,
 		ret = wait_event_interruptible_timeout(vgpu->space_wq,
 				READ_ONCE(vgpu->space_gen) != gen ||
 				READ_ONCE(vgpu->dead), *timeout);
+		/* Nothing was queued yet, so the call can simply restart. */
 		if (ret < 0)
-			return -EINTR;
+			return -ERESTARTSYS;
 		if (!ret)
 			return -ETIMEDOUT;
 		*timeout = ret;
