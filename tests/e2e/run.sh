@@ -30,6 +30,7 @@ declare -A QPID VMFD
 declare -a RESULTS
 FAILED=0
 NEXT_ID=1
+SUMMARY_DONE=0
 
 # --- housekeeping -------------------------------------------------------------
 
@@ -50,6 +51,12 @@ stop_pid() {
 cleanup() {
 	local rc=$? n
 	trap - EXIT INT TERM
+	if ((!SUMMARY_DONE)); then
+		# set -e or a signal ended the script early: still say so clearly.
+		record FAIL "script" "stopped early (exit status $rc)"
+		summary || true
+		((rc)) || rc=1
+	fi
 	for n in "${!QPID[@]}"; do
 		stop_pid "${QPID[$n]}"
 	done
@@ -92,6 +99,7 @@ check() { # name detail command...
 
 summary() {
 	local r
+	SUMMARY_DONE=1
 	echo
 	echo "==================== vgpu e2e summary ===================="
 	for r in "${RESULTS[@]}"; do
@@ -187,7 +195,14 @@ fi
 log "accelerator: ${ACCEL[*]}"
 
 start_vm() { # n
-	local n=$1 fd
+	local n=$1 fd i
+	# After a frontend disconnects, the daemon listens again on a new
+	# socket; QEMU must not start before it exists.
+	for ((i = 0; i < 150; i++)); do
+		[[ -S $WORK/vm$n.sock ]] && break
+		sleep 0.1
+	done
+	[[ -S $WORK/vm$n.sock ]] || log "vm$n: $WORK/vm$n.sock does not exist"
 	[[ -p $WORK/vm$n.in ]] || mkfifo "$WORK/vm$n.in"
 	# Held open read-write so that neither side ever sees EOF or blocks.
 	exec {fd}<>"$WORK/vm$n.in"
@@ -224,9 +239,11 @@ wait_line() { # n regex timeout_s
 }
 
 send() { # n command... ; sets ID
+	local n=$1
+	shift
 	ID=$NEXT_ID
 	NEXT_ID=$((NEXT_ID + 1))
-	printf '%s %s\n' "$ID" "$*" >&"${VMFD[$1]}"
+	printf '%s %s\n' "$ID" "$*" >&"${VMFD[$n]}"
 }
 
 wait_done() { # n id timeout_s ; sets RC
@@ -316,6 +333,16 @@ else
 	record FAIL "vm1 bench 200 pings" "rc=$RC: $(tr '\n' ' ' <<<"$OUTPUT")"
 fi
 
+# Many processes with requests outstanding at once on one device.
+conc_cmd="for i in \$(seq 40); do (vgpu-client -q add \$i 1000 >/tmp/c.\$i 2>&1; echo rc=\$? >>/tmp/c.\$i) & done; wait; \
+for i in \$(seq 40); do grep -qx \$((i + 1000)) /tmp/c.\$i && grep -qx rc=0 /tmp/c.\$i && echo good || \
+{ echo bad \$i; cat /tmp/c.\$i; }; done; rm -f /tmp/c.*"
+if guest 2 120 "$conc_cmd" && [[ $(grep -cx good <<<"$OUTPUT") == 40 ]]; then
+	record PASS "vm2 40 concurrent adds" "all 40 correct"
+else
+	record FAIL "vm2 40 concurrent adds" "rc=$RC: $(grep -v '^good$' <<<"$OUTPUT" | tr '\n' ' ' | cut -c1-300)"
+fi
+
 # --- contention: priority order on a held GPU ---------------------------------------
 #
 # vm2 holds the GPU with a long BUSY_WAIT. While it runs, low, medium and high
@@ -397,15 +424,25 @@ else
 	record FAIL "vm1 timeout then reuse" "rc=$RC: $(tr '\n' ' ' <<<"$OUTPUT")"
 fi
 
-# Unbind while a request is in flight: the waiter gets ENODEV; bind again.
+# Unbind with N requests in flight. Remove resets the device: the daemon
+# finishes the running request and cancels what it had queued (CANCELLED);
+# the driver fails chains still in the ring with ENODEV. No waiter may hang,
+# and the device works again after bind.
 drv=/sys/bus/virtio/drivers/virtio_vgpu
-if guest 1 90 "d=\$(basename \$(readlink /sys/class/misc/vgpu0/device)); vgpu-client busy-wait 1500 & p=\$!; sleep 0.5; echo \$d > $drv/unbind; wait \$p; echo client_rc=\$?; echo \$d > $drv/bind; sleep 0.5; vgpu-client add 2 2" &&
-   grep -q 'No such device' <<<"$OUTPUT" && grep -q '^client_rc=1$' <<<"$OUTPUT" &&
-   grep -qx 4 <<<"$OUTPUT"; then
-	record PASS "vm1 unbind in flight" "waiter got ENODEV; rebound device works"
-else
-	record FAIL "vm1 unbind in flight" "rc=$RC: $(tr '\n' ' ' <<<"$OUTPUT")"
-fi
+unbind_test() { # vm nreq name timeout_s
+	local n=$1 k=$2 name=$3 t=$4 cmd
+	cmd="d=\$(basename \$(readlink /sys/class/misc/vgpu0/device)); \
+for i in \$(seq $k); do (vgpu-client busy-wait 1000 >/tmp/u.\$i 2>&1; echo rc=\$? >>/tmp/u.\$i) & done; \
+sleep 1.5; echo \$d > $drv/unbind; wait; cat /tmp/u.*; rm -f /tmp/u.*; echo unbound; \
+echo \$d > $drv/bind; sleep 0.5; vgpu-client add 2 2"
+	if guest "$n" "$t" "$cmd" && [[ $(grep -c '^rc=[01]$' <<<"$OUTPUT") == "$k" ]] &&
+	   grep -qx 4 <<<"$OUTPUT"; then
+		record PASS "$name" "$(grep -c 'No such device' <<<"$OUTPUT") ENODEV, $(grep -c 'CANCELLED' <<<"$OUTPUT") CANCELLED, $(grep -c '^busy-wait done' <<<"$OUTPUT") completed; rebound device works"
+	else
+		record FAIL "$name" "rc=$RC: $(tr '\n' ' ' <<<"$OUTPUT" | cut -c1-400)"
+	fi
+}
+unbind_test 1 3 "vm1 unbind, 3 in flight" 60
 
 # With no file open, the module unloads (remove path) and loads again.
 if guest 1 60 "rmmod virtio_vgpu && insmod /lib/modules/virtio_vgpu.ko && sleep 0.5 && vgpu-client ping"; then
@@ -414,13 +451,58 @@ else
 	record FAIL "vm1 rmmod/insmod" "rc=$RC: $(tr '\n' ' ' <<<"$OUTPUT")"
 fi
 
-for n in 1 2 3; do
-	if guest "$n" 30 "dmesg | grep -E 'WARNING|BUG:|Oops|Call Trace|virtio_vgpu.*(error|fail)'"; then
-		record FAIL "vm$n kernel log" "$(tr '\n' ' ' <<<"$OUTPUT" | cut -c1-300)"
+kernel_log_check() { # vm name
+	local bad
+	if guest "$1" 30 "dmesg | grep -v 'module verification failed' | grep -E 'WARNING|BUG:|Oops|Call Trace|virtio_vgpu.*(error|fail)'; echo dmesg-checked"; then
+		bad=$(grep -v '^dmesg-checked$' <<<"$OUTPUT" || true)
+		if [[ -z $bad ]]; then
+			record PASS "$2" "no warnings"
+		else
+			record FAIL "$2" "$(tr '\n' ' ' <<<"$bad" | cut -c1-300)"
+		fi
 	else
-		record PASS "vm$n kernel log" "no warnings"
+		record FAIL "$2" "guest did not answer (rc=$RC)"
 	fi
+}
+for n in 1 2 3; do
+	kernel_log_check "$n" "vm$n kernel log"
 done
+
+# More requests than the daemon queues per VM (max_queued 64), so that some
+# are still in the ring at reset. Opt-in: the daemon of this writing does not
+# answer the reset (GET_VRING_BASE) in this state, which hangs the guest.
+if [[ ${VGPU_E2E_STRESS:-0} == 1 ]]; then
+	unbind_test 2 70 "vm2 unbind, 70 in flight" 90
+fi
+
+check "daemon alive" "after all guest steps" kill -0 "$DAEMON_PID"
+if grep -Eq 'panicked|RUST_BACKTRACE' "$WORK/daemon.log"; then
+	record FAIL "daemon log" "$(grep -m1 -E 'panicked' "$WORK/daemon.log")"
+else
+	record PASS "daemon log" "no panics"
+fi
+
+# --- the backend vanishes with requests in flight ----------------------------------
+#
+# With the daemon killed nothing will ever complete vm1's requests; unbinding
+# must still fail every waiter with ENODEV (the driver's detach path) and
+# leave no warning in the kernel log.
+
+log "killing the daemon while vm1 has requests in flight"
+send 1 "& for i in 1 2 3 4 5; do (vgpu-client busy-wait 3000 >/tmp/g.\$i 2>&1; echo rc=\$? >>/tmp/g.\$i) & done; wait; cat /tmp/g.*; rm -f /tmp/g.*"
+GONE_ID=$ID
+sleep 1.5
+kill -9 "$DAEMON_PID" 2>/dev/null || true
+wait "$DAEMON_PID" 2>/dev/null || true
+DAEMON_PID=
+sleep 0.5
+if guest 1 60 "echo \$(basename \$(readlink /sys/class/misc/vgpu0/device)) > $drv/unbind; echo unbound" &&
+   wait_done 1 "$GONE_ID" 30 && [[ $(out 1 "$GONE_ID" | grep -c 'No such device') == 5 ]]; then
+	record PASS "vm1 unbind, backend gone" "5 waiters got ENODEV"
+else
+	record FAIL "vm1 unbind, backend gone" "rc=$RC: $(out 1 "$GONE_ID" | tr '\n' ' ' | cut -c1-300)"
+fi
+kernel_log_check 1 "vm1 kernel log at end"
 
 # --- shut down ---------------------------------------------------------------------
 
@@ -433,11 +515,5 @@ for n in 1 2 3; do
 		sleep 0.2
 	done
 done
-check "daemon alive at end" "" kill -0 "$DAEMON_PID"
-if grep -Eq 'panicked|RUST_BACKTRACE' "$WORK/daemon.log"; then
-	record FAIL "daemon log" "$(grep -m1 -E 'panicked' "$WORK/daemon.log")"
-else
-	record PASS "daemon log" "no panics"
-fi
 
 summary
