@@ -9,13 +9,15 @@
 #
 # The ABI number moves with Debian's security updates, so it is resolved from
 # the linux-image-amd64 metapackage rather than written down here.
+# VGPU_GUEST_KREL=<release> picks another Debian kernel (e.g. a backport).
 set -euo pipefail
 
 CACHE=${VGPU_CACHE:-$HOME/.cache/vgpu}
 log() { echo "guest-assets: $*" >&2; }
 
-if [[ -n ${GUEST_KREL:-} ]]; then
-	krel=$GUEST_KREL
+if [[ -n ${VGPU_GUEST_KREL:-} ]]; then
+	# e.g. VGPU_GUEST_KREL=6.12.95+deb12-amd64 (bookworm-backports)
+	krel=$VGPU_GUEST_KREL
 else
 	krel=$(apt-cache depends linux-image-amd64 2>/dev/null |
 		sed -n 's/^ *Depends: linux-image-\(.*\)$/\1/p' | head -1)
@@ -27,9 +29,15 @@ else
 	fi
 fi
 [[ -n $krel ]] || { log "cannot resolve the kernel ABI"; exit 1; }
-# 6.1.0-56-amd64 -> base 6.1.0-56, kbuild series 6.1
-kbase=${krel%-amd64}
-kseries=$(echo "$kbase" | cut -d. -f1-2)
+# The -common headers and the kbuild package are named differently in
+# bookworm (linux-kbuild-6.1) and backports (linux-kbuild-6.12.95+deb12):
+# take both from the arch headers' Depends.
+hdeps=$(apt-cache depends "linux-headers-$krel" 2>/dev/null |
+	sed -n 's/^ *Depends: \(linux-\(headers\|kbuild\)-[^ ]*\)$/\1/p')
+common=$(grep -- '-common$' <<<"$hdeps" | head -1 || true)
+kbuild=$(grep '^linux-kbuild-' <<<"$hdeps" | head -1 || true)
+[[ -n $common && -n $kbuild ]] ||
+	{ log "cannot resolve headers packages of linux-headers-$krel"; exit 1; }
 
 dir=$CACHE/debian/$krel
 root=$dir/root
@@ -37,9 +45,9 @@ if [[ ! -e $dir/.complete ]]; then
 	log "downloading kernel $krel into $dir"
 	rm -rf "$dir"
 	mkdir -p "$dir/debs" "$root"
-	(cd "$dir/debs" && apt-get download \
-		"linux-image-$krel" "linux-headers-$krel" \
-		"linux-headers-$kbase-common" "linux-kbuild-$kseries" \
+	# Sandbox user root: _apt may not write into $HOME's cache.
+	(cd "$dir/debs" && apt-get download -o APT::Sandbox::User=root \
+		"linux-image-$krel" "linux-headers-$krel" "$common" "$kbuild" \
 		busybox-static >&2)
 	for d in "$dir"/debs/*.deb; do
 		dpkg -x "$d" "$root"
@@ -47,8 +55,7 @@ if [[ ! -e $dir/.complete ]]; then
 	# The arch headers' Makefile includes the -common tree by absolute
 	# path; point it at the unpacked copy.
 	hdr=$root/usr/src/linux-headers-$krel
-	sed -i "s|/usr/src/linux-headers-$kbase-common|$root/usr/src/linux-headers-$kbase-common|g" \
-		"$hdr/Makefile"
+	sed -i "s|/usr/src/$common|$root/usr/src/$common|g" "$hdr/Makefile"
 	# scripts/ and tools/ are symlinks into /usr/lib/linux-kbuild-*;
 	# repoint absolute links into the unpacked root.
 	find "$root/usr/src" -type l | while read -r l; do

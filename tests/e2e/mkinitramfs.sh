@@ -21,7 +21,12 @@ install -m644 "$ko" "$stage/lib/modules/virtio_vgpu.ko"
 # Order matters at load time (guest-init.sh); here we only collect them.
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci; do
 	f=$(find "$moddir" -name "$m.ko*" | head -1)
-	[[ -n $f ]] || { echo "mkinitramfs: $m not found in $moddir" >&2; exit 1; }
+	if [[ -z $f ]]; then
+		# Newer Debian kernels build the virtio core in.
+		grep -q "/$m.ko\$" "$moddir/modules.builtin" 2>/dev/null && continue
+		echo "mkinitramfs: $m not found in $moddir" >&2
+		exit 1
+	fi
 	case $f in
 	*.ko) install -m644 "$f" "$stage/lib/modules/$m.ko" ;;
 	*.ko.xz) xz -dc "$f" >"$stage/lib/modules/$m.ko" ;;

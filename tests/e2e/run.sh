@@ -147,7 +147,7 @@ eval "$("$E2E/guest-assets.sh")"
 log "guest kernel $GUEST_KREL"
 
 log "building virtio_vgpu.ko and vgpu-client"
-make -C "$REPO/guest-driver" module KDIR="$GUEST_KDIR" >"$WORK/build.log" 2>&1 ||
+make -C "$REPO/guest-driver" module KDIR="$GUEST_KDIR" W=1 >"$WORK/build.log" 2>&1 ||
 	{ cat "$WORK/build.log" >&2; fatal build "module build failed"; }
 make -C "$REPO/guest-driver" client >>"$WORK/build.log" 2>&1 ||
 	{ cat "$WORK/build.log" >&2; fatal build "client build failed"; }
