@@ -66,6 +66,12 @@ struct vgpu {
 	unsigned long space_gen;	/* bumped whenever buffers come back */
 	wait_queue_head_t space_wq;	/* submitters waiting for ring space */
 
+	/* Counters for /sys/class/misc/vgpuN/stats, under @lock. */
+	u64 n_submitted;
+	u64 n_completed;
+	u64 n_abandoned;		/* timed out or interrupted waits */
+	u64 n_ring_full;		/* times a submitter waited for space */
+
 	struct mutex cfg_lock;		/* protects cfg */
 	struct vgpu_cfg cfg;
 	struct work_struct config_work;
@@ -264,8 +270,10 @@ static void vgpu_vq_done(struct virtqueue *vq)
 	spin_lock_irqsave(&vgpu->lock, flags);
 	do {
 		virtqueue_disable_cb(vq);
-		while ((req = virtqueue_get_buf(vq, &len)))
+		while ((req = virtqueue_get_buf(vq, &len))) {
+			vgpu->n_completed++;
 			vgpu_req_finish(req, len, 0, &to_free);
+		}
 		if (unlikely(virtqueue_is_broken(vq)))
 			break;
 	} while (!virtqueue_enable_cb(vq));
@@ -312,6 +320,7 @@ static int vgpu_queue_req(struct vgpu *vgpu, struct vgpu_request *req,
 						GFP_ATOMIC);
 			if (!err) {
 				req->state = VGPU_REQ_QUEUED;
+				vgpu->n_submitted++;
 				/* Under the lock: remove may delete the vq. */
 				virtqueue_kick(vgpu->vq);
 			} else if (err == -ENOSPC &&
@@ -321,6 +330,8 @@ static int vgpu_queue_req(struct vgpu *vgpu, struct vgpu_request *req,
 				err = -ENOMEM;
 			}
 		}
+		if (err == -ENOSPC)
+			vgpu->n_ring_full++;
 		gen = vgpu->space_gen;
 		spin_unlock_irq(&vgpu->lock);
 
@@ -416,6 +427,7 @@ static long vgpu_submit(struct vgpu *vgpu, struct vgpu_submit __user *uarg)
 			 * the callback (or to remove) to free.
 			 */
 			req->abandoned = true;
+			vgpu->n_abandoned++;
 			spin_unlock_irq(&vgpu->lock);
 			return ret ? -EINTR : -ETIMEDOUT;
 		}
@@ -491,7 +503,10 @@ static const struct file_operations vgpu_fops = {
 	.compat_ioctl	= compat_ptr_ioctl,
 };
 
-/* sysfs: /sys/class/misc/vgpuN/{pool_id,priority,priority_name,vm_id,version} */
+/*
+ * sysfs: /sys/class/misc/vgpuN/{pool_id,priority,priority_name,vm_id,version,
+ * stats}
+ */
 
 static struct vgpu *dev_to_vgpu(struct device *dev)
 {
@@ -567,12 +582,31 @@ static ssize_t version_show(struct device *dev, struct device_attribute *attr,
 }
 static DEVICE_ATTR_RO(version);
 
+static ssize_t stats_show(struct device *dev, struct device_attribute *attr,
+			  char *buf)
+{
+	struct vgpu *vgpu = dev_to_vgpu(dev);
+	u64 sub, done, aband, full;
+
+	spin_lock_irq(&vgpu->lock);
+	sub = vgpu->n_submitted;
+	done = vgpu->n_completed;
+	aband = vgpu->n_abandoned;
+	full = vgpu->n_ring_full;
+	spin_unlock_irq(&vgpu->lock);
+	return sysfs_emit(buf,
+			  "submitted=%llu completed=%llu abandoned=%llu ring_full_waits=%llu\n",
+			  sub, done, aband, full);
+}
+static DEVICE_ATTR_RO(stats);
+
 static struct attribute *vgpu_attrs[] = {
 	&dev_attr_pool_id.attr,
 	&dev_attr_priority.attr,
 	&dev_attr_priority_name.attr,
 	&dev_attr_vm_id.attr,
 	&dev_attr_version.attr,
+	&dev_attr_stats.attr,
 	NULL,
 };
 ATTRIBUTE_GROUPS(vgpu);

@@ -18,6 +18,7 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <libgen.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -54,6 +55,8 @@ static void usage(FILE *f)
 "  vector-add N     VECTOR_ADD_F32 of N random floats, checked: prints OK n=N or FAIL ...\n"
 "  busy-wait MS     BUSY_WAIT: hold the GPU for MS milliseconds\n"
 "  bench [N]        N PINGs (default 1000): bench n=N p50_us= p99_us= mean_us= min_us= max_us=\n"
+"  flood N          N threads submit one PING each at the same moment:\n"
+"                     flood n=N ok=N failed=0\n"
 "  legacy-regs      read BAR0 of the vgpu-stub PCI device (1af4:1111):\n"
 "                     legacy pci=<addr> magic=0x.. version=0x.. pool=A priority=N vm_id=N\n"
 "\n"
@@ -368,6 +371,75 @@ static int cmd_bench(const char *arg)
 	return 0;
 }
 
+struct flood_arg {
+	int fd;
+	pthread_barrier_t *start;
+	int err;		/* errno of the ioctl, or 0 */
+	uint32_t status;
+};
+
+/*
+ * One request per thread, all released at once by a barrier, so that more
+ * requests are outstanding than the ring and the daemon's queue can hold:
+ * the driver must make the surplus wait for ring space, not fail it.
+ */
+static void *flood_one(void *p)
+{
+	struct flood_arg *a = p;
+	struct vgpu_submit s;
+
+	memset(&s, 0, sizeof(s));
+	s.opcode = VGPU_OP_PING;
+	s.timeout_ms = timeout_ms;
+	pthread_barrier_wait(a->start);
+	if (ioctl(a->fd, VGPU_IOC_SUBMIT, &s) < 0)
+		a->err = errno;
+	else
+		a->status = le32toh(s.resp.status);
+	return NULL;
+}
+
+static int cmd_flood(const char *arg)
+{
+	long n = parse_long("N", arg, 1, 4096), i, ok = 0, failed = 0;
+	struct flood_arg *args = calloc(n, sizeof(*args));
+	pthread_t *th = calloc(n, sizeof(*th));
+	pthread_barrier_t start;
+	pthread_attr_t attr;
+	int fd, first_err = 0;
+
+	if (!args || !th)
+		die("flood: out of memory");
+	fd = dev_open();
+	pthread_barrier_init(&start, NULL, n);
+	pthread_attr_init(&attr);
+	pthread_attr_setstacksize(&attr, 64 * 1024);
+	for (i = 0; i < n; i++) {
+		args[i].fd = fd;
+		args[i].start = &start;
+		errno = pthread_create(&th[i], &attr, flood_one, &args[i]);
+		if (errno)
+			die("flood: thread %ld: %s", i, strerror(errno));
+	}
+	for (i = 0; i < n; i++) {
+		pthread_join(th[i], NULL);
+		if (!args[i].err && args[i].status == VGPU_S_OK) {
+			ok++;
+		} else {
+			failed++;
+			if (!first_err)
+				first_err = args[i].err ? args[i].err : -1;
+		}
+	}
+	printf("flood n=%ld ok=%ld failed=%ld%s%s\n", n, ok, failed,
+	       first_err > 0 ? " first_error=" : "",
+	       first_err > 0 ? strerror(first_err) : "");
+	close(fd);
+	free(args);
+	free(th);
+	return failed ? 1 : 0;
+}
+
 static unsigned long read_hex(const char *dir, const char *attr)
 {
 	char buf[64];
@@ -484,6 +556,8 @@ int main(int argc, char **argv)
 		return cmd_busy_wait(argv[1]);
 	if (!strcmp(cmd, "bench") && argc <= 2)
 		return cmd_bench(argc == 2 ? argv[1] : NULL);
+	if (!strcmp(cmd, "flood") && argc == 2)
+		return cmd_flood(argv[1]);
 	if (!strcmp(cmd, "legacy-regs") && argc == 1)
 		return cmd_legacy_regs();
 	usage(stderr);

@@ -12,6 +12,8 @@
 #   VGPU_CACHE=DIR      download/build cache (default $HOME/.cache/vgpu)
 #   VGPU_E2E_KEEP=1     keep the work directory (logs) after the run
 #   VGPU_E2E_BOOT_S=N   seconds to wait for a guest to boot (default 180)
+#   VGPU_GUEST_KREL=R   Debian guest kernel release (default: linux-image-amd64's)
+#   VGPU_E2E_STRESS=1   also unbind with 70 requests in flight (see below)
 #   RUST_LOG            daemon log level (default info)
 #
 # The guests' /init (guest-init.sh) serves commands written to their serial
@@ -341,6 +343,18 @@ if guest 2 120 "$conc_cmd" && [[ $(grep -cx good <<<"$OUTPUT") == 40 ]]; then
 	record PASS "vm2 40 concurrent adds" "all 40 correct"
 else
 	record FAIL "vm2 40 concurrent adds" "rc=$RC: $(grep -v '^good$' <<<"$OUTPUT" | tr '\n' ' ' | cut -c1-300)"
+fi
+
+# More requests than fit: while a BUSY_WAIT holds the GPU, 400 threads submit
+# a PING each. The daemon takes up to 64 (max_queued), the ring holds 256
+# (indirect descriptors), the rest must wait in the driver for ring space.
+flood_cmd="s=/sys/class/misc/vgpu0/stats; vgpu-client busy-wait 1500 >/dev/null & sleep 0.3; \
+vgpu-client -t 60000 flood 400; echo flood_rc=\$?; wait; cat \$s"
+if guest 2 180 "$flood_cmd" && grep -q '^flood n=400 ok=400 failed=0$' <<<"$OUTPUT" &&
+   grep -q '^flood_rc=0$' <<<"$OUTPUT"; then
+	record PASS "vm2 flood 400" "$(grep '^submitted=' <<<"$OUTPUT")"
+else
+	record FAIL "vm2 flood 400" "rc=$RC: $(tr '\n' ' ' <<<"$OUTPUT" | cut -c1-300)"
 fi
 
 # --- contention: priority order on a held GPU ---------------------------------------
