@@ -429,13 +429,24 @@ fi
 
 # --- driver robustness in vm1: timeouts, unbind and rmmod with requests in flight ---
 
-# A wait that times out leaves the request to the device; the next one works.
-if guest 1 60 "vgpu-client -t 300 busy-wait 1500; echo client_rc=\$?; vgpu-client add 1 1" &&
-   grep -q 'timed out' <<<"$OUTPUT" && grep -q '^client_rc=1$' <<<"$OUTPUT" &&
+# A wait that times out, or a waiter killed by a signal, leaves the request
+# to the device (abandoned, freed when it comes back); the next one works.
+abandon_cmd="s=/sys/class/misc/vgpu0/stats; cat \$s; \
+vgpu-client -t 300 busy-wait 1500; echo client_rc=\$?; \
+vgpu-client busy-wait 1500 & p=\$!; sleep 0.5; kill \$p; wait \$p; echo killed_rc=\$?; \
+vgpu-client add 1 1; cat \$s"
+if guest 1 60 "$abandon_cmd" && grep -q 'timed out' <<<"$OUTPUT" &&
+   grep -q '^client_rc=1$' <<<"$OUTPUT" && grep -q '^killed_rc=143$' <<<"$OUTPUT" &&
    grep -qx 2 <<<"$OUTPUT"; then
-	record PASS "vm1 timeout then reuse" "ETIMEDOUT after 300 ms, next request OK"
+	before=$(grep -m1 -o 'abandoned=[0-9]*' <<<"$OUTPUT" | cut -d= -f2)
+	after=$(grep -o 'abandoned=[0-9]*' <<<"$OUTPUT" | tail -1 | cut -d= -f2)
+	if ((after - before == 2)); then
+		record PASS "vm1 timeout/kill then reuse" "ETIMEDOUT after 300 ms, killed waiter; abandoned +2; next request OK"
+	else
+		record FAIL "vm1 timeout/kill then reuse" "abandoned $before -> $after, want +2"
+	fi
 else
-	record FAIL "vm1 timeout then reuse" "rc=$RC: $(tr '\n' ' ' <<<"$OUTPUT")"
+	record FAIL "vm1 timeout/kill then reuse" "rc=$RC: $(tr '\n' ' ' <<<"$OUTPUT")"
 fi
 
 # Unbind with N requests in flight. Remove resets the device: the daemon
