@@ -9,6 +9,8 @@
 # Environment:
 #   QEMU=/path          patched qemu-system-x86_64 (default: tests/e2e/build-qemu.sh)
 #   VGPU_DAEMON=/path   vgpu-vhost-user binary (default: cargo build --release)
+#   VGPU_ADMIN=/path    vgpu-admin, for the live config-change step (default:
+#                       next to the daemon; the step is skipped without it)
 #   VGPU_CACHE=DIR      download/build cache (default $HOME/.cache/vgpu)
 #   VGPU_E2E_KEEP=1     keep the work directory (logs) after the run
 #   VGPU_E2E_BOOT_S=N   seconds to wait for a guest to boot (default 180)
@@ -83,9 +85,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
 
-record() { # PASS|FAIL name detail
+record() { # PASS|FAIL|SKIP name detail
 	RESULTS+=("$(printf '%-4s %-28s %s' "$1" "$2" "${3:-}")")
-	[[ $1 == PASS ]] || FAILED=$((FAILED + 1))
+	[[ $1 == FAIL ]] && FAILED=$((FAILED + 1))
 	log "$1 $2 ${3:-}"
 }
 
@@ -109,7 +111,7 @@ summary() {
 	done
 	echo "==========================================================="
 	if ((FAILED == 0 && ${#RESULTS[@]} > 0)); then
-		echo "E2E PASS (${#RESULTS[@]} checks)"
+		echo "E2E PASS (${#RESULTS[@]} checks, $(printf '%s\n' "${RESULTS[@]}" | grep -c '^SKIP') skipped)"
 		return 0
 	fi
 	echo "E2E FAIL ($FAILED of ${#RESULTS[@]} checks failed)"
@@ -142,6 +144,8 @@ if [[ -z ${VGPU_DAEMON:-} ]]; then
 	(cd "$REPO" && cargo build --release >&2)
 	VGPU_DAEMON=$REPO/target/release/vgpu-vhost-user
 fi
+# vgpu-admin drives the live config-change step; optional.
+VGPU_ADMIN=${VGPU_ADMIN:-$(dirname "$VGPU_DAEMON")/vgpu-admin}
 [[ -x $VGPU_DAEMON ]] || fatal daemon "not executable: $VGPU_DAEMON"
 
 log "guest kernel, headers, busybox"
@@ -529,7 +533,7 @@ else
 fi
 kernel_log_check 1 "vm1 kernel log at end"
 
-# --- shut down ---------------------------------------------------------------------
+# --- shut down the three guests ------------------------------------------------
 
 for n in 1 2 3; do
 	vm_alive "$n" && send "$n" "poweroff -f"
@@ -539,6 +543,52 @@ for n in 1 2 3; do
 		vm_alive "$n" || break
 		sleep 0.2
 	done
+	stop_pid "${QPID[$n]}"
 done
+
+# --- live config change: admin -> daemon -> QEMU -> guest .config_changed -------
+#
+# The daemon in database mode, one guest; vgpu-admin moves the VM to another
+# pool and priority; the guest must log the change and show it in sysfs
+# without a reboot.
+
+if [[ -x $VGPU_ADMIN ]]; then
+	log "config change: daemon in database mode, vm4"
+	export VGPU_DB=$WORK/vgpu.db
+	"$VGPU_ADMIN" init >&2
+	"$VGPU_ADMIN" register-vm 00000000-0000-0000-0000-0000000000e4 \
+		--pool A --priority high --vm-id 4 --name e2e-vm4 >&2
+	RUST_LOG=${RUST_LOG:-info} "$VGPU_DAEMON" --executor cpu --db "$VGPU_DB" \
+		--socket-dir "$WORK" >"$WORK/daemon-db.out" 2>"$WORK/daemon-db.log" &
+	DAEMON_PID=$!
+	POOL[4]=A PRIO[4]=high PRIONUM[4]=2
+	start_vm 4
+	if wait_line 4 '^READY' "$BOOT_S" &&
+	   guest 4 60 "cat /sys/class/misc/vgpu0/pool_id /sys/class/misc/vgpu0/priority" &&
+	   [[ $(tr '\n' ' ' <<<"$OUTPUT") == "A 2 " ]]; then
+		"$VGPU_ADMIN" --socket-dir "$WORK" set-priority e2e-vm4 low >&2
+		"$VGPU_ADMIN" --socket-dir "$WORK" set-pool e2e-vm4 B >&2
+		ok=0
+		for i in $(seq 20); do
+			guest 4 30 "cat /sys/class/misc/vgpu0/pool_id /sys/class/misc/vgpu0/priority; dmesg | grep 'config changed' | tail -1" || break
+			if [[ $(head -2 <<<"$OUTPUT" | tr '\n' ' ') == "B 0 " ]] &&
+			   grep -q 'config changed: pool B priority 0 (low) vm_id 4' <<<"$OUTPUT"; then
+				ok=1
+				break
+			fi
+			sleep 0.5
+		done
+		if ((ok)); then
+			record PASS "vm4 live config change" "A/high -> B/low: $(tail -1 <<<"$OUTPUT" | sed 's/.*\] //')"
+		else
+			record FAIL "vm4 live config change" "$(tr '\n' ' ' <<<"$OUTPUT")"
+		fi
+	else
+		record FAIL "vm4 live config change" "guest not ready or wrong initial values: $(tr '\n' ' ' <<<"${OUTPUT:-}")"
+	fi
+	vm_alive 4 && send 4 "poweroff -f"
+else
+	record SKIP "vm4 live config change" "no vgpu-admin next to the daemon (set VGPU_ADMIN)"
+fi
 
 summary
