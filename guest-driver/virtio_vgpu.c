@@ -640,7 +640,8 @@ static void vgpu_log_config(struct vgpu *vgpu, const char *what)
 
 	dev_info(&vgpu->vdev->dev,
 		 "%s: %s pool %c priority %u (%s) vm_id %u\n",
-		 vgpu->name, what, isgraph(c->pool_id & 0x7f) ?
+		 vgpu->name, what,
+		 c->pool_id < 0x80 && isgraph(c->pool_id) ?
 		 (char)c->pool_id : '?', c->priority,
 		 vgpu_prio_name(c->priority), c->vm_id);
 }

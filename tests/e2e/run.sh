@@ -333,6 +333,12 @@ if guest 2 120 vgpu-client vector-add 100000 && grep -q '^OK n=100000$' <<<"$OUT
 else
 	record FAIL "vm2 vector-add 100000" "rc=$RC: $(tr '\n' ' ' <<<"$OUTPUT")"
 fi
+# 32 MiB in, 16 MiB out: bounce buffers in 2 MiB chunks, indirect descriptors.
+if guest 3 180 vgpu-client vector-add 4194304 && grep -q '^OK n=4194304$' <<<"$OUTPUT"; then
+	record PASS "vm3 vector-add 4Mi (32 MiB)" "$(tr '\n' ' ' <<<"$OUTPUT")"
+else
+	record FAIL "vm3 vector-add 4Mi (32 MiB)" "rc=$RC: $(tr '\n' ' ' <<<"$OUTPUT")"
+fi
 if guest 1 120 vgpu-client bench 200; then
 	record PASS "vm1 bench 200 pings" "$(grep '^bench' <<<"$OUTPUT")"
 else
