@@ -119,4 +119,49 @@ struct vgpu_info {
 	char name[64];		/* NUL-terminated */
 };
 
+/*
+ * Guest character device /dev/vgpuN (virtio_vgpu.ko).
+ *
+ * VGPU_IOC_SUBMIT sends one request and waits for its response. The driver
+ * copies the payload into kernel bounce buffers, builds one descriptor chain
+ * (vgpu_req_hdr + payload readable, vgpu_resp_hdr + output writable), and
+ * blocks until the device returns the chain, the timeout expires or a signal
+ * arrives. Every pointer is a user virtual address carried in a __u64, so the
+ * layout is the same for 32- and 64-bit callers.
+ *
+ * Return value: 0 when the device answered (the device's own status is in
+ * resp.status, which may still be an error), or -1 with errno:
+ *   EINVAL   a reserved field is non-zero
+ *   E2BIG    payload_len or output_cap above VGPU_MAX_PAYLOAD / VGPU_MAX_OUTPUT
+ *   EFAULT   a user pointer is bad
+ *   ENOMEM   no memory for the bounce buffers
+ *   ETIMEDOUT no response within timeout_ms
+ *   EINTR    interrupted by a signal (the request may still run on the device)
+ *   ENODEV   the device was removed or reset
+ *   EIO      the device returned a malformed response (shorter than the
+ *            response header) or the virtqueue is broken
+ */
+#define VGPU_MAX_PAYLOAD	(256u << 20)
+#define VGPU_MAX_OUTPUT		(256u << 20)
+#define VGPU_DEFAULT_TIMEOUT_MS	30000u
+#define VGPU_MAX_TIMEOUT_MS	600000u
+
+struct vgpu_submit {
+	__u16 opcode;		/* in: VGPU_OP_* */
+	__u16 reserved0;	/* in: 0 */
+	__u32 flags;		/* in: copied to vgpu_req_hdr.flags, 0 in v1 */
+	__u64 tag;		/* in: copied to vgpu_req_hdr.tag, echoed */
+	__u64 payload;		/* in: user pointer to payload_len bytes */
+	__u32 payload_len;	/* in */
+	__u32 output_cap;	/* in: bytes available at output */
+	__u64 output;		/* in: user pointer, receives the output */
+	__u32 timeout_ms;	/* in: 0 = VGPU_DEFAULT_TIMEOUT_MS */
+	__u32 output_len;	/* out: bytes written to output */
+	struct vgpu_resp_hdr resp; /* out: as the device wrote it (little-endian) */
+	__u64 reserved[4];	/* in: 0 */
+};
+
+#define VGPU_IOC_MAGIC		0xF7
+#define VGPU_IOC_SUBMIT		_IOWR(VGPU_IOC_MAGIC, 0x01, struct vgpu_submit)
+
 #endif /* _UAPI_LINUX_VGPU_H */
