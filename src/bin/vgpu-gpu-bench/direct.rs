@@ -1,4 +1,4 @@
-//! Direct cudarc baselines for the daemon section: the same kernels the
+//! Direct cudarc baselines for both sections: the same kernels the
 //! executor runs (`kernels/vgpu_kernels.ptx`), launched from this process on a
 //! context of its own, with pinned host buffers and no event tracking (each
 //! buffer is used on one stream only), i.e. the fastest plain cudarc does.

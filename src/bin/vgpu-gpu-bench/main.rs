@@ -27,9 +27,7 @@ mod direct;
 use std::time::{Duration, Instant};
 
 use common::{Guest, Rng};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
-use cudarc::nvrtc::Ptx;
-use vgpu::executor::cuda::KERNELS_PTX;
+use direct::Direct;
 use vgpu::executor::ops::GemmDims;
 use vgpu::executor::{CudaConfig, CudaExecutor, Executor};
 use vgpu::protocol::{Opcode, Status};
@@ -135,13 +133,8 @@ fn executor_section(sgemm_n: usize, iters: usize) -> Res<()> {
     );
     let mut rng = Rng::new(12345);
 
-    // Direct cudarc on the executor's device (same context), own stream.
-    let ctx = ex.context().clone();
-    let stream = ctx.new_stream()?;
-    let module = ctx.load_module(Ptx::from_src(KERNELS_PTX))?;
-    let k_scalar = module.load_function("scalar_add_i32")?;
-    let k_vadd = module.load_function("vector_add_f32")?;
-    let k_sgemm = module.load_function("sgemm_f32")?;
+    // Direct cudarc: the same kernels, pinned buffers (shared with the daemon section).
+    let direct = Direct::new(info.gpu_index as usize)?;
 
     println!("\n== round trip, small requests ==");
     let ping = g.request(1, Opcode::Ping, &[], 0);
@@ -154,41 +147,14 @@ fn executor_section(sgemm_n: usize, iters: usize) -> Res<()> {
     }
     let v = time_n(iters, || status(ex.execute(&req, limit)).map(|_| ()))?;
     let (exec_p50, _) = report_lat("SCALAR_ADD, executor (guest memory, registered)", v);
-
-    // SAFETY: filled before use.
-    let mut pin_in = unsafe { ctx.alloc_pinned_with_flags::<i32>(2, 0) }?;
-    pin_in.as_mut_slice()?.copy_from_slice(&[40, 2]);
-    let mut pin_out = unsafe { ctx.alloc_pinned_with_flags::<i32>(1, 0) }?;
-    let mut d_in = stream.alloc_zeros::<i32>(2)?;
-    let mut d_out = stream.alloc_zeros::<i32>(1)?;
-    let (a, b) = (40i32, 2i32);
-    let cfg1 = LaunchConfig {
-        grid_dim: (1, 1, 1),
-        block_dim: (1, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut direct = |copy_in: bool| -> Res<()> {
-        if copy_in {
-            stream.memcpy_htod(&pin_in, &mut d_in)?;
-        }
-        let mut l = stream.launch_builder(&k_scalar);
-        l.arg(&a).arg(&b).arg(&mut d_out);
-        // SAFETY: scalar_add_i32(int, int, int*).
-        unsafe { l.launch(cfg1) }?;
-        stream.memcpy_dtoh(&d_out, &mut pin_out)?;
-        stream.synchronize()?;
-        Ok(())
-    };
-    for _ in 0..1000 {
-        direct(true)?;
-    }
-    let v = time_n(iters, || direct(true))?;
-    let (dir_p50, _) = report_lat("SCALAR_ADD, cudarc: 8 B in, kernel, 4 B out, sync", v);
-    let v = time_n(iters, || direct(false))?;
-    let (dir2_p50, _) = report_lat("SCALAR_ADD, cudarc: kernel, 4 B out, sync", v);
-    if pin_out.as_slice()?[0] != 42 {
-        return Err("direct SCALAR_ADD wrong".into());
-    }
+    let (dir_p50, _) = report_lat(
+        "SCALAR_ADD, cudarc: 8 B in, kernel, 4 B out, sync",
+        direct.scalar_latency(iters, true)?,
+    );
+    let (dir2_p50, _) = report_lat(
+        "SCALAR_ADD, cudarc: kernel, 4 B out, sync",
+        direct.scalar_latency(iters, false)?,
+    );
     println!(
         "executor - cudarc (copy in): {:+.2} us p50; executor - cudarc (no copy in): {:+.2} us p50",
         exec_p50 - dir_p50,
@@ -215,35 +181,7 @@ fn executor_section(sgemm_n: usize, iters: usize) -> Res<()> {
             us(p50),
             bytes / p50.as_secs_f64() / 1e9
         );
-        // SAFETY: filled before use.
-        let mut ha = unsafe { ctx.alloc_pinned_with_flags::<f32>(n, 0) }?;
-        let mut hb = unsafe { ctx.alloc_pinned_with_flags::<f32>(n, 0) }?;
-        let mut ho = unsafe { ctx.alloc_pinned_with_flags::<f32>(n, 0) }?;
-        ha.as_mut_slice()?.copy_from_slice(&va);
-        hb.as_mut_slice()?.copy_from_slice(&vb);
-        let mut da = stream.alloc_zeros::<f32>(n)?;
-        let mut db = stream.alloc_zeros::<f32>(n)?;
-        let mut dout = stream.alloc_zeros::<f32>(n)?;
-        let n32 = n as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (n32.div_ceil(256).min(65535), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut run = || -> Res<()> {
-            stream.memcpy_htod(&ha, &mut da)?;
-            stream.memcpy_htod(&hb, &mut db)?;
-            let mut l = stream.launch_builder(&k_vadd);
-            l.arg(&da).arg(&db).arg(&mut dout).arg(&n32);
-            // SAFETY: vector_add_f32(const float*, const float*, float*, unsigned).
-            unsafe { l.launch(cfg) }?;
-            stream.memcpy_dtoh(&dout, &mut ho)?;
-            stream.synchronize()?;
-            Ok(())
-        };
-        run()?;
-        let mut v = time_n(reps, &mut run)?;
-        let p50 = pct(&mut v, 0.5);
+        let (p50, direct_out) = direct.vector_add(&va, &vb, reps)?;
         println!(
             "{:<58} p50 {:8.1} us   {:6.1} GB/s moved",
             format!("{} Mi floats, cudarc (pinned buffers)", n >> 20),
@@ -252,7 +190,7 @@ fn executor_section(sgemm_n: usize, iters: usize) -> Res<()> {
         );
         let mut out = vec![0u8; 4 * n];
         req.output.read_at(0, &mut out)?;
-        if common::f32s(&out) != ho.as_slice()? {
+        if common::f32s(&out) != direct_out {
             return Err("VECTOR_ADD executor and cudarc disagree".into());
         }
     }
@@ -270,73 +208,34 @@ fn executor_section(sgemm_n: usize, iters: usize) -> Res<()> {
     let reps = 3;
     let mut v = time_n(reps, || status(ex.execute(&req, limit)).map(|_| ()))?;
     let best = pct(&mut v, 0.0);
+    let gflops = |t: Duration| d.flops() / t.as_secs_f64() / 1e9;
     println!(
         "{:<58} best {:8.2} ms   {:8.0} GFLOP/s",
         "executor request (copies of A, B, C included)",
         best.as_secs_f64() * 1e3,
-        d.flops() / best.as_secs_f64() / 1e9
+        gflops(best)
     );
-    // SAFETY: filled before use.
-    let mut ha = unsafe { ctx.alloc_pinned_with_flags::<f32>(ma.len(), 0) }?;
-    let mut hb = unsafe { ctx.alloc_pinned_with_flags::<f32>(mb.len(), 0) }?;
-    let mut hc = unsafe { ctx.alloc_pinned_with_flags::<f32>(d.m * d.n, 0) }?;
-    ha.as_mut_slice()?.copy_from_slice(&ma);
-    hb.as_mut_slice()?.copy_from_slice(&mb);
-    let mut da = stream.alloc_zeros::<f32>(ma.len())?;
-    let mut db = stream.alloc_zeros::<f32>(mb.len())?;
-    let mut dc = stream.alloc_zeros::<f32>(d.m * d.n)?;
-    let (m32, n32, k32) = (d.m as u32, d.n as u32, d.k as u32);
-    let cfg = LaunchConfig {
-        grid_dim: (n32.div_ceil(128), m32.div_ceil(128), 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    stream.memcpy_htod(&ha, &mut da)?;
-    stream.memcpy_htod(&hb, &mut db)?;
-    let mut kernel = |copies: bool| -> Res<()> {
-        if copies {
-            stream.memcpy_htod(&ha, &mut da)?;
-            stream.memcpy_htod(&hb, &mut db)?;
-        }
-        let mut l = stream.launch_builder(&k_sgemm);
-        l.arg(&m32)
-            .arg(&n32)
-            .arg(&k32)
-            .arg(&da)
-            .arg(&db)
-            .arg(&mut dc);
-        // SAFETY: sgemm_f32(unsigned, unsigned, unsigned, const float*, const float*, float*).
-        unsafe { l.launch(cfg) }?;
-        if copies {
-            stream.memcpy_dtoh(&dc, &mut hc)?;
-        }
-        stream.synchronize()?;
-        Ok(())
-    };
-    kernel(false)?;
-    let mut v = time_n(reps, || kernel(true))?;
-    let best = pct(&mut v, 0.0);
-    println!(
-        "{:<58} best {:8.2} ms   {:8.0} GFLOP/s",
-        "cudarc, same kernel, pinned copies of A, B, C included",
-        best.as_secs_f64() * 1e3,
-        d.flops() / best.as_secs_f64() / 1e9
-    );
-    let mut v = time_n(reps, || kernel(false))?;
-    let best = pct(&mut v, 0.0);
-    println!(
-        "{:<58} best {:8.2} ms   {:8.0} GFLOP/s",
-        "cudarc, same kernel only (device-resident A, B, C)",
-        best.as_secs_f64() * 1e3,
-        d.flops() / best.as_secs_f64() / 1e9
-    );
-    stream.memcpy_dtoh(&dc, &mut hc)?;
-    stream.synchronize()?;
+    let direct_run = direct.sgemm(sgemm_n, &ma, &mb, reps)?;
+    for (what, t) in [
+        (
+            "cudarc, same kernel, pinned copies of A, B, C included",
+            direct_run.with_copies,
+        ),
+        (
+            "cudarc, same kernel only (device-resident A, B, C)",
+            direct_run.kernel_only,
+        ),
+    ] {
+        println!(
+            "{what:<58} best {:8.2} ms   {:8.0} GFLOP/s",
+            t.as_secs_f64() * 1e3,
+            gflops(t)
+        );
+    }
     let mut out = vec![0u8; d.c_bytes()];
     req.output.read_at(0, &mut out)?;
     let exec_c = common::f32s(&out);
-    let direct_c = hc.as_slice()?;
-    if exec_c != direct_c {
+    if exec_c != direct_run.c {
         return Err("SGEMM executor and cudarc disagree".into());
     }
     // Spot-check a few elements against a CPU dot product.
