@@ -12,7 +12,7 @@ use crate::chain::{self, Parsed};
 use crate::control::VmStatus;
 use crate::guest::{GuestBufs, GuestMem};
 use crate::protocol::{DeviceConfig, PoolId, Priority, RespHdr};
-use crate::scheduler::{ArrivalCounter, Completion, Gpu, Job};
+use crate::scheduler::{ArrivalCounter, Completion, Control, Gpu, Job};
 
 /// Last waits kept per VM for the p50/p99 of `status`.
 const WAIT_SAMPLES: usize = 1024;
@@ -72,6 +72,8 @@ pub struct Vm {
     retired: AtomicBool,
     /// Closes the current connection (set while a frontend is connected).
     hangup: Mutex<Option<Box<dyn Fn() + Send>>>,
+    /// The current memory table, handed to a new GPU when the VM moves.
+    mem: Mutex<Option<Arc<GuestMem>>>,
     /// The frontend's backend-request channel, for config-change notifications.
     config_channel: Mutex<Option<std::os::fd::OwnedFd>>,
     outstanding: AtomicUsize,
@@ -103,6 +105,7 @@ impl Vm {
             stopping,
             retired: AtomicBool::new(false),
             hangup: Mutex::new(None),
+            mem: Mutex::new(None),
             config_channel: Mutex::new(None),
             outstanding: AtomicUsize::new(0),
             drained: Condvar::new(),
@@ -131,7 +134,20 @@ impl Vm {
     pub fn update(&self, settings: VmSettings, gpu: Arc<Gpu>) {
         let old = std::mem::replace(&mut *lock(&self.settings), settings.clone());
         let old_gpu = std::mem::replace(&mut *lock(&self.gpu), gpu.clone());
-        if old.priority != settings.priority || !Arc::ptr_eq(&old_gpu, &gpu) {
+        let moved_gpu = !Arc::ptr_eq(&old_gpu, &gpu);
+        if moved_gpu {
+            // The new GPU's executor needs the memory table; the old one lets go.
+            old_gpu.control(Control::ReleaseVm {
+                vm_id: settings.vm_id,
+            });
+            if let Some(mem) = lock(&self.mem).clone() {
+                gpu.control(Control::MapMemory {
+                    vm_id: settings.vm_id,
+                    mem,
+                });
+            }
+        }
+        if old.priority != settings.priority || moved_gpu {
             let moved = old_gpu.take_vm(settings.vm_id);
             for mut job in moved {
                 job.priority = settings.priority;
@@ -223,11 +239,13 @@ impl Vm {
                 self.id()
             );
         }
-        gpu.control(crate::scheduler::Control::ReleaseVm { vm_id: self.id() });
+        *lock(&self.mem) = None;
+        gpu.control(Control::ReleaseVm { vm_id: self.id() });
     }
 
     pub fn map_memory(&self, mem: Arc<GuestMem>) {
-        self.gpu().control(crate::scheduler::Control::MapMemory {
+        *lock(&self.mem) = Some(mem.clone());
+        self.gpu().control(Control::MapMemory {
             vm_id: self.id(),
             mem,
         });
