@@ -9,7 +9,7 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -120,11 +120,7 @@ fn unix_sockets() -> Result<Vec<UnixSock>, Error> {
 
 /// Inode of a socket, to tell channels apart across duplicates.
 pub fn inode(fd: &OwnedFd) -> Option<u64> {
-    // SAFETY: fstat into a local buffer.
-    unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        (libc::fstat(fd.as_raw_fd(), &mut st) == 0).then_some(st.st_ino)
-    }
+    fd_inode(fd.as_raw_fd())
 }
 
 fn fd_inode(fd: RawFd) -> Option<u64> {
@@ -191,11 +187,10 @@ pub fn send_config_change(fd: &OwnedFd) -> io::Result<()> {
     let mut msg = [0u8; 12];
     msg[0..4].copy_from_slice(&CONFIG_CHANGE_MSG.to_le_bytes());
     msg[4..8].copy_from_slice(&VERSION_1.to_le_bytes());
-    let borrowed: BorrowedFd<'_> = std::os::fd::AsFd::as_fd(fd);
     // SAFETY: sending from a local buffer on an open socket.
     let n = unsafe {
         libc::send(
-            borrowed.as_raw_fd(),
+            fd.as_raw_fd(),
             msg.as_ptr() as *const libc::c_void,
             msg.len(),
             libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::GuestAddress;
 
 use crate::executor::Request;
 use crate::guest::{GuestBufs, GuestMem};
@@ -152,11 +151,6 @@ pub fn write_response(resp: &GuestBufs, hdr: &RespHdr) -> u32 {
     }
 }
 
-/// Guest address helper for tests and the simulated frontend.
-pub fn addr(a: u64) -> GuestAddress {
-    GuestAddress(a)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,7 +158,7 @@ mod tests {
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::Bytes;
+    use vm_memory::{Bytes, GuestAddress};
 
     const DATA: u64 = 0x10_0000;
     const W: u16 = VRING_DESC_F_WRITE as u16;

@@ -38,8 +38,6 @@ pub enum Error {
     #[error(transparent)]
     Protocol(#[from] protocol::Error),
     #[error(transparent)]
-    Executor(#[from] executor::Error),
-    #[error(transparent)]
     Scheduler(#[from] scheduler::Error),
     #[error(transparent)]
     Store(#[from] store::Error),
