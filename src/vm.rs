@@ -77,6 +77,8 @@ pub struct Vm {
     /// The frontend's backend-request channel, for config-change notifications.
     config_channel: Mutex<Option<std::os::fd::OwnedFd>>,
     outstanding: AtomicUsize,
+    /// The last pump stopped at the cap: the next completion must pump.
+    at_cap: AtomicBool,
     drained: Condvar,
     drain_lock: Mutex<()>,
     /// Serialises draining the ring (kick thread and completions).
@@ -108,6 +110,7 @@ impl Vm {
             mem: Mutex::new(None),
             config_channel: Mutex::new(None),
             outstanding: AtomicUsize::new(0),
+            at_cap: AtomicBool::new(false),
             drained: Condvar::new(),
             drain_lock: Mutex::new(()),
             pump_lock: Mutex::new(()),
@@ -162,15 +165,6 @@ impl Vm {
                 settings.priority
             );
             self.notify_config_change();
-        }
-        if settings.max_queued > old.max_queued {
-            // Chains left in the ring by the old cap are taken on the next kick
-            // or completion.
-            log::debug!(
-                "vm{}: cap raised to {}",
-                settings.vm_id,
-                settings.max_queued
-            );
         }
     }
 
@@ -311,9 +305,15 @@ impl Vm {
                 }
                 let settings = self.settings();
                 if self.outstanding.load(Ordering::Acquire) >= settings.max_queued {
-                    // Back-pressure: the rest waits in the ring; a completion pumps again.
-                    blocked = true;
-                    break;
+                    // Back-pressure: the rest waits in the ring; the next
+                    // completion pumps again. Re-check after raising the flag
+                    // so that a completion in between is not missed.
+                    self.at_cap.store(true, Ordering::Release);
+                    if self.outstanding.load(Ordering::Acquire) >= settings.max_queued {
+                        blocked = true;
+                        break;
+                    }
+                    self.at_cap.store(false, Ordering::Release);
                 }
                 let Some(taken) = ring.pop(settings.vm_id) else {
                     break;
@@ -405,7 +405,7 @@ impl Vm {
             let _g = lock(&self.drain_lock);
             self.drained.notify_all();
         }
-        if before >= self.settings().max_queued && gen == self.generation() {
+        if self.at_cap.swap(false, Ordering::AcqRel) && gen == self.generation() {
             self.pump(ring);
         }
     }
