@@ -71,6 +71,20 @@ impl FileConfig {
         })
     }
 
+    /// The embedded defaults (config/vgpu.toml).
+    pub fn embedded() -> Result<Self, Error> {
+        FileConfig::parse(DEFAULT_CONFIG, Path::new("config/vgpu.toml"))
+    }
+
+    /// A configuration file given by the user.
+    pub fn read(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::ConfigFile {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        FileConfig::parse(&text, path)
+    }
+
     /// `other`'s keys win.
     pub fn merge(self, other: FileConfig) -> FileConfig {
         FileConfig {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use vgpu::protocol::*;
-use vgpu::sim::{Desc, SimOptions, Used};
+use vgpu_sim::{Desc, SimOptions, Used};
 
 fn status(h: &RespHdr) -> Status {
     Status::from_u32(h.status).expect("known status")
@@ -114,7 +114,7 @@ fn every_opcode_gives_correct_results() {
 
 /// Writes `bytes` in pieces cut at `cuts`, spread apart in guest memory.
 fn pieces(
-    g: &vgpu::sim::SimGuest,
+    g: &vgpu_sim::SimGuest,
     base: u64,
     bytes: &[u8],
     cuts: &[usize],
@@ -566,7 +566,7 @@ fn one_vm_flooding_garbage_does_not_disturb_another() {
     let d = DaemonProc::start(&[(1, "A", "high"), (2, "A", "high")], &[]);
     let sock = d.socket(1);
     let flood = std::thread::spawn(move || {
-        let mut g = vgpu::sim::SimGuest::connect_retry(&sock, SimOptions::default(), T).unwrap();
+        let mut g = vgpu_sim::SimGuest::connect_retry(&sock, SimOptions::default(), T).unwrap();
         let mut rng = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = || {
             rng ^= rng << 13;
@@ -580,14 +580,14 @@ fn one_vm_flooding_garbage_does_not_disturb_another() {
                 .map(|_| Desc {
                     addr: match next() % 3 {
                         0 => next(),
-                        _ => vgpu::sim::DATA_BASE + next() % 0x8000,
+                        _ => vgpu_sim::DATA_BASE + next() % 0x8000,
                     },
                     len: (next() % 200) as u32,
                     writable: next() % 2 == 0,
                 })
                 .collect();
             let junk: Vec<u8> = (0..64).map(|_| next() as u8).collect();
-            g.write(vgpu::sim::DATA_BASE + (round % 8) * 64, &junk)
+            g.write(vgpu_sim::DATA_BASE + (round % 8) * 64, &junk)
                 .unwrap();
             let head = g.add_chain(&descs).unwrap();
             g.kick().unwrap();

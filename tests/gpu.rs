@@ -9,8 +9,7 @@
 //!
 //!     ./gpu-<hash> --ignored --test-threads=1
 
-#[path = "gpu_common/mod.rs"]
-mod common;
+use vgpu_sim::workload as common;
 
 use std::ffi::CString;
 use std::time::{Duration, Instant};

@@ -15,8 +15,7 @@
 //! `$VGPU_CUDA_WORKER`.
 
 mod common;
-#[path = "gpu_common/mod.rs"]
-mod gpu_common;
+use vgpu_sim::workload as gpu_common;
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -27,7 +26,7 @@ use gpu_common::{f32_bytes, f32s, Rng};
 use vgpu::executor::cpu::{saxpy, sgemm, vector_add};
 use vgpu::executor::remoting::{encode_launch, Launch, Param};
 use vgpu::protocol::*;
-use vgpu::sim::{Desc, SimGuest, SimOptions};
+use vgpu_sim::{Desc, SimGuest, SimOptions};
 
 const TEST_PTX: &str = include_str!("kernels/remote_test.ptx");
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use vgpu::protocol::*;
-use vgpu::sim::{SimGuest, SimOptions};
+use vgpu_sim::{SimGuest, SimOptions};
 
 const UUID1: &str = "11111111-1111-4111-8111-111111111111";
 const UUID2: &str = "22222222-2222-4222-8222-222222222222";

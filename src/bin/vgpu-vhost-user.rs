@@ -22,7 +22,7 @@ struct Cli {
     #[arg(long = "vm", value_name = "SPEC")]
     vms: Vec<VmSpec>,
     /// Short form for one VM: its socket path (with --vm-id, --pool, --priority).
-    #[arg(long, conflicts_with = "demo")]
+    #[arg(long)]
     socket: Option<PathBuf>,
     #[arg(long, requires = "socket", default_value_t = 1)]
     vm_id: u32,
@@ -56,13 +56,6 @@ struct Cli {
     /// TOML file overriding the embedded defaults (config/vgpu.toml).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Run three VMs (high, medium, low) in a temporary directory and drive
-    /// them with simulated guests, printing every request as it completes.
-    #[arg(long)]
-    demo: bool,
-    /// Requests each simulated guest sends in --demo.
-    #[arg(long, default_value_t = 8, requires = "demo")]
-    demo_requests: u32,
 }
 
 fn main() -> ExitCode {
@@ -78,11 +71,9 @@ fn main() -> ExitCode {
 }
 
 fn file_config(cli: &Cli) -> Result<FileConfig, Box<dyn std::error::Error>> {
-    let mut cfg = FileConfig::parse(daemon::DEFAULT_CONFIG, "config/vgpu.toml".as_ref())?;
+    let mut cfg = FileConfig::embedded()?;
     if let Some(path) = &cli.config {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        cfg = cfg.merge(FileConfig::parse(&text, path)?);
+        cfg = cfg.merge(FileConfig::read(path)?);
     }
     let pool_gpu = match &cli.pool_gpu {
         Some(s) => Some(
@@ -115,9 +106,6 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             socket: socket.clone(),
             max_queued: None,
         });
-    }
-    if cli.demo {
-        return vgpu::demo::run(file, cli.demo_requests);
     }
     let socket_dir = cli
         .socket_dir

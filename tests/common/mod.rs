@@ -7,7 +7,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use vgpu::protocol::{Opcode, RespHdr};
-use vgpu::sim::{SimGuest, SimOptions};
+use vgpu_sim::{SimGuest, SimOptions};
 
 pub struct DaemonProc {
     pub child: Child,

@@ -1,8 +1,6 @@
 //! Helpers shared by the GPU tests and the GPU benchmark: requests built over
 //! anonymous guest memory, payload encoders, a small PRNG.
 
-#![allow(dead_code)]
-
 use std::sync::Arc;
 
 use vgpu::executor::Request;

@@ -19,18 +19,16 @@
 //! Usage: `vgpu-gpu-bench [--only executor|daemon] [--sgemm N] [--iters N]
 //! [--seconds S] [--window W] [--vms N]` (see docs/gpu.md).
 
-#[path = "../../../tests/gpu_common/mod.rs"]
-mod common;
 mod daemon;
 mod direct;
 
 use std::time::{Duration, Instant};
 
-use common::{Guest, Rng};
 use direct::Direct;
 use vgpu::executor::ops::GemmDims;
 use vgpu::executor::{CudaConfig, CudaExecutor, Executor};
 use vgpu::protocol::{Opcode, Status};
+use vgpu_sim::workload::{self as common, Guest, Rng};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 

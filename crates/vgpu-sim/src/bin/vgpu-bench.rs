@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vgpu::daemon::{Daemon, DaemonConfig, FileConfig, VmSpec};
 use vgpu::executor::ExecutorChoice;
 use vgpu::protocol::{Opcode, PoolId, Priority, ReqHdr, Status};
-use vgpu::sim::{SimGuest, SimOptions};
+use vgpu_sim::{SimGuest, SimOptions};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -47,7 +47,7 @@ fn main() -> Result<(), BoxError> {
             max_queued: Some(cli.window.max(1)),
         })
         .collect();
-    let file = FileConfig::parse(vgpu::daemon::DEFAULT_CONFIG, Path::new("config/vgpu.toml"))?;
+    let file = FileConfig::embedded()?;
     let mut cfg = DaemonConfig::resolve(file, vms.clone())?;
     cfg.executor = cli.executor;
     let daemon = Daemon::start(&cfg)?;

@@ -9,18 +9,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use vgpu::daemon::{Daemon, DaemonConfig, FileConfig, VmSpec, DEFAULT_CONFIG};
+use vgpu::daemon::{Daemon, DaemonConfig, FileConfig, VmSpec};
 use vgpu::executor::cpu::vector_add;
 use vgpu::executor::ExecutorChoice;
 use vgpu::protocol::{
     DeviceInfo, ExecutorKind, Opcode, PoolId, Priority, ReqHdr, RespHdr, Status, INFO_SIZE,
     REQ_HDR_SIZE, RESP_HDR_SIZE,
 };
-use vgpu::sim::{Desc, SimGuest, SimOptions, DATA_BASE};
+use vgpu_sim::{Desc, SimGuest, SimOptions, DATA_BASE};
 
-use crate::common::{self, Rng};
 use crate::direct::Direct;
 use crate::{pct, report_lat, us, Res};
+use vgpu_sim::workload::{self as common, Rng};
 
 pub struct Opts {
     pub iters: usize,
@@ -48,7 +48,7 @@ pub fn run(o: &Opts) -> Res<()> {
             max_queued: Some(o.window.max(1)),
         })
         .collect();
-    let file = FileConfig::parse(DEFAULT_CONFIG, Path::new("config/vgpu.toml"))?;
+    let file = FileConfig::embedded()?;
     let mut cfg = DaemonConfig::resolve(file, vms.clone())?;
     cfg.executor = ExecutorChoice::Cuda;
     cfg.exec_limit = Duration::from_secs(60);

@@ -3,6 +3,8 @@
 //! guest driver do together, in one process. The integration tests, the
 //! benchmark and `--demo` drive the real daemon through it.
 
+pub mod workload;
+
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::FromRawFd;
@@ -24,8 +26,8 @@ use virtio_bindings::bindings::virtio_ring::{
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestRegionMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::guest::GuestMem;
-use crate::protocol::{ReqHdr, RespHdr, CONFIG_SIZE, REQ_HDR_SIZE, RESP_HDR_SIZE};
+use vgpu::guest::GuestMem;
+use vgpu::protocol::{ReqHdr, RespHdr, CONFIG_SIZE, REQ_HDR_SIZE, RESP_HDR_SIZE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -42,7 +44,7 @@ pub enum Error {
     #[error("device returned unknown head {0}")]
     BadHead(u32),
     #[error("response: {0}")]
-    Response(#[from] crate::protocol::Error),
+    Response(#[from] vgpu::protocol::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

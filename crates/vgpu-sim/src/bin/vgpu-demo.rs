@@ -1,19 +1,54 @@
-//! `vgpu-vhost-user --demo`: the daemon serving three VMs of three priorities
-//! on sockets in a temporary directory, driven by simulated guests that send
-//! real requests over those sockets, so that a newcomer sees requests flow,
-//! their dispatch order and their latencies.
+//! vgpu-demo: the daemon (in this process, on its embedded defaults) serving
+//! three VMs of three priorities on sockets in a temporary directory, driven
+//! by simulated guests that send real requests over those sockets, so that a
+//! newcomer sees requests flow, their dispatch order and their latencies.
 
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::admin::store::{NewVm, Store, VmUuid};
-use crate::daemon::{Daemon, DaemonConfig, FileConfig, VmSource, VmSpec};
-use crate::protocol::{DeviceInfo, Opcode, PoolId, Priority, Status};
-use crate::sim::{SimGuest, SimOptions};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vgpu::admin::store::{NewVm, Store, VmUuid};
+use vgpu::daemon::{Daemon, DaemonConfig, FileConfig, VmSource, VmSpec};
+use vgpu::protocol::{DeviceInfo, Opcode, PoolId, Priority, Status};
+use vgpu_sim::{SimGuest, SimOptions};
 
 type BoxError = Box<dyn std::error::Error>;
 
-pub fn run(file: FileConfig, rounds: u32) -> Result<(), BoxError> {
+#[derive(Parser, Debug)]
+#[command(about = "vgpu demo: the daemon and three simulated guests of three priorities")]
+struct Cli {
+    /// Requests each simulated guest sends.
+    #[arg(long, default_value_t = 8)]
+    requests: u32,
+    /// TOML file overriding the daemon's embedded defaults (config/vgpu.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    match file_config(&cli).and_then(|file| run(file, cli.requests)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vgpu-demo: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn file_config(cli: &Cli) -> Result<FileConfig, BoxError> {
+    let cfg = FileConfig::embedded()?;
+    Ok(match &cli.config {
+        Some(path) => cfg.merge(FileConfig::read(path)?),
+        None => cfg,
+    })
+}
+
+fn run(file: FileConfig, rounds: u32) -> Result<(), BoxError> {
     let dir = std::env::temp_dir().join(format!("vgpu-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let vms: Vec<VmSpec> = [
@@ -31,7 +66,7 @@ pub fn run(file: FileConfig, rounds: u32) -> Result<(), BoxError> {
             max_queued: None,
         })
     })
-    .collect::<Result<_, crate::protocol::Error>>()?;
+    .collect::<Result<_, vgpu::protocol::Error>>()?;
     // The VMs come from a vgpu-admin database, created here on first use.
     let db = dir.join("vgpu.db");
     let mut store = Store::open(&db)?;
