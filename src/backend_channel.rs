@@ -165,7 +165,7 @@ static CLAIMS: std::sync::Mutex<std::collections::BTreeMap<u32, u64>> =
 /// Finds and claims the channel of `vm_id`, whose frontend is connected to
 /// `listen_path`.
 pub fn claim(vm_id: u32, listen_path: &Path) -> Result<OwnedFd, Error> {
-    let mut claims = CLAIMS.lock().unwrap_or_else(|p| p.into_inner());
+    let mut claims = crate::sync::lock(&CLAIMS);
     claims.remove(&vm_id);
     let taken: Vec<u64> = claims.values().copied().collect();
     let fd = find(listen_path, &taken)?;

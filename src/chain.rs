@@ -62,7 +62,7 @@ impl Parsed {
 
 /// Validates a chain's descriptors and splits them into header, payload,
 /// response header and output.
-pub fn parse(descs: impl Iterator<Item = Descriptor>, mem: &Arc<GuestMem>, vm_id: u32) -> Parsed {
+pub fn parse(descs: impl Iterator<Item = Descriptor>, mem: &Arc<GuestMem>) -> Parsed {
     let mut readable = GuestBufs::new(mem.clone());
     let mut writable = GuestBufs::new(mem.clone());
     let mut layout_error = None;
@@ -93,7 +93,7 @@ pub fn parse(descs: impl Iterator<Item = Descriptor>, mem: &Arc<GuestMem>, vm_id
     let outcome = match (layout_error, hdr) {
         (Some(e), _) => Err(e),
         (None, None) => Err(Error::ShortHeader(readable.len())),
-        (None, Some(h)) => validate(&h, &readable, &writable, vm_id),
+        (None, Some(h)) => validate(&h, &readable, &writable),
     };
     Parsed {
         resp,
@@ -109,12 +109,7 @@ fn read_header(readable: &GuestBufs) -> Vec<u8> {
     }
 }
 
-fn validate(
-    h: &ReqHdr,
-    readable: &GuestBufs,
-    writable: &GuestBufs,
-    vm_id: u32,
-) -> Result<Request, Error> {
+fn validate(h: &ReqHdr, readable: &GuestBufs, writable: &GuestBufs) -> Result<Request, Error> {
     if h.version != REQ_VERSION {
         return Err(Error::BadVersion(h.version));
     }
@@ -135,7 +130,6 @@ fn validate(
         .tail(RESP_HDR_SIZE)
         .unwrap_or_else(|_| GuestBufs::new(writable.memory().clone()));
     Ok(Request {
-        vm_id,
         opcode,
         tag: h.tag,
         payload,
@@ -191,7 +185,7 @@ mod tests {
     fn run(mem: &Arc<GuestMem>, descs: &[RawDescriptor]) -> Parsed {
         let q = MockSplitQueue::new(mem.as_ref(), 256);
         let chain = q.build_desc_chain(descs).unwrap();
-        parse(chain, mem, 1)
+        parse(chain, mem)
     }
 
     fn request(opcode: u16, payload: &[u8]) -> Vec<u8> {

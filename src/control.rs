@@ -1,4 +1,4 @@
-//! The daemon's control socket: types and client.
+//! The daemon's control socket: wire types, the server and the client.
 //!
 //! The daemon listens on a unix socket (mode 0600), by default
 //! `/run/vgpu/control.sock` (`control.sock` in its `--socket-dir`). The
@@ -12,8 +12,10 @@
 //! ```
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -181,10 +183,117 @@ pub fn request_with_timeout(
     }
 }
 
+/// Most control connections served at once; more are closed unanswered.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// What the server asks of the daemon.
+pub trait Handler: Send + Sync + 'static {
+    /// Re-reads the configuration; the error is the one line the client shows.
+    fn reload(&self) -> Result<(), String>;
+    fn status(&self) -> Vec<VmStatus>;
+}
+
+/// Listens on `path` (created with mode 0600: the socket file never exists
+/// with wider rights) and serves each client on a short-lived thread of its
+/// own, so that a stuck client blocks nobody.
+pub fn serve(path: &Path, handler: Arc<dyn Handler>) -> Result<(), Error> {
+    let io_err = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let _ = std::fs::remove_file(path);
+    // SAFETY: umask only changes this process's file-creation mask; it is
+    // restored right after the bind.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(io_err)?;
+    let live = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("vgpu-control".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                if live.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                    live.fetch_sub(1, Ordering::AcqRel);
+                    continue;
+                }
+                let (handler, live) = (handler.clone(), live.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("vgpu-control-conn".into())
+                    .spawn(move || {
+                        serve_conn(conn, handler.as_ref());
+                        live.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if spawned.is_err() {
+                    log::warn!("control socket: cannot start a connection thread");
+                }
+            }
+        })
+        .map_err(io_err)?;
+    Ok(())
+}
+
+fn serve_conn(conn: UnixStream, handler: &dyn Handler) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
+    let Ok(mut writer) = conn.try_clone() else {
+        return;
+    };
+    let reader = BufReader::new(conn.take(MAX_LINE));
+    for line in reader.lines() {
+        let Ok(line) = line else { return };
+        let resp = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Reload) => match handler.reload() {
+                Ok(()) => Response::ok(),
+                Err(e) => Response::error(e),
+            },
+            Ok(Request::Status) => Response::status(handler.status()),
+            Err(e) => Response::error(format!("bad request: {e}")),
+        };
+        if writer.write_all(resp.to_line().as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::net::UnixListener;
+    use std::os::unix::fs::PermissionsExt;
+
+    struct Fixed;
+    impl Handler for Fixed {
+        fn reload(&self) -> Result<(), String> {
+            Err("database locked".into())
+        }
+        fn status(&self) -> Vec<VmStatus> {
+            vec![VmStatus {
+                vm_id: 4,
+                done: 9,
+                ..VmStatus::default()
+            }]
+        }
+    }
+
+    #[test]
+    fn server_answers_the_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path());
+        super::serve(&path, Arc::new(Fixed)).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let r = request(&path, &Request::Status).unwrap();
+        assert_eq!(r.vms.unwrap()[0].done, 9);
+        let e = request(&path, &Request::Reload).unwrap_err();
+        assert_eq!(e.to_string(), "daemon refused: database locked");
+        // A line that is no request gets an error line, not a hang-up.
+        let s = UnixStream::connect(&path).unwrap();
+        (&s).write_all(b"{\"op\":\"reboot\"}\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        assert!(line.contains("bad request"), "{line}");
+    }
 
     #[test]
     fn wire_format() {

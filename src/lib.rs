@@ -4,11 +4,14 @@
 pub mod admin;
 pub mod backend_channel;
 pub mod chain;
+pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod executor;
 pub mod guest;
 pub mod protocol;
 pub mod scheduler;
+pub mod stats;
+pub mod sync;
 pub mod vhu_vgpu;
 pub mod vm;

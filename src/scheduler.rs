@@ -14,9 +14,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::executor::{Executor, Request};
+use crate::executor::{Executor, Request, Tenant};
 use crate::guest::GuestMem;
-use crate::protocol::{Opcode, Priority, RespHdr, Status};
+use crate::protocol::{Priority, RespHdr, Status};
+use crate::sync::lock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -62,6 +63,8 @@ pub trait Completion: Send {
 }
 
 pub struct Job {
+    /// The VM the request runs for, and the limits its settings give it.
+    pub tenant: Tenant,
     pub priority: Priority,
     pub arrival: u64,
     /// When the chain was taken off the ring.
@@ -88,8 +91,6 @@ pub enum Control {
     MapMemory { vm_id: u32, mem: Arc<GuestMem> },
     /// The VM's frontend went away.
     ReleaseVm { vm_id: u32 },
-    /// The VM's device-memory quota for CUDA remoting.
-    SetQuota { vm_id: u32, bytes: u64 },
 }
 
 /// The queue of one GPU: three FIFOs, one per priority.
@@ -123,7 +124,7 @@ impl RunQueue {
         self.fifos
             .iter()
             .flatten()
-            .filter(|j| j.req.vm_id == vm_id)
+            .filter(|j| j.tenant.vm_id == vm_id)
             .count()
     }
 
@@ -184,7 +185,7 @@ impl RunQueue {
         let mut out = Vec::new();
         for fifo in &mut self.fifos {
             let (gone, kept): (VecDeque<Job>, VecDeque<Job>) =
-                fifo.drain(..).partition(|j| j.req.vm_id == vm_id);
+                fifo.drain(..).partition(|j| j.tenant.vm_id == vm_id);
             *fifo = kept;
             out.extend(gone);
         }
@@ -202,9 +203,9 @@ struct Shared {
     shutdown: bool,
 }
 
-/// A GPU's scheduler: the run queue plus the worker thread that owns the
-/// GPU's executor.
-pub struct Gpu {
+/// One GPU's queue and worker: the run queue plus the worker thread that
+/// owns the GPU's executor.
+pub struct GpuQueue {
     index: u32,
     shared: Mutex<Shared>,
     wake: Condvar,
@@ -212,7 +213,7 @@ pub struct Gpu {
     worker: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl Gpu {
+impl GpuQueue {
     /// Starts the GPU's worker, which builds its executor with `make` on its
     /// own thread (CUDA contexts belong to the thread that drives them).
     pub fn start<F>(
@@ -220,11 +221,11 @@ impl Gpu {
         make: F,
         policy: Policy,
         exec_limit: Duration,
-    ) -> Result<Arc<Gpu>, Error>
+    ) -> Result<Arc<GpuQueue>, Error>
     where
         F: FnOnce() -> Result<Box<dyn Executor>, crate::executor::Error> + Send + 'static,
     {
-        let gpu = Arc::new(Gpu {
+        let gpu = Arc::new(GpuQueue {
             index,
             shared: Mutex::new(Shared {
                 queue: RunQueue::new(policy),
@@ -261,22 +262,17 @@ impl Gpu {
                 return Err(Error::WorkerDied(index));
             }
         }
-        *gpu.worker.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        *lock(&gpu.worker) = Some(handle);
         Ok(gpu)
     }
 
-    pub fn index(&self) -> u32 {
-        self.index
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Shared> {
-        // A panic elsewhere must not take the whole GPU down with it.
-        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    fn shared(&self) -> MutexGuard<'_, Shared> {
+        lock(&self.shared)
     }
 
     /// Queues a job; after shutdown it is answered CANCELLED at once.
     pub fn submit(&self, job: Job) {
-        let mut s = self.lock();
+        let mut s = self.shared();
         if s.shutdown {
             drop(s);
             job.cancel();
@@ -288,17 +284,17 @@ impl Gpu {
     }
 
     pub fn control(&self, msg: Control) {
-        self.lock().control.push_back(msg);
+        self.shared().control.push_back(msg);
         self.wake.notify_one();
     }
 
     /// Removes every queued job of `vm_id` (to move them elsewhere).
     pub fn take_vm(&self, vm_id: u32) -> Vec<Job> {
-        self.lock().queue.take_vm(vm_id)
+        self.shared().queue.take_vm(vm_id)
     }
 
     pub fn queued_for(&self, vm_id: u32) -> usize {
-        self.lock().queue.count_vm(vm_id)
+        self.shared().queue.count_vm(vm_id)
     }
 
     /// Answers CANCELLED to every queued job of `vm_id`.
@@ -309,21 +305,17 @@ impl Gpu {
         n
     }
 
-    pub fn queued(&self) -> usize {
-        self.lock().queue.len()
-    }
-
     /// Stops the worker: the running job completes, queued jobs are answered
     /// CANCELLED, then the thread exits and is joined.
     pub fn shutdown(&self) {
         let jobs = {
-            let mut s = self.lock();
+            let mut s = self.shared();
             s.shutdown = true;
             s.queue.drain_all()
         };
         jobs.into_iter().for_each(Job::cancel);
         self.wake.notify_all();
-        let handle = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let handle = lock(&self.worker).take();
         if let Some(h) = handle {
             if h.join().is_err() {
                 log::error!("gpu{}: worker thread panicked", self.index);
@@ -335,7 +327,7 @@ impl Gpu {
         let mut dispatch_seq = 0u64;
         loop {
             let work = {
-                let mut s = self.lock();
+                let mut s = self.shared();
                 loop {
                     if let Some(c) = s.control.pop_front() {
                         break Some(Err(c));
@@ -367,9 +359,6 @@ impl Gpu {
                     executor.map_guest_memory(vm_id, &mem)
                 }
                 Some(Err(Control::ReleaseVm { vm_id })) => executor.release_vm(vm_id),
-                Some(Err(Control::SetQuota { vm_id, bytes })) => {
-                    executor.set_vm_quota(vm_id, bytes)
-                }
                 Some(Ok(jobs)) => self.dispatch(executor.as_mut(), jobs, &mut dispatch_seq),
             }
         }
@@ -381,10 +370,11 @@ impl Gpu {
     fn dispatch(&self, executor: &mut dyn Executor, jobs: Vec<Job>, dispatch_seq: &mut u64) {
         let start = Instant::now();
         let results = match jobs.as_slice() {
-            [job] => vec![executor.execute(&job.req, self.exec_limit)],
+            [job] => vec![executor.execute(job.tenant, &job.req, self.exec_limit)],
             _ => {
-                let reqs: Vec<&Request> = jobs.iter().map(|j| &j.req).collect();
-                executor.execute_batch(&reqs, self.exec_limit)
+                let batch: Vec<(Tenant, &Request)> =
+                    jobs.iter().map(|j| (j.tenant, &j.req)).collect();
+                executor.execute_batch(&batch, self.exec_limit)
             }
         };
         let exec = start.elapsed();
@@ -412,11 +402,9 @@ impl Gpu {
         dispatch_seq: u64,
     ) {
         let queue_ns = duration_ns(start.saturating_duration_since(job.taken_at));
+        // The executor alone decides a timeout (it knows whether the output
+        // was written); a late OK stays OK.
         let (status, output_len) = match result {
-            // Nothing preempts a built-in op; a late one is reported late.
-            Ok(_) if exec > self.exec_limit && job.req.opcode != Opcode::BusyWait => {
-                (Status::Timeout, 0)
-            }
             Ok(n) => (Status::Ok, n),
             Err(s) => (s, 0),
         };
@@ -443,6 +431,7 @@ pub fn elapsed_ns(since: Instant) -> u64 {
 mod tests {
     use super::*;
     use crate::guest::{test_memory, GuestBufs};
+    use crate::protocol::Opcode;
     use proptest::prelude::*;
 
     struct Nothing;
@@ -453,11 +442,14 @@ mod tests {
     fn job(priority: Priority, arrival: u64, taken_at: Instant) -> Job {
         let mem = test_memory(0x1000);
         Job {
+            tenant: Tenant {
+                vm_id: arrival as u32,
+                gpu_mem_quota: 0,
+            },
             priority,
             arrival,
             taken_at,
             req: Request {
-                vm_id: arrival as u32,
                 opcode: Opcode::Ping,
                 tag: arrival,
                 payload: GuestBufs::new(mem.clone()),
@@ -527,7 +519,12 @@ mod tests {
         fn info(&self) -> crate::protocol::DeviceInfo {
             crate::executor::CpuExecutor::new(0, Duration::from_secs(1)).info()
         }
-        fn execute(&mut self, req: &Request, _limit: Duration) -> Result<u32, Status> {
+        fn execute(
+            &mut self,
+            _tenant: Tenant,
+            req: &Request,
+            _limit: Duration,
+        ) -> Result<u32, Status> {
             self.batches.lock().unwrap().push(vec![req.tag]);
             if req.opcode == Opcode::BusyWait {
                 self.started.send(()).unwrap();
@@ -540,9 +537,10 @@ mod tests {
         }
         fn execute_batch(
             &mut self,
-            reqs: &[&Request],
+            batch: &[(Tenant, &Request)],
             _limit: Duration,
         ) -> Vec<Result<u32, Status>> {
+            let reqs: Vec<&Request> = batch.iter().map(|&(_, r)| r).collect();
             assert!(reqs.iter().all(|r| self.batchable(r)));
             self.batches
                 .lock()
@@ -565,7 +563,7 @@ mod tests {
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let (release_tx, release_rx) = std::sync::mpsc::channel();
         let rec = batches.clone();
-        let gpu = Gpu::start(
+        let gpu = GpuQueue::start(
             0,
             move || {
                 Ok(Box::new(Recorder {

@@ -1,10 +1,14 @@
 //! vhost-user glue: one `VhostUserBackend` per VM connection, serving the
 //! device contract's config space and queue 0, and the loop that keeps a
-//! VM's socket serving across frontend reconnects.
+//! VM's socket serving across frontend reconnects. What belongs to one
+//! connection (the completion eventfd that wakes the ring thread, the
+//! config-change channel, the hang-up handle) lives in [`Connection`]; the
+//! device logic is `vm.rs`.
 
 use std::io;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Backend;
@@ -19,15 +23,20 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::chain;
 use crate::guest::GuestMem;
 use crate::protocol::CONFIG_SIZE;
-use crate::vm::{Ring, TakenChain, Vm};
+use crate::sync::lock;
+use crate::vm::{Frontend, Link, Ring, TakenChain, Vm};
 
 /// Largest queue the frontend may set up.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 const REQUEST_QUEUE: u16 = 0;
+/// Device event of the completion eventfd (0 is the queue, 1 the library's
+/// exit and vring-enable events).
+const COMPLETION_EVENT: u16 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -39,6 +48,8 @@ pub enum Error {
     Daemon(String),
     #[error("vhost-user socket {path}: {msg}")]
     Serve { path: PathBuf, msg: String },
+    #[error("cannot create the completion eventfd: {0}")]
+    EventFd(#[source] io::Error),
 }
 
 impl From<Error> for io::Error {
@@ -57,7 +68,7 @@ pub struct VhostRing {
 }
 
 impl Ring for VhostRing {
-    fn pop(&self, vm_id: u32) -> Option<TakenChain> {
+    fn pop(&self) -> Option<TakenChain> {
         let mem = self.mem.memory().into_inner();
         let chain = {
             let mut state = self.vring.get_mut();
@@ -70,7 +81,7 @@ impl Ring for VhostRing {
         let head = chain.head_index();
         Some(TakenChain {
             head,
-            parsed: chain::parse(chain, &mem, vm_id),
+            parsed: chain::parse(chain, &mem),
         })
     }
 
@@ -99,12 +110,84 @@ impl Ring for VhostRing {
     }
 }
 
+/// What belongs to one frontend connection, as the VM logic's [`Frontend`].
+pub struct Connection {
+    vm_id: u32,
+    socket: PathBuf,
+    /// Written by the GPU worker when requests finish; read by the ring thread.
+    completions: EventFd,
+    /// The frontend's backend-request channel, for config-change messages.
+    config_channel: Mutex<Option<OwnedFd>>,
+    /// Closes the connection (set once the frontend is accepted).
+    hangup: Mutex<Option<Box<dyn Fn() + Send>>>,
+}
+
+impl Connection {
+    fn new(vm_id: u32, socket: &Path) -> Result<Connection, Error> {
+        Ok(Connection {
+            vm_id,
+            socket: socket.to_path_buf(),
+            completions: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
+            config_channel: Mutex::new(None),
+            hangup: Mutex::new(None),
+        })
+    }
+
+    /// Takes our handle on the frontend's backend-request channel: vhost's
+    /// `Backend` cannot send CONFIG_CHANGE_MSG (see backend_channel).
+    fn claim_config_channel(&self) {
+        match crate::backend_channel::claim(self.vm_id, &self.socket) {
+            Ok(fd) => {
+                log::info!("vm{}: config-change channel fd {:?}", self.vm_id, fd);
+                *lock(&self.config_channel) = Some(fd);
+            }
+            Err(e) => log::warn!("vm{}: config-change channel unavailable: {e}", self.vm_id),
+        }
+    }
+
+    fn close(&self) {
+        if lock(&self.config_channel).take().is_some() {
+            crate::backend_channel::release(self.vm_id);
+        }
+        *lock(&self.hangup) = None;
+    }
+}
+
+impl Frontend for Connection {
+    fn wake(&self) {
+        if let Err(e) = self.completions.write(1) {
+            log::warn!("vm{}: cannot wake the ring thread: {e}", self.vm_id);
+        }
+    }
+
+    fn config_changed(&self) {
+        let chan = lock(&self.config_channel);
+        let Some(fd) = chan.as_ref() else {
+            log::info!(
+                "vm{}: no backend channel, guest sees the change on its next config read",
+                self.vm_id
+            );
+            return;
+        };
+        if let Err(e) = crate::backend_channel::send_config_change(fd) {
+            log::warn!("vm{}: config-change notification failed: {e}", self.vm_id);
+        }
+    }
+
+    fn hang_up(&self) {
+        if let Some(hangup) = lock(&self.hangup).as_ref() {
+            hangup();
+        }
+    }
+}
+
 /// The backend of one connection.
 #[derive(Clone)]
 pub struct VgpuBackend {
     vm: Arc<Vm>,
     mem: GuestMemAtomic,
-    socket: PathBuf,
+    conn: Arc<Connection>,
+    link: Arc<Link>,
 }
 
 impl VhostUserBackend for VgpuBackend {
@@ -160,15 +243,7 @@ impl VhostUserBackend for VgpuBackend {
     }
 
     fn set_backend_req_fd(&self, _backend: Backend) {
-        // The library's Backend cannot send CONFIG_CHANGE_MSG: keep our own
-        // handle on the same socket (see backend_channel).
-        match crate::backend_channel::claim(self.vm.id(), &self.socket) {
-            Ok(fd) => {
-                log::info!("vm{}: config-change channel fd {:?}", self.vm.id(), fd);
-                self.vm.set_config_channel(Some(fd))
-            }
-            Err(e) => log::warn!("vm{}: config-change channel unavailable: {e}", self.vm.id()),
-        }
+        self.conn.claim_config_channel();
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -193,9 +268,6 @@ impl VhostUserBackend for VgpuBackend {
         if evset != EventSet::IN {
             return Err(Error::UnexpectedEventSet(evset).into());
         }
-        if device_event != REQUEST_QUEUE {
-            return Err(Error::UnexpectedEvent(device_event).into());
-        }
         let Some(vring) = vrings.first() else {
             return Err(Error::UnexpectedEvent(device_event).into());
         };
@@ -203,7 +275,15 @@ impl VhostUserBackend for VgpuBackend {
             vring: vring.clone(),
             mem: self.mem.clone(),
         };
-        self.vm.pump(&ring);
+        match device_event {
+            REQUEST_QUEUE => self.vm.pump(&ring, &self.link),
+            COMPLETION_EVENT => {
+                // Non-blocking: a wake-up already consumed reads EAGAIN.
+                let _ = self.conn.completions.read();
+                self.vm.reap(&ring, &self.link);
+            }
+            other => return Err(Error::UnexpectedEvent(other).into()),
+        }
         Ok(())
     }
 }
@@ -218,16 +298,30 @@ pub fn serve_forever(vm: Arc<Vm>, socket: PathBuf) -> Result<(), Error> {
             return Ok(());
         }
         let mem = GuestMemoryAtomic::new(GuestMem::default());
+        let conn = Arc::new(Connection::new(vm.id(), &socket)?);
+        let link = Link::new(conn.clone());
         let backend = VgpuBackend {
             vm: vm.clone(),
             mem: mem.clone(),
-            socket: socket.clone(),
+            conn: conn.clone(),
+            link: link.clone(),
         };
         let mut daemon = VhostUserDaemon::new(format!("vgpu-vm{}", vm.id()), backend, mem)
             .map_err(|e| Error::Daemon(e.to_string()))?;
+        // Completions come back to this connection's ring thread.
+        if let Some(handler) = daemon.get_epoll_handlers().first() {
+            handler
+                .register_listener(
+                    conn.completions.as_raw_fd(),
+                    EventSet::IN,
+                    u64::from(COMPLETION_EVENT),
+                )
+                .map_err(|e| Error::Daemon(format!("completion event: {e}")))?;
+        }
         log::info!("vm{}: listening on {}", vm.id(), socket.display());
-        let result = serve_one(&mut daemon, &socket, &vm);
-        vm.disconnect();
+        let result = serve_one(&mut daemon, &socket, &vm, &conn, &link);
+        vm.disconnect(&link);
+        conn.close();
         match result {
             Ok(()) => log::info!("vm{}: frontend disconnected", vm.id()),
             Err(e) => {
@@ -243,8 +337,10 @@ pub fn serve_forever(vm: Arc<Vm>, socket: PathBuf) -> Result<(), Error> {
 
 fn serve_one(
     daemon: &mut VhostUserDaemon<VgpuBackend>,
-    socket: &std::path::Path,
+    socket: &Path,
     vm: &Arc<Vm>,
+    conn: &Connection,
+    link: &Arc<Link>,
 ) -> Result<(), Error> {
     let mut listener =
         vhost::vhost_user::Listener::new(socket, true).map_err(|e| Error::Serve {
@@ -256,10 +352,10 @@ fn serve_one(
         msg: e.to_string(),
     };
     daemon.start(&mut listener).map_err(err)?;
-    vm.connect();
     if let Some(handle) = daemon.shutdown_handle() {
-        vm.set_hangup(Some(Box::new(move || handle.shutdown())));
+        *lock(&conn.hangup) = Some(Box::new(move || handle.shutdown()));
     }
+    vm.connect(link.clone());
     log::info!("vm{}: frontend connected", vm.id());
     let result = match daemon.wait() {
         // A frontend that goes away mid-message is an ordinary disconnect.

@@ -1,21 +1,27 @@
 //! Per-VM device state that outlives a vhost-user connection: identity and
 //! scheduling settings, the requests it has outstanding (back-pressure), and
 //! the figures `vgpu-admin status` shows. Free of vhost types: the vhost glue
-//! (`vhu_vgpu`) drives it through the `Ring` trait.
+//! (`vhu_vgpu`) drives it through the [`Ring`] and [`Frontend`] traits.
+//!
+//! Threads: the VM's ring thread alone touches the ring. It pumps chains off
+//! the ring ([`Vm::pump`]) and, when the GPU worker has finished requests,
+//! returns them to the guest ([`Vm::reap`]). The GPU worker only writes the
+//! response header and puts the finished chain into the connection's
+//! [`Link`], then wakes the ring thread: no work for one VM runs on the
+//! thread that every VM of the GPU waits for.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::chain::{self, Parsed};
 use crate::control::VmStatus;
+use crate::executor::Tenant;
 use crate::guest::{GuestBufs, GuestMem};
 use crate::protocol::{DeviceConfig, PoolId, Priority, RespHdr};
-use crate::scheduler::{ArrivalCounter, Completion, Control, Gpu, Job};
-
-/// Last waits kept per VM for the p50/p99 of `status`.
-const WAIT_SAMPLES: usize = 1024;
+use crate::scheduler::{ArrivalCounter, Completion, Control, GpuQueue, Job};
+use crate::stats::WaitSamples;
+use crate::sync::lock;
 
 /// What the host assigned to a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +31,8 @@ pub struct VmSettings {
     pub priority: Priority,
     /// Most requests taken off the ring and not yet answered.
     pub max_queued: usize,
+    /// Device memory the VM's CUDA remoting may hold, in bytes.
+    pub gpu_mem_quota: u64,
 }
 
 impl VmSettings {
@@ -33,6 +41,13 @@ impl VmSettings {
             pool: self.pool,
             priority: self.priority,
             vm_id: self.vm_id,
+        }
+    }
+
+    fn tenant(&self) -> Tenant {
+        Tenant {
+            vm_id: self.vm_id,
+            gpu_mem_quota: self.gpu_mem_quota,
         }
     }
 }
@@ -44,10 +59,10 @@ pub struct TakenChain {
 }
 
 /// The virtqueue of one connection, as seen by the VM logic.
-pub trait Ring: Send + Sync + Clone + 'static {
+pub trait Ring {
     /// Pops the next available chain, parsed; `None` when the ring is empty
     /// or not ready.
-    fn pop(&self, vm_id: u32) -> Option<TakenChain>;
+    fn pop(&self) -> Option<TakenChain>;
     /// Returns a chain to the guest.
     fn add_used(&self, head: u16, len: u32);
     /// Interrupts the guest if the ring's notification rules ask for it.
@@ -58,43 +73,80 @@ pub trait Ring: Send + Sync + Clone + 'static {
     fn enable_notification(&self) -> bool;
 }
 
+/// The frontend of one connection, as the VM logic sees it.
+pub trait Frontend: Send + Sync {
+    /// Wakes the VM's ring thread: finished requests wait in the link.
+    fn wake(&self);
+    /// Tells the guest that its config space changed.
+    fn config_changed(&self);
+    /// Closes the connection.
+    fn hang_up(&self);
+}
+
+/// A chain the GPU worker finished, waiting to go back to the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Finished {
+    head: u16,
+    used: u32,
+    wait_ns: u64,
+}
+
+#[derive(Default)]
+struct Inbox {
+    closed: bool,
+    finished: Vec<Finished>,
+}
+
+/// One frontend connection of a VM. Chains taken from its ring are answered
+/// through it; once it is closed, their completions only settle the VM's
+/// accounting (the ring belongs to a frontend that has gone).
+pub struct Link {
+    frontend: Arc<dyn Frontend>,
+    inbox: Mutex<Inbox>,
+}
+
+impl Link {
+    pub fn new(frontend: Arc<dyn Frontend>) -> Arc<Link> {
+        Arc::new(Link {
+            frontend,
+            inbox: Mutex::default(),
+        })
+    }
+
+    /// Closes the link and hands back what was finished but not reaped.
+    fn close(&self) -> Vec<Finished> {
+        let mut inbox = lock(&self.inbox);
+        inbox.closed = true;
+        std::mem::take(&mut inbox.finished)
+    }
+}
+
 pub struct Vm {
     settings: Mutex<VmSettings>,
-    gpu: Mutex<Arc<Gpu>>,
+    gpu: Mutex<Arc<GpuQueue>>,
     arrivals: Arc<ArrivalCounter>,
-    /// Bumped on every connect and disconnect; completions of an older
-    /// connection must not touch the new one's ring.
-    generation: AtomicU64,
-    connected: AtomicBool,
     /// Daemon-wide stop.
     stopping: Arc<AtomicBool>,
     /// This VM was removed from the configuration: take no more chains.
     retired: AtomicBool,
-    /// Closes the current connection (set while a frontend is connected).
-    hangup: Mutex<Option<Box<dyn Fn() + Send>>>,
+    /// The connected frontend, if any.
+    link: Mutex<Option<Arc<Link>>>,
     /// The current memory table, handed to a new GPU when the VM moves.
     mem: Mutex<Option<Arc<GuestMem>>>,
-    /// The frontend's backend-request channel, for config-change notifications.
-    config_channel: Mutex<Option<std::os::fd::OwnedFd>>,
+    /// Chains taken off the ring and not yet back in it (or settled).
     outstanding: AtomicUsize,
-    /// The last pump stopped at the cap: the next completion must pump.
+    /// The last pump stopped at the cap: the next reap pumps again.
     at_cap: AtomicBool,
     drained: Condvar,
     drain_lock: Mutex<()>,
-    /// Serialises draining the ring (kick thread and completions).
-    pump_lock: Mutex<()>,
     done: AtomicU64,
-    waits: Mutex<VecDeque<u64>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    waits: Mutex<WaitSamples>,
 }
 
 impl Vm {
     pub fn new(
         settings: VmSettings,
-        gpu: Arc<Gpu>,
+        gpu: Arc<GpuQueue>,
         arrivals: Arc<ArrivalCounter>,
         stopping: Arc<AtomicBool>,
     ) -> Arc<Vm> {
@@ -102,20 +154,16 @@ impl Vm {
             settings: Mutex::new(settings),
             gpu: Mutex::new(gpu),
             arrivals,
-            generation: AtomicU64::new(0),
-            connected: AtomicBool::new(false),
             stopping,
             retired: AtomicBool::new(false),
-            hangup: Mutex::new(None),
+            link: Mutex::new(None),
             mem: Mutex::new(None),
-            config_channel: Mutex::new(None),
             outstanding: AtomicUsize::new(0),
             at_cap: AtomicBool::new(false),
             drained: Condvar::new(),
             drain_lock: Mutex::new(()),
-            pump_lock: Mutex::new(()),
             done: AtomicU64::new(0),
-            waits: Mutex::new(VecDeque::with_capacity(WAIT_SAMPLES)),
+            waits: Mutex::default(),
         })
     }
 
@@ -127,14 +175,18 @@ impl Vm {
         lock(&self.settings).vm_id
     }
 
-    pub fn gpu(&self) -> Arc<Gpu> {
+    pub fn gpu(&self) -> Arc<GpuQueue> {
         lock(&self.gpu).clone()
+    }
+
+    fn link(&self) -> Option<Arc<Link>> {
+        lock(&self.link).clone()
     }
 
     /// Applies new settings at once: requests already queued move to the
     /// new priority (and GPU) keeping their arrival order, and the guest is
     /// told when what it sees in config space changed.
-    pub fn update(&self, settings: VmSettings, gpu: Arc<Gpu>) {
+    pub fn update(&self, settings: VmSettings, gpu: Arc<GpuQueue>) {
         let old = std::mem::replace(&mut *lock(&self.settings), settings.clone());
         let old_gpu = std::mem::replace(&mut *lock(&self.gpu), gpu.clone());
         let moved_gpu = !Arc::ptr_eq(&old_gpu, &gpu);
@@ -164,38 +216,22 @@ impl Vm {
                 settings.pool,
                 settings.priority
             );
-            self.notify_config_change();
+            match self.link() {
+                Some(link) => link.frontend.config_changed(),
+                None => log::info!(
+                    "vm{}: not connected, the guest sees the change when it reads its config",
+                    settings.vm_id
+                ),
+            }
         }
-    }
-
-    /// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG on the frontend's channel.
-    pub fn notify_config_change(&self) {
-        let chan = lock(&self.config_channel);
-        let Some(fd) = chan.as_ref() else {
-            log::info!(
-                "vm{}: no backend channel, guest sees the change on its next config read",
-                self.id()
-            );
-            return;
-        };
-        if let Err(e) = crate::backend_channel::send_config_change(fd) {
-            log::warn!("vm{}: config-change notification failed: {e}", self.id());
-        }
-    }
-
-    pub fn set_config_channel(&self, fd: Option<std::os::fd::OwnedFd>) {
-        if fd.is_none() {
-            crate::backend_channel::release(self.id());
-        }
-        *lock(&self.config_channel) = fd;
-    }
-
-    pub fn set_hangup(&self, hangup: Option<Box<dyn Fn() + Send>>) {
-        *lock(&self.hangup) = hangup;
     }
 
     pub fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Acquire)
+    }
+
+    pub fn is_connected(&self) -> bool {
+        lock(&self.link).is_some()
     }
 
     /// Removes the VM from service: no more chains are taken, what it has
@@ -203,28 +239,29 @@ impl Vm {
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Release);
         self.wait_drained();
-        if let Some(hangup) = lock(&self.hangup).as_ref() {
-            hangup();
+        if let Some(link) = self.link() {
+            link.frontend.hang_up();
         }
     }
 
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+    /// A frontend connected through `link`.
+    pub fn connect(&self, link: Arc<Link>) {
+        *lock(&self.link) = Some(link);
     }
 
-    /// A frontend connected; returns the connection's generation.
-    pub fn connect(&self) -> u64 {
-        self.connected.store(true, Ordering::Release);
-        self.generation.fetch_add(1, Ordering::AcqRel) + 1
-    }
-
-    /// The frontend went away: nothing can be answered to it any more, so
-    /// its queued requests are cancelled and the executor frees its state.
-    pub fn disconnect(&self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.connected.store(false, Ordering::Release);
-        self.set_config_channel(None);
-        self.set_hangup(None);
+    /// The frontend of `link` went away: nothing can be answered to it any
+    /// more, so its queued requests are cancelled and the executor frees the
+    /// VM's state.
+    pub fn disconnect(&self, link: &Arc<Link>) {
+        {
+            let mut current = lock(&self.link);
+            if current.as_ref().is_some_and(|l| Arc::ptr_eq(l, link)) {
+                *current = None;
+            }
+        }
+        for f in link.close() {
+            self.settle(f.wait_ns);
+        }
         let gpu = self.gpu();
         let n = gpu.cancel_vm(self.id());
         if n > 0 {
@@ -246,8 +283,9 @@ impl Vm {
     }
 
     /// The ring is stopping (GET_VRING_BASE): answer queued requests as
-    /// CANCELLED and wait for the running one, so that every chain taken is
-    /// back in the used ring before the frontend reads the ring base.
+    /// CANCELLED and wait until the ring thread has returned every chain
+    /// taken, so that all are in the used ring before the frontend reads the
+    /// ring base. Must not run on the ring thread.
     pub fn quiesce(&self) {
         self.gpu().cancel_vm(self.id());
         self.wait_drained();
@@ -265,33 +303,27 @@ impl Vm {
     }
 
     pub fn stats(&self) -> VmStatus {
-        let mut waits: Vec<u64> = lock(&self.waits).iter().copied().collect();
-        waits.sort_unstable();
-        let pct = |p: usize| {
-            if waits.is_empty() {
-                0
-            } else {
-                waits[(waits.len() - 1) * p / 100]
-            }
+        let (wait_p50_ns, wait_p99_ns) = {
+            let w = lock(&self.waits);
+            (w.percentile(50), w.percentile(99))
         };
         let queued = self.gpu().queued_for(self.id()) as u64;
         let outstanding = self.outstanding.load(Ordering::Acquire) as u64;
         VmStatus {
             vm_id: self.id(),
-            connected: self.connected.load(Ordering::Acquire),
+            connected: self.is_connected(),
             queued,
             in_flight: outstanding.saturating_sub(queued),
             done: self.done.load(Ordering::Relaxed),
-            wait_p50_ns: pct(50),
-            wait_p99_ns: pct(99),
+            wait_p50_ns,
+            wait_p99_ns,
         }
     }
 
     /// Takes chains off the ring while the VM is under its cap; refused
-    /// chains are answered at once, valid ones go to the scheduler.
-    pub fn pump<R: Ring>(self: &Arc<Self>, ring: &R) {
-        let _serial = lock(&self.pump_lock);
-        let gen = self.generation();
+    /// chains are answered at once, valid ones go to the scheduler. Runs on
+    /// the VM's ring thread.
+    pub fn pump<R: Ring>(self: &Arc<Self>, ring: &R, link: &Arc<Link>) {
         let mut answered = false;
         let mut empty_rounds = 0;
         loop {
@@ -306,20 +338,16 @@ impl Vm {
                 let settings = self.settings();
                 if self.outstanding.load(Ordering::Acquire) >= settings.max_queued {
                     // Back-pressure: the rest waits in the ring; the next
-                    // completion pumps again. Re-check after raising the flag
-                    // so that a completion in between is not missed.
+                    // reap (on this thread) pumps again.
                     self.at_cap.store(true, Ordering::Release);
-                    if self.outstanding.load(Ordering::Acquire) >= settings.max_queued {
-                        blocked = true;
-                        break;
-                    }
-                    self.at_cap.store(false, Ordering::Release);
+                    blocked = true;
+                    break;
                 }
-                let Some(taken) = ring.pop(settings.vm_id) else {
+                let Some(taken) = ring.pop() else {
                     break;
                 };
                 took += 1;
-                answered |= self.take(ring, taken, &settings, gen);
+                answered |= self.take(ring, taken, &settings, link);
             }
             if blocked {
                 break;
@@ -338,13 +366,33 @@ impl Vm {
         }
     }
 
+    /// Returns the chains the GPU finished to the ring, notifies the guest
+    /// once, and resumes a pump that stopped at the cap. Runs on the VM's
+    /// ring thread when the link's frontend was woken.
+    pub fn reap<R: Ring>(self: &Arc<Self>, ring: &R, link: &Arc<Link>) {
+        let finished = std::mem::take(&mut lock(&link.inbox).finished);
+        if finished.is_empty() {
+            return;
+        }
+        for f in &finished {
+            ring.add_used(f.head, f.used);
+        }
+        ring.notify();
+        for f in &finished {
+            self.settle(f.wait_ns);
+        }
+        if self.at_cap.swap(false, Ordering::AcqRel) {
+            self.pump(ring, link);
+        }
+    }
+
     /// Returns true when the chain was answered without scheduling.
     fn take<R: Ring>(
         self: &Arc<Self>,
         ring: &R,
         taken: TakenChain,
         s: &VmSettings,
-        gen: u64,
+        link: &Arc<Link>,
     ) -> bool {
         let taken_at = Instant::now();
         let Parsed { resp, outcome } = taken.parsed;
@@ -352,16 +400,16 @@ impl Vm {
             (Ok(req), Some(resp)) => {
                 self.outstanding.fetch_add(1, Ordering::AcqRel);
                 self.gpu().submit(Job {
+                    tenant: s.tenant(),
                     priority: s.priority,
                     arrival: self.arrivals.next(),
                     taken_at,
                     req,
                     done: Box::new(ChainCompletion {
                         vm: self.clone(),
-                        ring: ring.clone(),
+                        link: link.clone(),
                         head: taken.head,
                         resp,
-                        gen,
                     }),
                 });
                 false
@@ -387,42 +435,313 @@ impl Vm {
         }
     }
 
-    fn finish<R: Ring>(self: &Arc<Self>, ring: &R, head: u16, used: u32, gen: u64, wait_ns: u64) {
-        if gen == self.generation() {
-            ring.add_used(head, used);
-            ring.notify();
-        }
+    /// Accounts for one chain that is back in the ring, or whose frontend
+    /// has gone.
+    fn settle(&self, wait_ns: u64) {
         self.done.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut w = lock(&self.waits);
-            if w.len() == WAIT_SAMPLES {
-                w.pop_front();
-            }
-            w.push_back(wait_ns);
-        }
+        lock(&self.waits).push(wait_ns);
         let before = self.outstanding.fetch_sub(1, Ordering::AcqRel);
         if before == 1 {
             let _g = lock(&self.drain_lock);
             self.drained.notify_all();
         }
-        if self.at_cap.swap(false, Ordering::AcqRel) && gen == self.generation() {
-            self.pump(ring);
+    }
+}
+
+/// Completion of one chain: runs on the GPU worker, and only writes the
+/// response header and hands the chain to the VM's ring thread.
+struct ChainCompletion {
+    vm: Arc<Vm>,
+    link: Arc<Link>,
+    head: u16,
+    resp: GuestBufs,
+}
+
+impl Completion for ChainCompletion {
+    fn complete(self: Box<Self>, hdr: RespHdr) {
+        let mut inbox = lock(&self.link.inbox);
+        if inbox.closed {
+            drop(inbox);
+            self.vm.settle(hdr.queue_ns);
+            return;
+        }
+        let used = chain::write_response(&self.resp, &hdr);
+        let first = inbox.finished.is_empty();
+        inbox.finished.push(Finished {
+            head: self.head,
+            used,
+            wait_ns: hdr.queue_ns,
+        });
+        drop(inbox);
+        // One wake-up per batch of finished chains the ring thread has not
+        // yet collected.
+        if first {
+            self.link.frontend.wake();
         }
     }
 }
 
-struct ChainCompletion<R: Ring> {
-    vm: Arc<Vm>,
-    ring: R,
-    head: u16,
-    resp: GuestBufs,
-    gen: u64,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::executor::CpuExecutor;
+    use crate::guest::test_memory;
+    use crate::protocol::{Opcode, ReqHdr, Status, RESP_HDR_SIZE};
+    use crate::scheduler::Policy;
+    use std::sync::mpsc;
+    use vm_memory::{Bytes, GuestAddress};
 
-impl<R: Ring> Completion for ChainCompletion<R> {
-    fn complete(self: Box<Self>, hdr: RespHdr) {
-        let used = chain::write_response(&self.resp, &hdr);
-        self.vm
-            .finish(&self.ring, self.head, used, self.gen, hdr.queue_ns);
+    /// A ring of prepared requests in one guest memory; records what goes
+    /// back to the guest.
+    struct MockRing {
+        mem: Arc<GuestMem>,
+        avail: Mutex<std::collections::VecDeque<u16>>,
+        used: Mutex<Vec<(u16, u32)>>,
+        notified: AtomicUsize,
+    }
+
+    const SLOT: u64 = 0x100;
+
+    impl MockRing {
+        fn new(slots: usize) -> MockRing {
+            MockRing {
+                mem: test_memory(SLOT as usize * slots),
+                avail: Mutex::default(),
+                used: Mutex::default(),
+                notified: AtomicUsize::new(0),
+            }
+        }
+
+        /// Puts a request in slot `head`: header and payload, then room for
+        /// the response and `out` output bytes.
+        fn offer(&self, head: u16, op: Opcode, payload: &[u8]) {
+            let hdr = ReqHdr::new(op as u16, u64::from(head), payload.len() as u32);
+            self.offer_hdr(head, hdr, payload);
+        }
+
+        fn offer_hdr(&self, head: u16, hdr: ReqHdr, payload: &[u8]) {
+            let base = u64::from(head) * SLOT;
+            self.mem
+                .write_slice(&hdr.encode(), GuestAddress(base))
+                .unwrap();
+            self.mem
+                .write_slice(payload, GuestAddress(base + 24))
+                .unwrap();
+            self.avail.lock().unwrap().push_back(head);
+        }
+
+        fn response(&self, head: u16) -> RespHdr {
+            let mut b = [0u8; RESP_HDR_SIZE];
+            self.mem
+                .read_slice(&mut b, GuestAddress(u64::from(head) * SLOT + 0x80))
+                .unwrap();
+            RespHdr::decode(&b).unwrap()
+        }
+    }
+
+    impl Ring for MockRing {
+        fn pop(&self) -> Option<TakenChain> {
+            let head = self.avail.lock().unwrap().pop_front()?;
+            let base = u64::from(head) * SLOT;
+            let mut hdr = [0u8; 24];
+            self.mem.read_slice(&mut hdr, GuestAddress(base)).unwrap();
+            let plen = ReqHdr::decode(&hdr).unwrap().payload_len;
+            let descs = [
+                virtio_queue::desc::split::Descriptor::new(base, 24 + plen, 0, 0),
+                virtio_queue::desc::split::Descriptor::new(
+                    base + 0x80,
+                    0x80,
+                    virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16,
+                    0,
+                ),
+            ];
+            Some(TakenChain {
+                head,
+                parsed: chain::parse(descs.into_iter(), &self.mem),
+            })
+        }
+        fn add_used(&self, head: u16, len: u32) {
+            self.used.lock().unwrap().push((head, len));
+        }
+        fn notify(&self) {
+            self.notified.fetch_add(1, Ordering::Relaxed);
+        }
+        fn disable_notification(&self) {}
+        fn enable_notification(&self) -> bool {
+            false
+        }
+    }
+
+    /// Counts wake-ups and sends each to the test, standing in for the
+    /// ring thread's eventfd.
+    struct MockFrontend {
+        wakes: mpsc::Sender<()>,
+        config_changes: Arc<AtomicUsize>,
+    }
+
+    impl Frontend for MockFrontend {
+        fn wake(&self) {
+            let _ = self.wakes.send(());
+        }
+        fn config_changed(&self) {
+            self.config_changes.fetch_add(1, Ordering::Relaxed);
+        }
+        fn hang_up(&self) {}
+    }
+
+    struct Fixture {
+        vm: Arc<Vm>,
+        link: Arc<Link>,
+        wakes: mpsc::Receiver<()>,
+        config_changes: Arc<AtomicUsize>,
+        gpu: Arc<GpuQueue>,
+    }
+
+    fn settings(max_queued: usize) -> VmSettings {
+        VmSettings {
+            vm_id: 7,
+            pool: PoolId::DEFAULT,
+            priority: Priority::Medium,
+            max_queued,
+            gpu_mem_quota: 0,
+        }
+    }
+
+    fn fixture(max_queued: usize) -> Fixture {
+        let limit = Duration::from_secs(10);
+        let gpu = GpuQueue::start(
+            0,
+            move || Ok(Box::new(CpuExecutor::new(0, limit)) as Box<dyn crate::executor::Executor>),
+            Policy::Strict,
+            limit,
+        )
+        .unwrap();
+        let vm = Vm::new(
+            settings(max_queued),
+            gpu.clone(),
+            Arc::new(ArrivalCounter::default()),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (tx, rx) = mpsc::channel();
+        let config_changes = Arc::new(AtomicUsize::new(0));
+        let link = Link::new(Arc::new(MockFrontend {
+            wakes: tx,
+            config_changes: config_changes.clone(),
+        }));
+        vm.connect(link.clone());
+        Fixture {
+            vm,
+            link,
+            wakes: rx,
+            config_changes,
+            gpu,
+        }
+    }
+
+    fn add_payload(a: i32, b: i32) -> Vec<u8> {
+        [a.to_le_bytes(), b.to_le_bytes()].concat()
+    }
+
+    /// The ring thread's loop: reap on every wake-up until `n` chains are
+    /// back in the ring.
+    fn reap_until(f: &Fixture, ring: &MockRing, n: usize) {
+        while ring.used.lock().unwrap().len() < n {
+            f.wakes
+                .recv_timeout(Duration::from_secs(10))
+                .expect("a wake-up for finished requests");
+            f.vm.reap(ring, &f.link);
+        }
+    }
+
+    #[test]
+    fn finished_chains_return_only_when_the_ring_thread_reaps() {
+        let f = fixture(64);
+        let ring = MockRing::new(4);
+        ring.offer(0, Opcode::ScalarAddI32, &add_payload(100, 200));
+        f.vm.pump(&ring, &f.link);
+        // The GPU worker finishes the request and wakes the ring thread, but
+        // the ring is untouched until the ring thread reaps.
+        f.wakes.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(ring.used.lock().unwrap().is_empty());
+        f.vm.reap(&ring, &f.link);
+        assert_eq!(ring.used.lock().unwrap().as_slice(), &[(0, 44)]);
+        assert_eq!(ring.notified.load(Ordering::Relaxed), 1);
+        let r = ring.response(0);
+        assert_eq!(r.status, Status::Ok as u32);
+        let mut sum = [0u8; 4];
+        ring.mem
+            .read_slice(&mut sum, GuestAddress(0x80 + 40))
+            .unwrap();
+        assert_eq!(i32::from_le_bytes(sum), 300);
+        assert_eq!(f.vm.stats().done, 1);
+        f.gpu.shutdown();
+    }
+
+    #[test]
+    fn a_vm_at_its_cap_resumes_when_its_completions_are_reaped() {
+        let f = fixture(2);
+        let ring = MockRing::new(8);
+        for head in 0..6 {
+            ring.offer(head, Opcode::ScalarAddI32, &add_payload(i32::from(head), 1));
+        }
+        f.vm.pump(&ring, &f.link);
+        // Two taken, four wait in the ring.
+        assert_eq!(ring.avail.lock().unwrap().len(), 4);
+        reap_until(&f, &ring, 6);
+        let used = ring.used.lock().unwrap().clone();
+        let heads: Vec<u16> = used.iter().map(|&(h, _)| h).collect();
+        assert_eq!(heads, vec![0, 1, 2, 3, 4, 5]);
+        for head in 0..6u16 {
+            assert_eq!(ring.response(head).status, Status::Ok as u32);
+        }
+        assert!(ring.avail.lock().unwrap().is_empty());
+        assert_eq!(f.vm.stats().in_flight, 0);
+        f.gpu.shutdown();
+    }
+
+    #[test]
+    fn refused_chains_are_answered_at_once() {
+        let f = fixture(64);
+        let ring = MockRing::new(2);
+        let mut hdr = ReqHdr::new(Opcode::Ping as u16, 0, 0);
+        hdr.flags = 1;
+        ring.offer_hdr(0, hdr, &[]);
+        ring.offer_hdr(1, ReqHdr::new(0x7777, 1, 0), &[]);
+        f.vm.pump(&ring, &f.link);
+        // Answered by the pump itself, on the ring thread: no GPU work.
+        assert_eq!(ring.used.lock().unwrap().as_slice(), &[(0, 40), (1, 40)]);
+        assert_eq!(ring.response(0).status, Status::BadRequest as u32);
+        assert_eq!(ring.response(1).status, Status::Unsupported as u32);
+        assert_eq!(f.vm.stats().in_flight, 0);
+        f.gpu.shutdown();
+    }
+
+    #[test]
+    fn a_closed_link_settles_without_touching_the_ring() {
+        let f = fixture(64);
+        let ring = MockRing::new(2);
+        let ns: u64 = 50_000_000;
+        ring.offer(0, Opcode::BusyWait, &ns.to_le_bytes());
+        f.vm.pump(&ring, &f.link);
+        f.vm.disconnect(&f.link);
+        assert!(!f.vm.is_connected());
+        // The running request ends and is settled; nothing reaches the ring.
+        f.vm.wait_drained();
+        assert!(ring.used.lock().unwrap().is_empty());
+        assert_eq!(f.vm.stats().done, 1);
+        f.gpu.shutdown();
+    }
+
+    #[test]
+    fn a_config_change_reaches_the_frontend() {
+        let f = fixture(64);
+        let mut s = settings(64);
+        s.max_queued = 8;
+        f.vm.update(s.clone(), f.gpu.clone());
+        assert_eq!(f.config_changes.load(Ordering::Relaxed), 0);
+        s.priority = Priority::High;
+        f.vm.update(s, f.gpu.clone());
+        assert_eq!(f.config_changes.load(Ordering::Relaxed), 1);
+        f.gpu.shutdown();
     }
 }

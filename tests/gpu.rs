@@ -14,11 +14,11 @@ use vgpu_sim::workload as common;
 use std::ffi::CString;
 use std::time::{Duration, Instant};
 
-use common::{f32_bytes, f32s, Guest, Rng};
+use common::{f32_bytes, f32s, Call, Guest, Rng};
 use vgpu::executor::cpu::{saxpy, sgemm, vector_add};
 use vgpu::executor::remoting::{encode_launch, Launch, Param};
 use vgpu::executor::{
-    create, CpuExecutor, CudaConfig, CudaExecutor, Executor, ExecutorChoice, Request,
+    create, CpuExecutor, CudaConfig, CudaExecutor, Executor, ExecutorChoice, Request, Tenant,
 };
 use vgpu::protocol::{DeviceInfo, ExecutorKind, Opcode, Status};
 
@@ -30,8 +30,8 @@ fn cuda() -> CudaExecutor {
     CudaExecutor::new(0, LIMIT, CudaConfig::default()).expect("CUDA executor on GPU 0")
 }
 
-fn run(ex: &mut dyn Executor, req: &Request) -> Result<Vec<u8>, Status> {
-    let n = ex.execute(req, LIMIT)?;
+fn run(ex: &mut dyn Executor, req: &Call) -> Result<Vec<u8>, Status> {
+    let n = ex.execute(req.tenant, req, LIMIT)?;
     let mut out = vec![0u8; n as usize];
     req.output.read_at(0, &mut out).unwrap();
     Ok(out)
@@ -39,14 +39,16 @@ fn run(ex: &mut dyn Executor, req: &Request) -> Result<Vec<u8>, Status> {
 
 /// Runs `req` on the GPU and on the CPU executor (into a second output
 /// buffer) and returns both outputs.
-fn both(ex: &mut CudaExecutor, g: &mut Guest, req: &Request) -> (Vec<u8>, Vec<u8>) {
+fn both(ex: &mut CudaExecutor, g: &mut Guest, req: &Call) -> (Vec<u8>, Vec<u8>) {
     let gpu = run(ex, req).expect("GPU result");
-    let cpu_req = Request {
-        vm_id: req.vm_id,
-        opcode: req.opcode,
-        tag: req.tag,
-        payload: req.payload.clone(),
-        output: g.alloc(req.output.len(), false),
+    let cpu_req = Call {
+        tenant: req.tenant,
+        req: Request {
+            opcode: req.opcode,
+            tag: req.tag,
+            payload: req.payload.clone(),
+            output: g.alloc(req.output.len(), false),
+        },
     };
     let cpu = run(&mut CpuExecutor::new(0, LIMIT), &cpu_req).expect("CPU result");
     (gpu, cpu)
@@ -75,7 +77,7 @@ fn builtin_ops_match_cpu_reference() {
     let mut rng = Rng::seeded();
 
     let r = g.request(1, Opcode::Ping, &[], 0);
-    assert_eq!(ex.execute(&r, LIMIT), Ok(0));
+    assert_eq!(ex.execute(r.tenant, &r, LIMIT), Ok(0));
 
     let r = g.request(1, Opcode::GetInfo, &[], 96);
     let info = DeviceInfo::decode(&run(&mut ex, &r).unwrap()).unwrap();
@@ -148,14 +150,14 @@ fn builtin_ops_match_cpu_reference() {
 
     // Malformed requests are refused the same way as on the CPU executor.
     let r = g.request(1, Opcode::SgemmF32, &[1, 0, 0, 0], 4);
-    assert_eq!(ex.execute(&r, LIMIT), Err(Status::BadRequest));
+    assert_eq!(ex.execute(r.tenant, &r, LIMIT), Err(Status::BadRequest));
     let r = g.request(
         1,
         Opcode::VectorAddF32,
         &common::vector_add_payload(&[1.0], &[2.0]),
         3,
     );
-    assert_eq!(ex.execute(&r, LIMIT), Err(Status::TooLarge));
+    assert_eq!(ex.execute(r.tenant, &r, LIMIT), Err(Status::TooLarge));
 
     let st = ex.stats();
     eprintln!("stats: {st:?}");
@@ -176,7 +178,7 @@ fn busy_wait_and_timeout() {
     ex.map_guest_memory(1, &g.mem);
     let r = g.request(1, Opcode::BusyWait, &50_000_000u64.to_le_bytes(), 0);
     let t = Instant::now();
-    assert_eq!(ex.execute(&r, LIMIT), Ok(0));
+    assert_eq!(ex.execute(r.tenant, &r, LIMIT), Ok(0));
     let el = t.elapsed();
     assert!(
         el >= Duration::from_millis(50) && el < Duration::from_millis(500),
@@ -185,7 +187,7 @@ fn busy_wait_and_timeout() {
     let r = g.request(1, Opcode::BusyWait, &5_000_000_000u64.to_le_bytes(), 0);
     let t = Instant::now();
     assert_eq!(
-        ex.execute(&r, Duration::from_millis(200)),
+        ex.execute(r.tenant, &r, Duration::from_millis(200)),
         Err(Status::Timeout)
     );
     let el = t.elapsed();
@@ -263,13 +265,13 @@ fn batches_match_single_requests() {
                     let r = g.request(1, *op, p, *o);
                     // Memory reused after g.reset() holds older outputs.
                     r.output.write_at(0, &vec![0u8; *o]).unwrap();
-                    let res = ex.execute(&r, LIMIT);
+                    let res = ex.execute(r.tenant, &r, LIMIT);
                     let mut out = vec![0u8; r.output.len()];
                     r.output.read_at(0, &mut out).unwrap();
                     (res, out)
                 })
                 .collect();
-            let reqs: Vec<Request> = specs
+            let reqs: Vec<Call> = specs
                 .iter()
                 .map(|(op, p, o)| {
                     let r = g.request(1, *op, p, *o);
@@ -277,7 +279,7 @@ fn batches_match_single_requests() {
                     r
                 })
                 .collect();
-            let refs: Vec<&Request> = reqs.iter().collect();
+            let refs: Vec<(Tenant, &Request)> = reqs.iter().map(|c| (c.tenant, &c.req)).collect();
             let before = ex.stats().batches;
             let got = ex.execute_batch(&refs, LIMIT);
             assert_eq!(ex.stats().batches, before + 1);
@@ -525,8 +527,8 @@ fn handles_are_per_vm_and_quota_holds() {
     assert_eq!(ex.stats().vm_contexts_created, 2);
 
     // Quota: 1 MiB for VM 3.
-    ex.set_vm_quota(3, 1 << 20);
     let mut g3 = Guest::new(1 << 20);
+    g3.set_quota(1 << 20);
     let mut vm3 = Vm { id: 3, g: &mut g3 };
     let a = vm3.alloc(&mut ex, 768 << 10).unwrap();
     assert_eq!(vm3.alloc(&mut ex, 512 << 10), Err(Status::NoResources));
@@ -537,7 +539,7 @@ fn handles_are_per_vm_and_quota_holds() {
     vm3.free(&mut ex, b).unwrap();
     vm3.free(&mut ex, c).unwrap();
     // More than the GPU has: the quota allows it, the driver does not.
-    ex.set_vm_quota(3, u64::MAX);
+    vm3.g.set_quota(u64::MAX);
     assert_eq!(vm3.alloc(&mut ex, 1 << 50), Err(Status::NoResources));
     assert!(
         vm3.alloc(&mut ex, 1 << 20).is_ok(),
@@ -622,7 +624,7 @@ fn faulting_kernel_only_hurts_its_vm() {
         0,
     );
     assert_eq!(
-        ex.execute(&r, Duration::from_millis(300)),
+        ex.execute(r.tenant, &r, Duration::from_millis(300)),
         Err(Status::Timeout)
     );
     vm1.g.reset();

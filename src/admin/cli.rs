@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::qemu;
 use super::scan;
 use super::store::{self, Change, NewPool, NewVm, Store, VmChange, VmRecord, VmRef, VmUuid};
+use crate::config::VmDefaults;
 use crate::control::{self, VmStatus};
 use crate::protocol::{PoolId, Priority};
 
@@ -32,6 +33,8 @@ pub enum Error {
     Cancelled,
     #[error("cannot read the answer: {0}")]
     Stdin(io::Error),
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
 }
 
 #[derive(Debug, Parser)]
@@ -74,10 +77,12 @@ pub enum Command {
         vm_id: Option<u32>,
         #[arg(long)]
         name: Option<String>,
-        #[arg(long, default_value_t = store::DEFAULT_MAX_QUEUED)]
-        max_queued: u32,
-        #[arg(long, default_value_t = store::DEFAULT_GPU_MEM_QUOTA_MIB)]
-        gpu_mem_quota_mib: u64,
+        /// [default: max_queued of config/vgpu.toml]
+        #[arg(long)]
+        max_queued: Option<u32>,
+        /// [default: gpu_mem_quota_mib of config/vgpu.toml]
+        #[arg(long)]
+        gpu_mem_quota_mib: Option<u64>,
     },
     /// List the hypervisor's VMs (xe or virsh) by pool, registered or not.
     ScanVms {
@@ -265,13 +270,15 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), Error> {
             max_queued,
             gpu_mem_quota_mib,
         } => {
-            let new = NewVm {
-                vm_id: *vm_id,
-                name: name.clone(),
-                max_queued: *max_queued,
-                gpu_mem_quota_mib: *gpu_mem_quota_mib,
-                ..NewVm::new(uuid.clone(), *pool, *priority)
-            };
+            let mut new = NewVm::new(uuid.clone(), *pool, *priority, &VmDefaults::embedded()?);
+            new.vm_id = *vm_id;
+            new.name = name.clone();
+            if let Some(n) = max_queued {
+                new.max_queued = *n;
+            }
+            if let Some(q) = gpu_mem_quota_mib {
+                new.gpu_mem_quota_mib = *q;
+            }
             let vm = store.register_vm(&new)?;
             writeln!(
                 out,

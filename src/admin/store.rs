@@ -14,6 +14,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior};
 use serde::Serialize;
 
+use crate::config::VmDefaults;
 use crate::protocol::{DeviceConfig, PoolId, Priority};
 
 /// Migrations in order; migration `i` brings the schema to version `i + 1`.
@@ -23,8 +24,6 @@ const MIGRATIONS: &[&str] = &[include_str!("../../config/migrations/0001_init.sq
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default location of the database.
 pub const DEFAULT_DB_PATH: &str = "/var/lib/vgpu/vgpu.db";
-pub const DEFAULT_MAX_QUEUED: u32 = 64;
-pub const DEFAULT_GPU_MEM_QUOTA_MIB: u64 = 4096;
 const NAME_MAX: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
@@ -264,15 +263,16 @@ pub struct NewVm {
 }
 
 impl NewVm {
-    pub fn new(uuid: VmUuid, pool: PoolId, priority: Priority) -> Self {
+    /// A VM with the default per-VM settings `defaults`.
+    pub fn new(uuid: VmUuid, pool: PoolId, priority: Priority, defaults: &VmDefaults) -> Self {
         NewVm {
             uuid,
             vm_id: None,
             name: None,
             pool,
             priority,
-            max_queued: DEFAULT_MAX_QUEUED,
-            gpu_mem_quota_mib: DEFAULT_GPU_MEM_QUOTA_MIB,
+            max_queued: u32::try_from(defaults.max_queued).unwrap_or(u32::MAX),
+            gpu_mem_quota_mib: defaults.gpu_mem_quota_mib,
         }
     }
 }
@@ -804,7 +804,12 @@ mod tests {
     }
 
     fn new_vm(uuid: &str) -> NewVm {
-        NewVm::new(uuid.parse().unwrap(), pool('A'), Priority::Medium)
+        NewVm::new(
+            uuid.parse().unwrap(),
+            pool('A'),
+            Priority::Medium,
+            &VmDefaults::embedded().unwrap(),
+        )
     }
 
     fn pool(c: char) -> PoolId {
@@ -1122,10 +1127,23 @@ mod tests {
                 [],
             )
             .unwrap();
+        // A row written by another tool gets the schema's defaults, which
+        // must agree with the one source of defaults (config/vgpu.toml).
         let v = s.find_vm(&vm_ref("1")).unwrap();
+        let d = VmDefaults::embedded().unwrap();
         assert_eq!(
-            (v.pool, v.priority, v.max_queued, v.gpu_mem_quota_mib),
-            (pool('A'), Priority::Medium, 64, 4096)
+            (
+                v.pool,
+                v.priority,
+                v.max_queued as usize,
+                v.gpu_mem_quota_mib
+            ),
+            (
+                pool('A'),
+                Priority::Medium,
+                d.max_queued,
+                d.gpu_mem_quota_mib
+            )
         );
     }
 

@@ -8,7 +8,9 @@ use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use vgpu::daemon::{self, Daemon, DaemonConfig, FileConfig, VmSource, VmSpec};
+use vgpu::config;
+use vgpu::config::{DaemonConfig, FileConfig, VmSpec};
+use vgpu::daemon::{Daemon, VmSource};
 use vgpu::executor::ExecutorChoice;
 use vgpu::protocol::{PoolId, Priority};
 
@@ -77,7 +79,7 @@ fn file_config(cli: &Cli) -> Result<FileConfig, Box<dyn std::error::Error>> {
     }
     let pool_gpu = match &cli.pool_gpu {
         Some(s) => Some(
-            daemon::parse_pool_gpu(s)?
+            config::parse_pool_gpu(s)?
                 .into_iter()
                 .map(|(p, g)| (p.to_string(), g))
                 .collect(),
@@ -88,9 +90,10 @@ fn file_config(cli: &Cli) -> Result<FileConfig, Box<dyn std::error::Error>> {
         executor: cli.executor,
         exec_limit_ms: cli.exec_limit_ms,
         max_queued: cli.max_queued,
+        gpu_mem_quota_mib: None,
         policy: cli.aging_ms.map(|_| "aging".to_string()),
         aging_step_ms: cli.aging_ms,
-        socket_dir: None,
+        socket_dir: cli.socket_dir.clone(),
         pool_gpu,
     }))
 }
@@ -107,12 +110,28 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             max_queued: None,
         });
     }
-    let socket_dir = cli
-        .socket_dir
-        .clone()
-        .or_else(|| file.socket_dir.clone())
-        .unwrap_or_else(|| PathBuf::from(vgpu::control::DEFAULT_SOCKET_DIR));
+    if vms.is_empty() {
+        // The database holds each VM's GPU (its pool's) and max_queued.
+        for (given, what) in [
+            (
+                cli.pool_gpu.is_some(),
+                "--pool-gpu (use vgpu-admin pool-set-gpu)",
+            ),
+            (
+                cli.max_queued.is_some(),
+                "--max-queued (use vgpu-admin update-vm --max-queued)",
+            ),
+        ] {
+            if given {
+                return Err(format!(
+                    "{what} does not apply in database mode, only to --vm/--socket VMs"
+                )
+                .into());
+            }
+        }
+    }
     let cfg = DaemonConfig::resolve(file, vms.clone())?;
+    let socket_dir = cfg.socket_dir.clone();
     let source = if vms.is_empty() {
         log::info!(
             "serving the VMs of {} (sockets in {})",

@@ -36,7 +36,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::ops::{self, GemmDims};
 use super::remoting::{self, Param, VmTables};
-use super::{Executor, Request};
+use super::{past_limit, Executor, Request, Tenant};
 use crate::guest::{GuestBufs, GuestMem};
 use crate::protocol::{DeviceInfo, ExecutorKind, Opcode, Status};
 
@@ -88,9 +88,6 @@ pub enum Isolation {
 /// Settings of the CUDA executor.
 #[derive(Debug, Clone)]
 pub struct CudaConfig {
-    /// Device-memory quota of a VM for remoting, unless set per VM with
-    /// [`Executor::set_vm_quota`].
-    pub default_vm_quota: u64,
     pub isolation: Isolation,
     /// The worker binary; by default `$VGPU_CUDA_WORKER` or
     /// `vgpu-cuda-worker` next to the running executable.
@@ -100,7 +97,6 @@ pub struct CudaConfig {
 impl Default for CudaConfig {
     fn default() -> Self {
         CudaConfig {
-            default_vm_quota: remoting::DEFAULT_QUOTA,
             isolation: Isolation::Process,
             worker_path: None,
         }
@@ -289,7 +285,6 @@ pub struct CudaExecutor {
     staging_logged: bool,
     regs: HashMap<u32, Registration>,
     vms: HashMap<u32, VmState>,
-    quotas: HashMap<u32, u64>,
     workers: HashMap<u32, super::worker::VmWorker>,
     worker_path: Option<std::path::PathBuf>,
     /// Inside a worker process: the process ends after a fault or timeout,
@@ -358,7 +353,6 @@ impl CudaExecutor {
             staging_logged: false,
             regs: HashMap::new(),
             vms: HashMap::new(),
-            quotas: HashMap::new(),
             workers: HashMap::new(),
             worker_path: None,
             worker_mode: false,
@@ -401,21 +395,18 @@ impl CudaExecutor {
         self.vm_state(vm_id).tables.start_at(first);
     }
 
-    fn quota_of(&self, vm_id: u32) -> u64 {
-        *self
-            .quotas
-            .get(&vm_id)
-            .unwrap_or(&self.config.default_vm_quota)
-    }
-
     /// Remoting through the VM's worker process.
-    fn remoting_in_worker(&mut self, req: &Request, limit: Duration) -> Result<u32, Status> {
+    fn remoting_in_worker(
+        &mut self,
+        tenant: Tenant,
+        req: &Request,
+        limit: Duration,
+    ) -> Result<u32, Status> {
         let Some(path) = self.worker_path.clone() else {
             return Err(Status::Unsupported);
         };
-        let quota = self.quota_of(req.vm_id);
-        let w = self.workers.entry(req.vm_id).or_default();
-        let (res, spawned) = w.execute(&path, self.gpu_index, req, limit, quota);
+        let w = self.workers.entry(tenant.vm_id).or_default();
+        let (res, spawned) = w.execute(&path, self.gpu_index, tenant, req, limit);
         if spawned {
             self.stats.vm_contexts_created += 1;
         }
@@ -592,7 +583,7 @@ impl CudaExecutor {
         }
     }
 
-    fn scalar_add(&mut self, req: &Request) -> Result<u32, Status> {
+    fn scalar_add(&mut self, vm: u32, req: &Request) -> Result<u32, Status> {
         let (mut a, mut b) = ops::scalar_add_operands(&req.payload)?;
         if req.output.len() < 4 {
             return Err(Status::TooLarge);
@@ -606,7 +597,7 @@ impl CudaExecutor {
         ];
         self.launch(&self.k_scalar_add, (1, 1, 1), (1, 1, 1), &mut params)
             .map_err(|e| self.own_error(e))?;
-        self.copy_out(req.vm_id, out, &req.output, 4)
+        self.copy_out(vm, out, &req.output, 4)
     }
 
     /// Whether batches use the batched SCALAR_ADD kernel (else one launch
@@ -624,7 +615,11 @@ impl CudaExecutor {
     /// One chunk (at most BATCH_SLOTS) of a batch: validates every request,
     /// queues the SCALAR_ADDs' operands, kernel(s) and result copy, waits
     /// once, then writes each result into its guest output.
-    fn batch_chunk(&mut self, reqs: &[&Request], limit: Duration) -> Vec<Result<u32, Status>> {
+    fn batch_chunk(
+        &mut self,
+        reqs: &[(Tenant, &Request)],
+        limit: Duration,
+    ) -> Vec<Result<u32, Status>> {
         let mut res: Vec<Result<u32, Status>> = vec![Ok(0); reqs.len()];
         if let Err(e) = bind(&self.ctx) {
             let s = self.own_error(e);
@@ -632,7 +627,7 @@ impl CudaExecutor {
         }
         // Request index of each slot.
         let mut slots: Vec<usize> = Vec::with_capacity(reqs.len());
-        for (i, req) in reqs.iter().enumerate() {
+        for (i, &(tenant, req)) in reqs.iter().enumerate() {
             res[i] = match req.opcode {
                 Opcode::Ping => Ok(0),
                 Opcode::ScalarAddI32 if slots.len() < BATCH_SLOTS => {
@@ -650,7 +645,7 @@ impl CudaExecutor {
                     }
                 }
                 // Not batchable (the scheduler does not send these): alone.
-                _ => self.execute(req, limit),
+                _ => self.execute(tenant, req, limit),
             };
         }
         if slots.is_empty() {
@@ -662,7 +657,7 @@ impl CudaExecutor {
                     let at = BATCH_OUT + 4 * k;
                     let mut v = [0u8; 4];
                     v.copy_from_slice(&self.batch_host.slice(BATCH_BYTES)[at..at + 4]);
-                    res[i] = ops::write_output(&reqs[i].output, &v);
+                    res[i] = ops::write_output(&reqs[i].1.output, &v);
                 }
             }
             Err(s) => {
@@ -723,7 +718,13 @@ impl CudaExecutor {
     }
 
     /// VECTOR_ADD_F32 and SAXPY_F32: two n-float arrays at payload offset 8.
-    fn elementwise(&mut self, req: &Request, saxpy: Option<f32>, n: usize) -> Result<u32, Status> {
+    fn elementwise(
+        &mut self,
+        vm: u32,
+        req: &Request,
+        saxpy: Option<f32>,
+        n: usize,
+    ) -> Result<u32, Status> {
         let bytes = 4 * n;
         let b_off = align_up(bytes);
         self.dev_in
@@ -731,14 +732,8 @@ impl CudaExecutor {
             .map_err(|e| self.own_error(e))?;
         self.dev_out.ensure(bytes).map_err(|e| self.own_error(e))?;
         let (din, dout) = (self.dev_in.ptr, self.dev_out.ptr);
-        self.copy_in(req.vm_id, &req.payload, 8, bytes, din)?;
-        self.copy_in(
-            req.vm_id,
-            &req.payload,
-            8 + bytes,
-            bytes,
-            din + b_off as u64,
-        )?;
+        self.copy_in(vm, &req.payload, 8, bytes, din)?;
+        self.copy_in(vm, &req.payload, 8 + bytes, bytes, din + b_off as u64)?;
         if n > 0 {
             let (mut pa, mut pb, mut po) = (din, din + b_off as u64, dout);
             let mut n32 = n as u32;
@@ -767,10 +762,10 @@ impl CudaExecutor {
             self.launch(f, Self::ew_grid(n), (EW_BLOCK, 1, 1), &mut params)
                 .map_err(|e| self.own_error(e))?;
         }
-        self.copy_out(req.vm_id, dout, &req.output, bytes)
+        self.copy_out(vm, dout, &req.output, bytes)
     }
 
-    fn sgemm(&mut self, req: &Request, d: GemmDims) -> Result<u32, Status> {
+    fn sgemm(&mut self, vm: u32, req: &Request, d: GemmDims) -> Result<u32, Status> {
         let b_off = align_up(d.a_bytes());
         self.dev_in
             .ensure(b_off + d.b_bytes())
@@ -779,15 +774,9 @@ impl CudaExecutor {
             .ensure(d.c_bytes())
             .map_err(|e| self.own_error(e))?;
         let (din, dout) = (self.dev_in.ptr, self.dev_out.ptr);
+        self.copy_in(vm, &req.payload, GemmDims::A_OFFSET, d.a_bytes(), din)?;
         self.copy_in(
-            req.vm_id,
-            &req.payload,
-            GemmDims::A_OFFSET,
-            d.a_bytes(),
-            din,
-        )?;
-        self.copy_in(
-            req.vm_id,
+            vm,
             &req.payload,
             d.b_offset(),
             d.b_bytes(),
@@ -795,7 +784,7 @@ impl CudaExecutor {
         )?;
         self.launch_sgemm(d, din, din + b_off as u64, dout)
             .map_err(|e| self.own_error(e))?;
-        self.copy_out(req.vm_id, dout, &req.output, d.c_bytes())
+        self.copy_out(vm, dout, &req.output, d.c_bytes())
     }
 
     /// Queues the SGEMM kernel on device pointers (also used by the bench).
@@ -853,12 +842,8 @@ impl CudaExecutor {
     // ---- remoting ------------------------------------------------------
 
     fn vm_state(&mut self, vm_id: u32) -> &mut VmState {
-        let quota = *self
-            .quotas
-            .get(&vm_id)
-            .unwrap_or(&self.config.default_vm_quota);
         self.vms.entry(vm_id).or_insert_with(|| VmState {
-            tables: VmTables::new(vm_id, quota),
+            tables: VmTables::new(vm_id, 0),
             cuda: None,
         })
     }
@@ -957,18 +942,17 @@ impl CudaExecutor {
         }
     }
 
-    fn remoting(&mut self, req: &Request, limit: Duration) -> Result<u32, Status> {
+    fn remoting(&mut self, vm: u32, req: &Request, limit: Duration) -> Result<u32, Status> {
         let start = Instant::now();
-        let vm = req.vm_id;
         let res = match req.opcode {
-            Opcode::MemAlloc => self.rm_alloc(req),
-            Opcode::MemFree => self.rm_free(req),
-            Opcode::MemcpyHtoD => self.rm_htod(req),
-            Opcode::MemcpyDtoH => self.rm_dtoh(req),
-            Opcode::ModuleLoad => self.rm_module_load(req),
-            Opcode::ModuleUnload => self.rm_module_unload(req),
-            Opcode::Launch => self.rm_launch(req, start + limit),
-            Opcode::Synchronize => self.rm_sync(req, start + limit),
+            Opcode::MemAlloc => self.rm_alloc(vm, req),
+            Opcode::MemFree => self.rm_free(vm, req),
+            Opcode::MemcpyHtoD => self.rm_htod(vm, req),
+            Opcode::MemcpyDtoH => self.rm_dtoh(vm, req),
+            Opcode::ModuleLoad => self.rm_module_load(vm, req),
+            Opcode::ModuleUnload => self.rm_module_unload(vm, req),
+            Opcode::Launch => self.rm_launch(vm, req, start + limit),
+            Opcode::Synchronize => self.rm_sync(vm, req, start + limit),
             _ => Err(Status::Unsupported),
         };
         // Built-in operations expect the executor's context.
@@ -988,19 +972,19 @@ impl CudaExecutor {
         payload.to_vec().map_err(|_| Status::BadRequest)
     }
 
-    fn rm_alloc(&mut self, req: &Request) -> Result<u32, Status> {
+    fn rm_alloc(&mut self, vm: u32, req: &Request) -> Result<u32, Status> {
         let size = remoting::parse_alloc(&Self::read_small(&req.payload, 8)?)?;
         if req.output.len() < 8 {
             return Err(Status::TooLarge);
         }
         let bytes = usize::try_from(size).map_err(|_| Status::NoResources)?;
-        self.vm_state(req.vm_id).tables.reserve(size)?;
-        let ctx = self.vm_ctx(req.vm_id);
+        self.vm_state(vm).tables.reserve(size)?;
+        let ctx = self.vm_ctx(vm);
         let ptr = ctx.and_then(|_| {
             // SAFETY: allocation in the VM's current context.
-            unsafe { result::malloc_sync(bytes) }.map_err(|e| self.vm_fault(req.vm_id, e))
+            unsafe { result::malloc_sync(bytes) }.map_err(|e| self.vm_fault(vm, e))
         });
-        let st = self.vm_state(req.vm_id);
+        let st = self.vm_state(vm);
         let ptr = match ptr {
             Ok(p) => p,
             Err(s) => {
@@ -1012,26 +996,26 @@ impl CudaExecutor {
         ops::write_output(&req.output, &h.to_le_bytes())
     }
 
-    fn rm_free(&mut self, req: &Request) -> Result<u32, Status> {
+    fn rm_free(&mut self, vm: u32, req: &Request) -> Result<u32, Status> {
         let h = remoting::parse_handle(&Self::read_small(&req.payload, 8)?)?;
-        let buf = self.vm_state(req.vm_id).tables.free_buffer(h)?;
-        self.vm_ctx(req.vm_id)?;
+        let buf = self.vm_state(vm).tables.free_buffer(h)?;
+        self.vm_ctx(vm)?;
         // SAFETY: the VM's allocation, current context, no work pending
         // (every launch is waited for).
-        unsafe { result::free_sync(buf.dev) }.map_err(|e| self.vm_fault(req.vm_id, e))?;
+        unsafe { result::free_sync(buf.dev) }.map_err(|e| self.vm_fault(vm, e))?;
         Ok(0)
     }
 
-    fn rm_htod(&mut self, req: &Request) -> Result<u32, Status> {
+    fn rm_htod(&mut self, vm: u32, req: &Request) -> Result<u32, Status> {
         let mut hdr = [0u8; remoting::HTOD_HDR_SIZE];
         req.payload
             .read_at(0, &mut hdr)
             .map_err(|_| Status::BadRequest)?;
         let (h, offset) = remoting::parse_htod_header(&hdr)?;
         let len = req.payload.len() - remoting::HTOD_HDR_SIZE;
-        let buf = self.vm_state(req.vm_id).tables.buffer(h)?.clone();
+        let buf = self.vm_state(vm).tables.buffer(h)?.clone();
         remoting::check_range(buf.size, offset, len as u64)?;
-        self.vm_ctx(req.vm_id)?;
+        self.vm_ctx(vm)?;
         let mut done = 0u64;
         let ranges = req
             .payload
@@ -1043,22 +1027,22 @@ impl CudaExecutor {
             check(unsafe {
                 sys::cuMemcpyHtoD_v2(buf.dev + offset + done, ptr as *const c_void, n)
             })
-            .map_err(|e| self.vm_fault(req.vm_id, e))?;
+            .map_err(|e| self.vm_fault(vm, e))?;
             done += n as u64;
         }
         Ok(0)
     }
 
-    fn rm_dtoh(&mut self, req: &Request) -> Result<u32, Status> {
+    fn rm_dtoh(&mut self, vm: u32, req: &Request) -> Result<u32, Status> {
         let (h, offset, len) = remoting::parse_dtoh(&Self::read_small(&req.payload, 24)?)?;
-        let buf = self.vm_state(req.vm_id).tables.buffer(h)?.clone();
+        let buf = self.vm_state(vm).tables.buffer(h)?.clone();
         remoting::check_range(buf.size, offset, len)?;
         let len = usize::try_from(len).map_err(|_| Status::TooLarge)?;
         let out_len = u32::try_from(len).map_err(|_| Status::TooLarge)?;
         if req.output.len() < len {
             return Err(Status::TooLarge);
         }
-        self.vm_ctx(req.vm_id)?;
+        self.vm_ctx(vm)?;
         let mut done = 0u64;
         let ranges = req
             .output
@@ -1067,47 +1051,47 @@ impl CudaExecutor {
         for (ptr, n) in ranges {
             // SAFETY: as in rm_htod, the other way.
             check(unsafe { sys::cuMemcpyDtoH_v2(ptr as *mut c_void, buf.dev + offset + done, n) })
-                .map_err(|e| self.vm_fault(req.vm_id, e))?;
+                .map_err(|e| self.vm_fault(vm, e))?;
             done += n as u64;
         }
         Ok(out_len)
     }
 
-    fn rm_module_load(&mut self, req: &Request) -> Result<u32, Status> {
+    fn rm_module_load(&mut self, vm: u32, req: &Request) -> Result<u32, Status> {
         let text = remoting::parse_ptx(&Self::read_small(&req.payload, remoting::MAX_PTX_LEN)?)?;
         let text = text.into_string().map_err(|_| Status::BadRequest)?;
         if req.output.len() < 8 {
             return Err(Status::TooLarge);
         }
-        self.vm_state(req.vm_id).tables.can_add_module()?;
-        let ctx = self.vm_ctx(req.vm_id)?;
+        self.vm_state(vm).tables.can_add_module()?;
+        let ctx = self.vm_ctx(vm)?;
         let module = ctx
             .load_module(Ptx::from_src(text))
-            .map_err(|e| self.vm_fault(req.vm_id, e))?;
-        let h = self.vm_state(req.vm_id).tables.add_module(module)?;
+            .map_err(|e| self.vm_fault(vm, e))?;
+        let h = self.vm_state(vm).tables.add_module(module)?;
         ops::write_output(&req.output, &h.to_le_bytes())
     }
 
-    fn rm_module_unload(&mut self, req: &Request) -> Result<u32, Status> {
+    fn rm_module_unload(&mut self, vm: u32, req: &Request) -> Result<u32, Status> {
         let h = remoting::parse_handle(&Self::read_small(&req.payload, 8)?)?;
-        let module = self.vm_state(req.vm_id).tables.remove_module(h)?;
-        self.vm_ctx(req.vm_id)?;
+        let module = self.vm_state(vm).tables.remove_module(h)?;
+        self.vm_ctx(vm)?;
         drop(module);
         Ok(0)
     }
 
-    fn rm_launch(&mut self, req: &Request, deadline: Instant) -> Result<u32, Status> {
+    fn rm_launch(&mut self, vm: u32, req: &Request, deadline: Instant) -> Result<u32, Status> {
         let max = remoting::LAUNCH_HDR_SIZE
             + remoting::MAX_NAME_LEN
             + remoting::MAX_PARAMS * remoting::PARAM_HDR_SIZE
             + remoting::MAX_PARAM_BYTES;
         let l = remoting::parse_launch(&Self::read_small(&req.payload, max)?)?;
         let name = l.name.to_str().map_err(|_| Status::BadRequest)?.to_owned();
-        let module = self.vm_state(req.vm_id).tables.module(l.module)?.clone();
+        let module = self.vm_state(vm).tables.module(l.module)?.clone();
         // Parameter values, each in its own 8-byte aligned storage.
         let mut values: Vec<Vec<u64>> = Vec::with_capacity(l.params.len());
         {
-            let tables = &self.vm_state(req.vm_id).tables;
+            let tables = &self.vm_state(vm).tables;
             for p in &l.params {
                 values.push(match p {
                     Param::Buffer(h) => vec![tables.buffer(*h)?.dev],
@@ -1121,10 +1105,10 @@ impl CudaExecutor {
                 });
             }
         }
-        self.vm_ctx(req.vm_id)?;
+        self.vm_ctx(vm)?;
         let f = module
             .load_function(&name)
-            .map_err(|e| self.vm_fault(req.vm_id, e))?;
+            .map_err(|e| self.vm_fault(vm, e))?;
         // The kernel's own parameter list must match what the guest sent, or
         // the driver would read past our values: every index below the count
         // has the guest's size, and the index at the count does not exist.
@@ -1138,12 +1122,12 @@ impl CudaExecutor {
                 (None, CUresult::CUDA_ERROR_INVALID_VALUE) => true,
                 (None, CUresult::CUDA_SUCCESS) => false,
                 (Some(_), CUresult::CUDA_ERROR_INVALID_VALUE) => false,
-                (_, err) => return Err(self.vm_fault(req.vm_id, DriverError(err))),
+                (_, err) => return Err(self.vm_fault(vm, DriverError(err))),
             };
             if !ok {
                 log::debug!(
                     "vm {}: {name}: parameter {i} does not match the kernel (size {size})",
-                    req.vm_id
+                    vm
                 );
                 return Err(Status::BadRequest);
             }
@@ -1164,17 +1148,17 @@ impl CudaExecutor {
                 &mut ptrs,
             )
         }
-        .map_err(|e| self.vm_fault(req.vm_id, e))?;
-        self.vm_wait(req.vm_id, deadline)?;
+        .map_err(|e| self.vm_fault(vm, e))?;
+        self.vm_wait(vm, deadline)?;
         Ok(0)
     }
 
-    fn rm_sync(&mut self, req: &Request, deadline: Instant) -> Result<u32, Status> {
+    fn rm_sync(&mut self, vm: u32, req: &Request, deadline: Instant) -> Result<u32, Status> {
         if !req.payload.is_empty() {
             return Err(Status::BadRequest);
         }
-        self.vm_ctx(req.vm_id)?;
-        self.vm_wait(req.vm_id, deadline)?;
+        self.vm_ctx(vm)?;
+        self.vm_wait(vm, deadline)?;
         Ok(0)
     }
 }
@@ -1184,33 +1168,47 @@ impl Executor for CudaExecutor {
         self.info.clone()
     }
 
-    fn execute(&mut self, req: &Request, limit: Duration) -> Result<u32, Status> {
+    fn execute(&mut self, tenant: Tenant, req: &Request, limit: Duration) -> Result<u32, Status> {
         if req.opcode.is_remoting() {
             return match self.config.isolation {
-                Isolation::Process => self.remoting_in_worker(req, limit),
-                Isolation::InProcess => self.remoting(req, limit),
+                Isolation::Process => self.remoting_in_worker(tenant, req, limit),
+                Isolation::InProcess => {
+                    // The quota comes with every call: a change applies at once,
+                    // memory already allocated stays allocated.
+                    self.vm_state(tenant.vm_id).tables.quota.limit = tenant.gpu_mem_quota;
+                    self.remoting(tenant.vm_id, req, limit)
+                }
             };
         }
+        let start = Instant::now();
+        let vm = tenant.vm_id;
         bind(&self.ctx).map_err(|e| self.own_error(e))?;
-        match req.opcode {
+        let res = match req.opcode {
             // PING measures the request path: no GPU work.
             Opcode::Ping => Ok(0),
             Opcode::GetInfo => ops::write_info(&req.output, &self.info),
             Opcode::BusyWait => self.busy_wait(req, limit),
-            Opcode::ScalarAddI32 => self.scalar_add(req),
+            Opcode::ScalarAddI32 => self.scalar_add(vm, req),
             Opcode::VectorAddF32 => {
                 let n = ops::vector_add_len(&req.payload, &req.output)?;
-                self.elementwise(req, None, n)
+                self.elementwise(vm, req, None, n)
             }
             Opcode::SaxpyF32 => {
                 let (n, a) = ops::saxpy_shape(&req.payload, &req.output)?;
-                self.elementwise(req, Some(a), n)
+                self.elementwise(vm, req, Some(a), n)
             }
             Opcode::SgemmF32 => {
                 let d = ops::sgemm_shape(&req.payload, &req.output)?;
-                self.sgemm(req, d)
+                self.sgemm(vm, req, d)
             }
             _ => Err(Status::Unsupported),
+        };
+        match res {
+            // BUSY_WAIT bounds itself and answers TIMEOUT past the limit.
+            Ok(_) if req.opcode != Opcode::BusyWait && past_limit(start, limit) => {
+                Err(Status::Timeout)
+            }
+            other => other,
         }
     }
 
@@ -1220,13 +1218,17 @@ impl Executor for CudaExecutor {
         matches!(req.opcode, Opcode::Ping | Opcode::ScalarAddI32)
     }
 
-    fn execute_batch(&mut self, reqs: &[&Request], limit: Duration) -> Vec<Result<u32, Status>> {
-        let mut out = Vec::with_capacity(reqs.len());
-        for chunk in reqs.chunks(BATCH_SLOTS) {
+    fn execute_batch(
+        &mut self,
+        batch: &[(Tenant, &Request)],
+        limit: Duration,
+    ) -> Vec<Result<u32, Status>> {
+        let mut out = Vec::with_capacity(batch.len());
+        for chunk in batch.chunks(BATCH_SLOTS) {
             out.extend(self.batch_chunk(chunk, limit));
         }
         self.stats.batches += 1;
-        self.stats.batched_requests += reqs.len() as u64;
+        self.stats.batched_requests += batch.len() as u64;
         out
     }
 
@@ -1291,13 +1293,6 @@ impl Executor for CudaExecutor {
             mem.num_regions()
         );
         self.regs.insert(vm_id, reg);
-    }
-
-    fn set_vm_quota(&mut self, vm_id: u32, bytes: u64) {
-        self.quotas.insert(vm_id, bytes);
-        if let Some(st) = self.vms.get_mut(&vm_id) {
-            st.tables.quota.limit = bytes;
-        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! the CUDA executor runs the same operations on an NVIDIA GPU.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::guest::{GuestBufs, GuestMem};
 use crate::protocol::{DeviceInfo, Opcode, Status};
@@ -17,11 +17,19 @@ pub mod worker;
 pub use cpu::CpuExecutor;
 pub use cuda::{CudaConfig, CudaExecutor, Isolation};
 
+/// The VM a request runs for, and the limits its settings give it. It
+/// travels with the job from the VM to the executor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tenant {
+    pub vm_id: u32,
+    /// Device memory the VM's CUDA remoting may hold, in bytes.
+    pub gpu_mem_quota: u64,
+}
+
 /// One request as an executor sees it: already validated against the
 /// header, with its payload and output as guest buffer views.
 #[derive(Debug)]
 pub struct Request {
-    pub vm_id: u32,
     pub opcode: Opcode,
     pub tag: u64,
     /// Exactly `payload_len` bytes from the request header.
@@ -35,9 +43,11 @@ pub trait Executor: Send {
     /// What GET_INFO reports.
     fn info(&self) -> DeviceInfo;
 
-    /// Runs one request to completion (bounded by `limit`) and returns how
-    /// many output bytes it wrote, or the status that ends it.
-    fn execute(&mut self, req: &Request, limit: Duration) -> Result<u32, Status>;
+    /// Runs one request for `tenant` to completion and returns how many
+    /// output bytes it wrote, or the status that ends it. The executor alone
+    /// decides a TIMEOUT: past `limit` it stops the work where it can and
+    /// answers TIMEOUT instead of a late result (see [`past_limit`]).
+    fn execute(&mut self, tenant: Tenant, req: &Request, limit: Duration) -> Result<u32, Status>;
 
     /// True when `req` may run as part of a batch ([`Executor::execute_batch`]).
     /// The scheduler only batches consecutive jobs for which this holds.
@@ -49,8 +59,15 @@ pub trait Executor: Send {
     /// returns one result per request, in the same order. An executor may
     /// overlap them (the CUDA executor queues all their GPU work and
     /// synchronizes once); the default runs them one by one.
-    fn execute_batch(&mut self, reqs: &[&Request], limit: Duration) -> Vec<Result<u32, Status>> {
-        reqs.iter().map(|r| self.execute(r, limit)).collect()
+    fn execute_batch(
+        &mut self,
+        batch: &[(Tenant, &Request)],
+        limit: Duration,
+    ) -> Vec<Result<u32, Status>> {
+        batch
+            .iter()
+            .map(|&(tenant, req)| self.execute(tenant, req, limit))
+            .collect()
     }
 
     /// The VM's frontend went away: release whatever the executor holds for it
@@ -63,11 +80,13 @@ pub trait Executor: Send {
     /// does nothing. Requests whose buffers lie in another (older) table still
     /// work, through a staging copy.
     fn map_guest_memory(&mut self, _vm_id: u32, _mem: &Arc<GuestMem>) {}
+}
 
-    /// Device-memory quota of the VM for CUDA remoting (MEM_ALLOC past it
-    /// answers NO_RESOURCES). Takes effect at once; memory already allocated
-    /// stays allocated.
-    fn set_vm_quota(&mut self, _vm_id: u32, _bytes: u64) {}
+/// True when work that started at `start` ran past `limit`: nothing preempts
+/// a built-in operation, so one that ends late answers TIMEOUT, never a late
+/// result.
+pub fn past_limit(start: Instant, limit: Duration) -> bool {
+    start.elapsed() > limit
 }
 
 /// `--executor` choice.

@@ -21,8 +21,6 @@ pub const MAX_PARAM_BYTES: usize = 4096;
 pub const MAX_BUFFERS: usize = 65536;
 /// Most loaded modules of one VM.
 pub const MAX_MODULES: usize = 256;
-/// Default device-memory quota of a VM (can be changed per VM).
-pub const DEFAULT_QUOTA: u64 = 4 << 30;
 
 /// Size of the fixed LAUNCH header (`struct vgpu_launch`).
 pub const LAUNCH_HDR_SIZE: usize = 48;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use crate::guest::{anonymous_memory, GuestBufs};
 use crate::protocol::{Opcode, Status};
 
-use super::{CudaConfig, CudaExecutor, Executor, Request};
+use super::{CudaConfig, CudaExecutor, Executor, Request, Tenant};
 
 /// Name of the worker binary, looked up next to the running executable.
 pub const WORKER_BIN: &str = "vgpu-cuda-worker";
@@ -181,23 +181,24 @@ impl VmWorker {
         &mut self,
         path: &Path,
         gpu_index: u32,
+        tenant: Tenant,
         req: &Request,
         limit: Duration,
-        quota: u64,
     ) -> (Result<u32, Status>, bool) {
+        let quota = tenant.gpu_mem_quota;
         let mut spawned = false;
         if self.worker.is_none() {
             if self.generation >= 1 << (32 - GENERATION_SHIFT) {
                 return (Err(Status::NoResources), false);
             }
-            match Worker::spawn(path, gpu_index, req.vm_id, self.generation) {
+            match Worker::spawn(path, gpu_index, tenant.vm_id, self.generation) {
                 Ok(w) => {
                     self.worker = Some(w);
                     self.generation += 1;
                     spawned = true;
                 }
                 Err(e) => {
-                    log::error!("vm {}: cannot start CUDA worker: {e}", req.vm_id);
+                    log::error!("vm {}: cannot start CUDA worker: {e}", tenant.vm_id);
                     return (Err(Status::NoResources), false);
                 }
             }
@@ -226,19 +227,19 @@ impl VmWorker {
             Err(Error::Timeout) => {
                 log::warn!(
                     "vm {}: CUDA worker did not answer in time; killed",
-                    req.vm_id
+                    tenant.vm_id
                 );
                 Err(Status::Timeout)
             }
             Err(e) => {
-                log::warn!("vm {}: CUDA worker failed: {e}", req.vm_id);
+                log::warn!("vm {}: CUDA worker failed: {e}", tenant.vm_id);
                 Err(Status::DeviceError)
             }
         };
         if matches!(res, Err(Status::DeviceError) | Err(Status::Timeout)) {
             log::warn!(
                 "vm {}: ending its CUDA worker; its handles are gone",
-                req.vm_id
+                tenant.vm_id
             );
             self.worker = None;
         }
@@ -304,8 +305,11 @@ pub fn worker_main() -> i32 {
                 return 1;
             }
         };
-        ex.set_vm_quota(vm, quota);
-        let (status, out) = serve(&mut ex, vm, op, limit_ms, &payload, ocap, &mut scratch);
+        let tenant = Tenant {
+            vm_id: vm,
+            gpu_mem_quota: quota,
+        };
+        let (status, out) = serve(&mut ex, tenant, op, limit_ms, &payload, ocap, &mut scratch);
         let mut reply = Vec::with_capacity(16 + out.len());
         reply.extend((status as u32).to_le_bytes());
         reply.extend(0u32.to_le_bytes());
@@ -330,7 +334,7 @@ type Scratch = (usize, Option<std::sync::Arc<crate::guest::GuestMem>>);
 
 fn serve(
     ex: &mut CudaExecutor,
-    vm: u32,
+    tenant: Tenant,
     op: u16,
     limit_ms: u32,
     payload: &[u8],
@@ -362,13 +366,12 @@ fn serve(
         return (Status::NoResources, Vec::new());
     }
     let req = Request {
-        vm_id: vm,
         opcode,
         tag: 0,
         payload: p,
         output: o,
     };
-    match ex.execute(&req, Duration::from_millis(u64::from(limit_ms))) {
+    match ex.execute(tenant, &req, Duration::from_millis(u64::from(limit_ms))) {
         Ok(n) => {
             let mut out = vec![0u8; n as usize];
             match req.output.read_at(0, &mut out) {

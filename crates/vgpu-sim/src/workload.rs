@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use vgpu::executor::Request;
+use vgpu::config::VmDefaults;
+use vgpu::executor::{Request, Tenant};
 use vgpu::guest::{GuestBufs, GuestMem};
 use vgpu::protocol::Opcode;
 use vm_memory::GuestAddress;
@@ -13,6 +14,28 @@ pub struct Guest {
     pub mem: Arc<GuestMem>,
     next: u64,
     end: u64,
+    quota: u64,
+}
+
+/// A request and the VM it runs for, as the scheduler hands them to an
+/// executor.
+pub struct Call {
+    pub tenant: Tenant,
+    pub req: Request,
+}
+
+impl std::ops::Deref for Call {
+    type Target = Request;
+    fn deref(&self) -> &Request {
+        &self.req
+    }
+}
+
+/// The embedded default quota (config/vgpu.toml), in bytes.
+pub fn default_quota() -> u64 {
+    VmDefaults::embedded()
+        .map(|d| d.gpu_mem_quota_mib << 20)
+        .unwrap_or(0)
 }
 
 impl Guest {
@@ -26,6 +49,7 @@ impl Guest {
             mem,
             next: 0x1000,
             end: size as u64,
+            quota: default_quota(),
         }
     }
 
@@ -55,18 +79,28 @@ impl Guest {
         b
     }
 
-    /// A request with `payload` written into guest memory and `out_len`
-    /// output bytes.
-    pub fn request(&mut self, vm_id: u32, op: Opcode, payload: &[u8], out_len: usize) -> Request {
+    /// The device-memory quota of the VMs this guest's requests run for.
+    pub fn set_quota(&mut self, bytes: u64) {
+        self.quota = bytes;
+    }
+
+    /// A request of VM `vm_id` with `payload` written into guest memory and
+    /// `out_len` output bytes.
+    pub fn request(&mut self, vm_id: u32, op: Opcode, payload: &[u8], out_len: usize) -> Call {
         let p = self.alloc(payload.len(), true);
         p.write_at(0, payload).unwrap();
         let o = self.alloc(out_len, true);
-        Request {
-            vm_id,
-            opcode: op,
-            tag: 1,
-            payload: p,
-            output: o,
+        Call {
+            tenant: Tenant {
+                vm_id,
+                gpu_mem_quota: self.quota,
+            },
+            req: Request {
+                opcode: op,
+                tag: 1,
+                payload: p,
+                output: o,
+            },
         }
     }
 }

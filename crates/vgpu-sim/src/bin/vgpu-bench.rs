@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use vmm_sys_util::eventfd::EventFd;
 
-use vgpu::daemon::{Daemon, DaemonConfig, FileConfig, VmSpec};
+use vgpu::config::{DaemonConfig, FileConfig, VmSpec};
+use vgpu::daemon::Daemon;
 use vgpu::executor::ExecutorChoice;
 use vgpu::protocol::{Opcode, PoolId, Priority, ReqHdr, Status};
 use vgpu_sim::{SimGuest, SimOptions};

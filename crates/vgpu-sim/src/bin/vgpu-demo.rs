@@ -11,7 +11,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vgpu::admin::store::{NewVm, Store, VmUuid};
-use vgpu::daemon::{Daemon, DaemonConfig, FileConfig, VmSource, VmSpec};
+use vgpu::config::VmDefaults;
+use vgpu::config::{DaemonConfig, FileConfig, VmSpec};
+use vgpu::daemon::{Daemon, VmSource};
 use vgpu::protocol::{DeviceInfo, Opcode, PoolId, Priority, Status};
 use vgpu_sim::{SimGuest, SimOptions};
 
@@ -72,7 +74,7 @@ fn run(file: FileConfig, rounds: u32) -> Result<(), BoxError> {
     let mut store = Store::open(&db)?;
     for (i, vm) in vms.iter().enumerate() {
         let uuid: VmUuid = format!("00000000-0000-4000-8000-00000000000{}", i + 1).parse()?;
-        let mut new = NewVm::new(uuid, vm.pool, vm.priority);
+        let mut new = NewVm::new(uuid, vm.pool, vm.priority, &VmDefaults::embedded()?);
         new.vm_id = Some(vm.vm_id);
         new.name = Some(format!("demo-{}", vm.priority));
         store.register_vm(&new)?;

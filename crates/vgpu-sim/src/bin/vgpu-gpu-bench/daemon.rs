@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use vgpu::daemon::{Daemon, DaemonConfig, FileConfig, VmSpec};
+use vgpu::config::{DaemonConfig, FileConfig, VmSpec};
+use vgpu::daemon::Daemon;
 use vgpu::executor::cpu::vector_add;
 use vgpu::executor::ExecutorChoice;
 use vgpu::protocol::{

@@ -136,14 +136,18 @@ fn executor_section(sgemm_n: usize, iters: usize) -> Res<()> {
 
     println!("\n== round trip, small requests ==");
     let ping = g.request(1, Opcode::Ping, &[], 0);
-    let v = time_n(iters, || status(ex.execute(&ping, limit)).map(|_| ()))?;
+    let v = time_n(iters, || {
+        status(ex.execute(ping.tenant, &ping, limit)).map(|_| ())
+    })?;
     report_lat("PING, executor (no GPU work)", v);
 
     let req = g.request(1, Opcode::ScalarAddI32, &common::scalar_payload(40, 2), 4);
     for _ in 0..1000 {
-        status(ex.execute(&req, limit))?;
+        status(ex.execute(req.tenant, &req, limit))?;
     }
-    let v = time_n(iters, || status(ex.execute(&req, limit)).map(|_| ()))?;
+    let v = time_n(iters, || {
+        status(ex.execute(req.tenant, &req, limit)).map(|_| ())
+    })?;
     let (exec_p50, _) = report_lat("SCALAR_ADD, executor (guest memory, registered)", v);
     let (dir_p50, _) = report_lat(
         "SCALAR_ADD, cudarc: 8 B in, kernel, 4 B out, sync",
@@ -169,9 +173,11 @@ fn executor_section(sgemm_n: usize, iters: usize) -> Res<()> {
             &common::vector_add_payload(&va, &vb),
             4 * n,
         );
-        status(ex.execute(&req, limit))?;
+        status(ex.execute(req.tenant, &req, limit))?;
         let bytes = 12.0 * n as f64;
-        let mut v = time_n(reps, || status(ex.execute(&req, limit)).map(|_| ()))?;
+        let mut v = time_n(reps, || {
+            status(ex.execute(req.tenant, &req, limit)).map(|_| ())
+        })?;
         let p50 = pct(&mut v, 0.5);
         println!(
             "{:<58} p50 {:8.1} us   {:6.1} GB/s moved",
@@ -202,9 +208,11 @@ fn executor_section(sgemm_n: usize, iters: usize) -> Res<()> {
         &common::sgemm_payload(d.m, d.n, d.k, &ma, &mb),
         d.c_bytes(),
     );
-    status(ex.execute(&req, limit))?;
+    status(ex.execute(req.tenant, &req, limit))?;
     let reps = 3;
-    let mut v = time_n(reps, || status(ex.execute(&req, limit)).map(|_| ()))?;
+    let mut v = time_n(reps, || {
+        status(ex.execute(req.tenant, &req, limit)).map(|_| ())
+    })?;
     let best = pct(&mut v, 0.0);
     let gflops = |t: Duration| d.flops() / t.as_secs_f64() / 1e9;
     println!(

@@ -1,0 +1,367 @@
+//! The daemon's configuration: the embedded defaults (`config/vgpu.toml`,
+//! the one place where every default is written), a file that overrides
+//! them, and the command line on top; the VMs given on the command line.
+//! Resolving checks everything once, so the rest of the daemon takes the
+//! values as they are.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::executor::ExecutorChoice;
+use crate::protocol::{self, PoolId, Priority};
+use crate::scheduler::Policy;
+
+/// The embedded defaults.
+pub const DEFAULT_CONFIG: &str = include_str!("../config/vgpu.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid --vm '{spec}': {msg}")]
+    VmSpec { spec: String, msg: String },
+    #[error("invalid --pool-gpu '{0}' (expected A=0,B=1)")]
+    PoolGpu(String),
+    #[error("config file {path}: {msg}")]
+    ConfigFile { path: PathBuf, msg: String },
+    #[error("configuration: {0}")]
+    Invalid(String),
+    #[error("duplicate {what} {value}")]
+    Duplicate { what: &'static str, value: String },
+    #[error(transparent)]
+    Protocol(#[from] protocol::Error),
+}
+
+/// The keys of config/vgpu.toml; in a file that overrides the defaults,
+/// every key is optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub executor: Option<ExecutorChoice>,
+    pub exec_limit_ms: Option<u64>,
+    pub max_queued: Option<usize>,
+    pub gpu_mem_quota_mib: Option<u64>,
+    pub policy: Option<String>,
+    pub aging_step_ms: Option<u64>,
+    pub socket_dir: Option<PathBuf>,
+    pub pool_gpu: Option<BTreeMap<String, u32>>,
+}
+
+impl FileConfig {
+    pub fn parse(text: &str, path: &Path) -> Result<Self, Error> {
+        toml::from_str(text).map_err(|e| Error::ConfigFile {
+            path: path.to_path_buf(),
+            msg: e.to_string().lines().next().unwrap_or_default().to_string(),
+        })
+    }
+
+    /// The embedded defaults (config/vgpu.toml).
+    pub fn embedded() -> Result<Self, Error> {
+        FileConfig::parse(DEFAULT_CONFIG, Path::new("config/vgpu.toml"))
+    }
+
+    /// A configuration file given by the user.
+    pub fn read(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::ConfigFile {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        FileConfig::parse(&text, path)
+    }
+
+    /// `other`'s keys win.
+    pub fn merge(self, other: FileConfig) -> FileConfig {
+        FileConfig {
+            executor: other.executor.or(self.executor),
+            exec_limit_ms: other.exec_limit_ms.or(self.exec_limit_ms),
+            max_queued: other.max_queued.or(self.max_queued),
+            gpu_mem_quota_mib: other.gpu_mem_quota_mib.or(self.gpu_mem_quota_mib),
+            policy: other.policy.or(self.policy),
+            aging_step_ms: other.aging_step_ms.or(self.aging_step_ms),
+            socket_dir: other.socket_dir.or(self.socket_dir),
+            pool_gpu: match (self.pool_gpu, other.pool_gpu) {
+                (Some(mut a), Some(b)) => {
+                    a.extend(b);
+                    Some(a)
+                }
+                (a, b) => b.or(a),
+            },
+        }
+    }
+}
+
+/// Defaults of the per-VM settings, for the places that create VMs without
+/// a daemon configuration at hand (`vgpu-admin register-vm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmDefaults {
+    pub max_queued: usize,
+    pub gpu_mem_quota_mib: u64,
+}
+
+impl VmDefaults {
+    /// The embedded defaults' values.
+    pub fn embedded() -> Result<Self, Error> {
+        let f = FileConfig::embedded()?;
+        Ok(VmDefaults {
+            max_queued: required(f.max_queued, "max_queued")?,
+            gpu_mem_quota_mib: required(f.gpu_mem_quota_mib, "gpu_mem_quota_mib")?,
+        })
+    }
+}
+
+fn required<T>(v: Option<T>, key: &str) -> Result<T, Error> {
+    v.ok_or_else(|| Error::Invalid(format!("{key} is not set (config/vgpu.toml sets it)")))
+}
+
+/// One VM to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    pub vm_id: u32,
+    pub pool: PoolId,
+    pub priority: Priority,
+    pub socket: PathBuf,
+    pub max_queued: Option<usize>,
+}
+
+impl FromStr for VmSpec {
+    type Err = Error;
+    /// `id=1,pool=A,priority=high,socket=/run/vgpu/vm1.sock[,max-queued=64]`
+    fn from_str(spec: &str) -> Result<Self, Error> {
+        let bad = |msg: String| Error::VmSpec {
+            spec: spec.to_string(),
+            msg,
+        };
+        let (mut id, mut pool, mut prio, mut socket, mut maxq) = (None, None, None, None, None);
+        for part in spec.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("'{part}' is not key=value")))?;
+            match k.trim() {
+                "id" | "vm-id" | "vm_id" => {
+                    id = Some(parse_vm_id(v).map_err(bad)?);
+                }
+                "pool" => pool = Some(v.parse::<PoolId>().map_err(|e| bad(e.to_string()))?),
+                "priority" => prio = Some(v.parse::<Priority>().map_err(|e| bad(e.to_string()))?),
+                "socket" => socket = Some(PathBuf::from(v)),
+                "max-queued" | "max_queued" => {
+                    maxq = Some(parse_max_queued(v).map_err(bad)?);
+                }
+                other => return Err(bad(format!("unknown key '{other}'"))),
+            }
+        }
+        Ok(VmSpec {
+            vm_id: id.ok_or_else(|| bad("missing id=".into()))?,
+            pool: pool.unwrap_or(PoolId::DEFAULT),
+            priority: prio.unwrap_or(Priority::Medium),
+            socket: socket.ok_or_else(|| bad("missing socket=".into()))?,
+            max_queued: maxq,
+        })
+    }
+}
+
+fn parse_vm_id(v: &str) -> Result<u32, String> {
+    match v.trim().parse::<u32>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("vm id '{v}' must be a positive integer")),
+    }
+}
+
+fn parse_max_queued(v: &str) -> Result<usize, String> {
+    match v.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("max-queued '{v}' must be a positive integer")),
+    }
+}
+
+/// `A=0,B=1`
+pub fn parse_pool_gpu(s: &str) -> Result<BTreeMap<PoolId, u32>, Error> {
+    let mut map = BTreeMap::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (p, g) = part
+            .split_once('=')
+            .ok_or_else(|| Error::PoolGpu(s.to_string()))?;
+        let pool: PoolId = p.parse()?;
+        let gpu: u32 = g
+            .trim()
+            .parse()
+            .map_err(|_| Error::PoolGpu(s.to_string()))?;
+        map.insert(pool, gpu);
+    }
+    Ok(map)
+}
+
+/// Everything the daemon needs to run.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub executor: ExecutorChoice,
+    pub exec_limit: Duration,
+    pub max_queued: usize,
+    /// Device memory a VM's CUDA remoting may hold, in bytes.
+    pub gpu_mem_quota: u64,
+    pub policy: Policy,
+    pub pool_gpu: BTreeMap<PoolId, u32>,
+    pub socket_dir: PathBuf,
+    pub vms: Vec<VmSpec>,
+}
+
+impl DaemonConfig {
+    /// Resolves a merged configuration (the embedded defaults first, so
+    /// that every key is set) and the VMs.
+    pub fn resolve(file: FileConfig, vms: Vec<VmSpec>) -> Result<Self, Error> {
+        let mut pool_gpu = BTreeMap::new();
+        for (p, g) in file.pool_gpu.unwrap_or_default() {
+            pool_gpu.insert(p.parse::<PoolId>()?, g);
+        }
+        let policy = match required(file.policy, "policy")?.as_str() {
+            "strict" => Policy::Strict,
+            "aging" => Policy::Aging {
+                step: Duration::from_millis(required(file.aging_step_ms, "aging_step_ms")?.max(1)),
+            },
+            other => {
+                return Err(Error::Invalid(format!(
+                    "policy '{other}' is not strict or aging"
+                )))
+            }
+        };
+        let max_queued = required(file.max_queued, "max_queued")?;
+        if max_queued == 0 {
+            return Err(Error::Invalid("max_queued must be at least 1".into()));
+        }
+        let quota_mib = required(file.gpu_mem_quota_mib, "gpu_mem_quota_mib")?;
+        let mut ids = BTreeSet::new();
+        let mut sockets = BTreeSet::new();
+        for v in &vms {
+            if !ids.insert(v.vm_id) {
+                return Err(Error::Duplicate {
+                    what: "vm id",
+                    value: v.vm_id.to_string(),
+                });
+            }
+            if !sockets.insert(v.socket.clone()) {
+                return Err(Error::Duplicate {
+                    what: "socket",
+                    value: v.socket.display().to_string(),
+                });
+            }
+        }
+        Ok(DaemonConfig {
+            executor: required(file.executor, "executor")?,
+            exec_limit: Duration::from_millis(
+                required(file.exec_limit_ms, "exec_limit_ms")?.max(1),
+            ),
+            max_queued,
+            gpu_mem_quota: quota_mib.saturating_mul(1 << 20),
+            policy,
+            pool_gpu,
+            socket_dir: required(file.socket_dir, "socket_dir")?,
+            vms,
+        })
+    }
+
+    /// The GPU of a pool given on the command line or in the file (VMs of
+    /// the database carry their pool's GPU with them).
+    pub fn gpu_of(&self, pool: PoolId) -> u32 {
+        self.pool_gpu.get(&pool).copied().unwrap_or(0)
+    }
+
+    /// The per-VM socket of a VM in database mode.
+    pub fn vm_socket(&self, vm_id: u32) -> PathBuf {
+        vm_socket(&self.socket_dir, vm_id)
+    }
+}
+
+/// `DIR/vm<ID>.sock`: where the socket of VM `vm_id` lives in a socket directory.
+pub fn vm_socket(dir: &Path, vm_id: u32) -> PathBuf {
+    dir.join(format!("vm{vm_id}.sock"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolved(over: &str) -> Result<DaemonConfig, Error> {
+        let file = FileConfig::embedded()?.merge(FileConfig::parse(over, Path::new("t.toml"))?);
+        DaemonConfig::resolve(file, Vec::new())
+    }
+
+    #[test]
+    fn embedded_defaults_set_every_key() {
+        let c = resolved("").unwrap();
+        assert_eq!(c.executor, ExecutorChoice::Auto);
+        assert_eq!(c.policy, Policy::Strict);
+        assert!(c.max_queued >= 1);
+        assert_eq!(c.socket_dir, PathBuf::from("/run/vgpu"));
+        let d = VmDefaults::embedded().unwrap();
+        assert_eq!(d.max_queued, c.max_queued);
+        assert_eq!(d.gpu_mem_quota_mib << 20, c.gpu_mem_quota);
+        // Without the embedded defaults underneath, a key is missing.
+        let bare = DaemonConfig::resolve(FileConfig::default(), Vec::new()).unwrap_err();
+        assert!(bare.to_string().contains("not set"), "{bare}");
+    }
+
+    #[test]
+    fn a_file_overrides_and_is_checked() {
+        let c =
+            resolved("max_queued = 3\npolicy = \"aging\"\naging_step_ms = 50\n[pool_gpu]\nC = 2\n")
+                .unwrap();
+        assert_eq!(c.max_queued, 3);
+        assert_eq!(
+            c.policy,
+            Policy::Aging {
+                step: Duration::from_millis(50)
+            }
+        );
+        assert_eq!(c.gpu_of("C".parse().unwrap()), 2);
+        assert_eq!(c.gpu_of("A".parse().unwrap()), 0);
+        assert!(resolved("max_queued = 0").is_err());
+        assert!(resolved("policy = \"fifo\"").is_err());
+        assert!(resolved("nonsense = 1").is_err());
+        assert!(resolved("[pool_gpu]\nAB = 1").is_err());
+    }
+
+    #[test]
+    fn vm_specs() {
+        let v: VmSpec = "id=3,pool=b,priority=high,socket=/tmp/x.sock,max-queued=5"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            (v.vm_id, v.pool.to_string(), v.priority, v.max_queued),
+            (3, "B".to_string(), Priority::High, Some(5))
+        );
+        let d: VmSpec = "id=1,socket=/s".parse().unwrap();
+        assert_eq!((d.pool, d.priority), (PoolId::DEFAULT, Priority::Medium));
+        for bad in [
+            "pool=A,socket=/s",
+            "id=0,socket=/s",
+            "id=1",
+            "id=1,socket=/s,colour=red",
+            "id=1,socket=/s,max-queued=0",
+            "id=1,socket=/s,priority=9",
+            "id",
+        ] {
+            assert!(bad.parse::<VmSpec>().is_err(), "{bad}");
+        }
+        let two = vec![d.clone(), d];
+        let e = DaemonConfig::resolve(FileConfig::embedded().unwrap(), two).unwrap_err();
+        assert!(e.to_string().contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn pool_gpu_maps() {
+        let m = parse_pool_gpu("A=0,B=1").unwrap();
+        assert_eq!(m.get(&"B".parse().unwrap()), Some(&1));
+        assert!(parse_pool_gpu("A").is_err());
+        assert!(parse_pool_gpu("A=x").is_err());
+        assert!(parse_pool_gpu("1=0").is_err());
+    }
+
+    #[test]
+    fn vm_socket_path() {
+        assert_eq!(
+            vm_socket(Path::new("/run/vgpu"), 7),
+            PathBuf::from("/run/vgpu/vm7.sock")
+        );
+    }
+}
