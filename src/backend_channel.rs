@@ -13,10 +13,35 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-/// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG
-const CONFIG_CHANGE_MSG: u32 = 2;
+use vhost::vhost_user::message::BackendReq;
+use vm_memory::endian::Le32;
+use vm_memory::ByteValued;
+
 /// Header flags: protocol version 1, no reply wanted.
 const VERSION_1: u32 = 0x1;
+
+/// The vhost-user message header (vhost keeps its own type private).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MsgHeader {
+    pub request: Le32,
+    pub flags: Le32,
+    pub size: Le32,
+}
+
+// SAFETY: three little-endian u32s, no padding; any bit pattern is valid.
+unsafe impl ByteValued for MsgHeader {}
+
+impl MsgHeader {
+    /// A backend request without payload.
+    pub fn backend(req: BackendReq) -> MsgHeader {
+        MsgHeader {
+            request: u32::from(req).into(),
+            flags: VERSION_1.into(),
+            size: 0.into(),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -184,9 +209,8 @@ pub fn release(vm_id: u32) {
 
 /// Writes a CONFIG_CHANGE_MSG header (no payload, no reply requested).
 pub fn send_config_change(fd: &OwnedFd) -> io::Result<()> {
-    let mut msg = [0u8; 12];
-    msg[0..4].copy_from_slice(&CONFIG_CHANGE_MSG.to_le_bytes());
-    msg[4..8].copy_from_slice(&VERSION_1.to_le_bytes());
+    let hdr = MsgHeader::backend(BackendReq::CONFIG_CHANGE_MSG);
+    let msg = hdr.as_slice();
     // SAFETY: sending from a local buffer on an open socket.
     let n = unsafe {
         libc::send(

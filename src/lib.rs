@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod backend_channel;
+pub mod bytes;
 pub mod chain;
 pub mod config;
 pub mod control;

@@ -5,6 +5,9 @@
 use std::fmt;
 use std::str::FromStr;
 
+use vm_memory::endian::{Le16, Le32, Le64};
+use vm_memory::ByteValued;
+
 /// Private virtio device ID of vgpu (PCI device 0x1040 + 63 = 0x107F).
 pub const VIRTIO_ID_VGPU: u32 = 63;
 /// Size of the device config space and of the legacy stub's register file view.
@@ -49,8 +52,6 @@ pub enum Priority {
 }
 
 impl Priority {
-    pub const ALL: [Priority; 3] = [Priority::Low, Priority::Medium, Priority::High];
-
     pub fn from_u32(v: u32) -> Option<Self> {
         match v {
             0 => Some(Priority::Low),
@@ -135,115 +136,100 @@ pub struct DeviceConfig {
 }
 
 impl DeviceConfig {
+    pub fn wire(&self) -> ConfigSpace {
+        ConfigSpace {
+            magic: MAGIC.into(),
+            version: VERSION.into(),
+            pool_id: u32::from(self.pool.letter()).into(),
+            priority: (self.priority as u32).into(),
+            vm_id: self.vm_id.into(),
+            reserved: Default::default(),
+        }
+    }
+
     pub fn to_bytes(&self) -> [u8; CONFIG_SIZE] {
-        let mut b = [0u8; CONFIG_SIZE];
-        put_u32(&mut b, CFG_MAGIC, MAGIC);
-        put_u32(&mut b, CFG_VERSION, VERSION);
-        put_u32(&mut b, CFG_POOL_ID, self.pool.letter() as u32);
-        put_u32(&mut b, CFG_PRIORITY, self.priority as u32);
-        put_u32(&mut b, CFG_VM_ID, self.vm_id);
-        b
+        to_array(&self.wire())
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u16)]
-pub enum Opcode {
-    Ping = 0x0001,
-    GetInfo = 0x0002,
-    BusyWait = 0x0003,
-    ScalarAddI32 = 0x0100,
-    VectorAddF32 = 0x0101,
-    SaxpyF32 = 0x0102,
-    SgemmF32 = 0x0103,
-    // CUDA remoting (docs/protocol.md, "CUDA remoting").
-    MemAlloc = 0x0201,
-    MemFree = 0x0202,
-    MemcpyHtoD = 0x0203,
-    MemcpyDtoH = 0x0204,
-    ModuleLoad = 0x0205,
-    ModuleUnload = 0x0206,
-    Launch = 0x0207,
-    Synchronize = 0x0208,
+/// Defines a wire enum once: its Rust variants, its raw values and the
+/// names the C header gives them (tests/uapi_header.rs checks every one).
+macro_rules! wire_enum {
+    ($(#[$meta:meta])* $name:ident: $repr:ty, $from:ident {
+        $($(#[$vmeta:meta])* $variant:ident = $value:literal => $c:literal,)*
+    }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr($repr)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant = $value,)*
+        }
+
+        impl $name {
+            /// Every value, in contract order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
+
+            pub fn $from(v: $repr) -> Option<Self> {
+                match v {
+                    $($value => Some($name::$variant),)*
+                    _ => None,
+                }
+            }
+
+            /// The name of the value in the C uapi header.
+            pub fn c_name(self) -> &'static str {
+                match self {
+                    $($name::$variant => $c,)*
+                }
+            }
+        }
+    };
+}
+
+wire_enum! {
+    /// Request opcodes (docs/protocol.md).
+    Opcode: u16, from_u16 {
+        Ping = 0x0001 => "VGPU_OP_PING",
+        GetInfo = 0x0002 => "VGPU_OP_GET_INFO",
+        BusyWait = 0x0003 => "VGPU_OP_BUSY_WAIT",
+        ScalarAddI32 = 0x0100 => "VGPU_OP_SCALAR_ADD_I32",
+        VectorAddF32 = 0x0101 => "VGPU_OP_VECTOR_ADD_F32",
+        SaxpyF32 = 0x0102 => "VGPU_OP_SAXPY_F32",
+        SgemmF32 = 0x0103 => "VGPU_OP_SGEMM_F32",
+        // CUDA remoting (docs/protocol.md, "CUDA remoting").
+        MemAlloc = 0x0201 => "VGPU_OP_MEM_ALLOC",
+        MemFree = 0x0202 => "VGPU_OP_MEM_FREE",
+        MemcpyHtoD = 0x0203 => "VGPU_OP_MEMCPY_HTOD",
+        MemcpyDtoH = 0x0204 => "VGPU_OP_MEMCPY_DTOH",
+        ModuleLoad = 0x0205 => "VGPU_OP_MODULE_LOAD",
+        ModuleUnload = 0x0206 => "VGPU_OP_MODULE_UNLOAD",
+        Launch = 0x0207 => "VGPU_OP_LAUNCH",
+        Synchronize = 0x0208 => "VGPU_OP_SYNCHRONIZE",
+    }
 }
 
 impl Opcode {
-    /// Every opcode, for tests and tables.
-    pub const ALL: [Opcode; 15] = [
-        Opcode::Ping,
-        Opcode::GetInfo,
-        Opcode::BusyWait,
-        Opcode::ScalarAddI32,
-        Opcode::VectorAddF32,
-        Opcode::SaxpyF32,
-        Opcode::SgemmF32,
-        Opcode::MemAlloc,
-        Opcode::MemFree,
-        Opcode::MemcpyHtoD,
-        Opcode::MemcpyDtoH,
-        Opcode::ModuleLoad,
-        Opcode::ModuleUnload,
-        Opcode::Launch,
-        Opcode::Synchronize,
-    ];
-
     /// True for the CUDA remoting calls (0x02xx).
     pub fn is_remoting(self) -> bool {
         (self as u16) & 0xff00 == 0x0200
     }
-
-    pub fn from_u16(v: u16) -> Option<Self> {
-        Some(match v {
-            0x0001 => Opcode::Ping,
-            0x0002 => Opcode::GetInfo,
-            0x0003 => Opcode::BusyWait,
-            0x0100 => Opcode::ScalarAddI32,
-            0x0101 => Opcode::VectorAddF32,
-            0x0102 => Opcode::SaxpyF32,
-            0x0103 => Opcode::SgemmF32,
-            0x0201 => Opcode::MemAlloc,
-            0x0202 => Opcode::MemFree,
-            0x0203 => Opcode::MemcpyHtoD,
-            0x0204 => Opcode::MemcpyDtoH,
-            0x0205 => Opcode::ModuleLoad,
-            0x0206 => Opcode::ModuleUnload,
-            0x0207 => Opcode::Launch,
-            0x0208 => Opcode::Synchronize,
-            _ => return None,
-        })
-    }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum Status {
-    Ok = 0,
-    BadRequest = 1,
-    Unsupported = 2,
-    TooLarge = 3,
-    NoResources = 4,
-    DeviceError = 5,
-    Timeout = 6,
-    Cancelled = 7,
-    NotFound = 8,
-    Denied = 9,
-}
-
-impl Status {
-    pub fn from_u32(v: u32) -> Option<Self> {
-        Some(match v {
-            0 => Status::Ok,
-            1 => Status::BadRequest,
-            2 => Status::Unsupported,
-            3 => Status::TooLarge,
-            4 => Status::NoResources,
-            5 => Status::DeviceError,
-            6 => Status::Timeout,
-            7 => Status::Cancelled,
-            8 => Status::NotFound,
-            9 => Status::Denied,
-            _ => return None,
-        })
+wire_enum! {
+    /// Response status codes.
+    Status: u32, from_u32 {
+        Ok = 0 => "VGPU_S_OK",
+        BadRequest = 1 => "VGPU_S_BAD_REQUEST",
+        Unsupported = 2 => "VGPU_S_UNSUPPORTED",
+        TooLarge = 3 => "VGPU_S_TOO_LARGE",
+        NoResources = 4 => "VGPU_S_NO_RESOURCES",
+        DeviceError = 5 => "VGPU_S_DEVICE_ERROR",
+        Timeout = 6 => "VGPU_S_TIMEOUT",
+        Cancelled = 7 => "VGPU_S_CANCELLED",
+        NotFound = 8 => "VGPU_S_NOT_FOUND",
+        /// Reserved for policy refusals (a request the host forbids this VM);
+        /// v1 defines it so that guests handle it, and nothing sends it yet.
+        Denied = 9 => "VGPU_S_DENIED",
     }
 }
 
@@ -277,32 +263,29 @@ impl ReqHdr {
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, Error> {
-        let b: &[u8; REQ_HDR_SIZE] = b
-            .get(..REQ_HDR_SIZE)
-            .and_then(|s| s.try_into().ok())
-            .ok_or(Error::Short {
-                got: b.len(),
-                need: REQ_HDR_SIZE,
-            })?;
+        let w: ReqHdrWire = read_obj(b, 0).ok_or(Error::Short {
+            got: b.len(),
+            need: REQ_HDR_SIZE,
+        })?;
         Ok(ReqHdr {
-            version: u16::from_le_bytes([b[0], b[1]]),
-            opcode: u16::from_le_bytes([b[2], b[3]]),
-            flags: get_u32(b, 4),
-            tag: get_u64(b, 8),
-            payload_len: get_u32(b, 16),
-            reserved: get_u32(b, 20),
+            version: w.version.into(),
+            opcode: w.opcode.into(),
+            flags: w.flags.into(),
+            tag: w.tag.into(),
+            payload_len: w.payload_len.into(),
+            reserved: w.reserved.into(),
         })
     }
 
     pub fn encode(&self) -> [u8; REQ_HDR_SIZE] {
-        let mut b = [0u8; REQ_HDR_SIZE];
-        b[0..2].copy_from_slice(&self.version.to_le_bytes());
-        b[2..4].copy_from_slice(&self.opcode.to_le_bytes());
-        put_u32(&mut b, 4, self.flags);
-        put_u64(&mut b, 8, self.tag);
-        put_u32(&mut b, 16, self.payload_len);
-        put_u32(&mut b, 20, self.reserved);
-        b
+        to_array(&ReqHdrWire {
+            version: self.version.into(),
+            opcode: self.opcode.into(),
+            flags: self.flags.into(),
+            tag: self.tag.into(),
+            payload_len: self.payload_len.into(),
+            reserved: self.reserved.into(),
+        })
     }
 }
 
@@ -319,31 +302,28 @@ pub struct RespHdr {
 
 impl RespHdr {
     pub fn encode(&self) -> [u8; RESP_HDR_SIZE] {
-        let mut b = [0u8; RESP_HDR_SIZE];
-        put_u32(&mut b, 0, self.status);
-        put_u32(&mut b, 4, self.output_len);
-        put_u64(&mut b, 8, self.tag);
-        put_u64(&mut b, 16, self.dispatch_seq);
-        put_u64(&mut b, 24, self.queue_ns);
-        put_u64(&mut b, 32, self.exec_ns);
-        b
+        to_array(&RespHdrWire {
+            status: self.status.into(),
+            output_len: self.output_len.into(),
+            tag: self.tag.into(),
+            dispatch_seq: self.dispatch_seq.into(),
+            queue_ns: self.queue_ns.into(),
+            exec_ns: self.exec_ns.into(),
+        })
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, Error> {
-        let b: &[u8; RESP_HDR_SIZE] = b
-            .get(..RESP_HDR_SIZE)
-            .and_then(|s| s.try_into().ok())
-            .ok_or(Error::Short {
-                got: b.len(),
-                need: RESP_HDR_SIZE,
-            })?;
+        let w: RespHdrWire = read_obj(b, 0).ok_or(Error::Short {
+            got: b.len(),
+            need: RESP_HDR_SIZE,
+        })?;
         Ok(RespHdr {
-            status: get_u32(b, 0),
-            output_len: get_u32(b, 4),
-            tag: get_u64(b, 8),
-            dispatch_seq: get_u64(b, 16),
-            queue_ns: get_u64(b, 24),
-            exec_ns: get_u64(b, 32),
+            status: w.status.into(),
+            output_len: w.output_len.into(),
+            tag: w.tag.into(),
+            dispatch_seq: w.dispatch_seq.into(),
+            queue_ns: w.queue_ns.into(),
+            exec_ns: w.exec_ns.into(),
         })
     }
 }
@@ -380,66 +360,173 @@ pub struct DeviceInfo {
 
 impl DeviceInfo {
     pub fn encode(&self) -> [u8; INFO_SIZE] {
-        let mut b = [0u8; INFO_SIZE];
-        put_u32(&mut b, 0x00, self.executor as u32);
-        put_u32(&mut b, 0x04, self.gpu_index);
-        put_u64(&mut b, 0x08, self.memory_total);
-        put_u32(&mut b, 0x10, self.compute_capability);
-        put_u32(&mut b, 0x14, self.exec_limit_ms);
-        // Name is NUL-padded and always NUL-terminated.
-        let name = self.name.as_bytes();
-        let n = name.len().min(INFO_NAME_LEN - 1);
-        b[0x20..0x20 + n].copy_from_slice(&name[..n]);
-        b
+        // The name is NUL-padded and always NUL-terminated.
+        let mut name = [0u8; INFO_NAME_LEN];
+        let src = self.name.as_bytes();
+        let n = src.len().min(INFO_NAME_LEN - 1);
+        name[..n].copy_from_slice(&src[..n]);
+        to_array(&InfoWire {
+            executor: (self.executor as u32).into(),
+            gpu_index: self.gpu_index.into(),
+            memory_total: self.memory_total.into(),
+            compute_capability: self.compute_capability.into(),
+            exec_limit_ms: self.exec_limit_ms.into(),
+            reserved: [0; 8],
+            name,
+        })
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, Error> {
-        let b: &[u8; INFO_SIZE] =
-            b.get(..INFO_SIZE)
-                .and_then(|s| s.try_into().ok())
-                .ok_or(Error::Short {
-                    got: b.len(),
-                    need: INFO_SIZE,
-                })?;
-        let name_bytes = &b[0x20..0x20 + INFO_NAME_LEN];
-        let end = name_bytes
-            .iter()
-            .position(|&c| c == 0)
-            .unwrap_or(INFO_NAME_LEN);
+        let w: InfoWire = read_obj(b, 0).ok_or(Error::Short {
+            got: b.len(),
+            need: INFO_SIZE,
+        })?;
+        let end = w.name.iter().position(|&c| c == 0).unwrap_or(INFO_NAME_LEN);
         Ok(DeviceInfo {
-            executor: if get_u32(b, 0) == 1 {
+            executor: if u32::from(w.executor) == ExecutorKind::Cuda as u32 {
                 ExecutorKind::Cuda
             } else {
                 ExecutorKind::Cpu
             },
-            gpu_index: get_u32(b, 0x04),
-            memory_total: get_u64(b, 0x08),
-            compute_capability: get_u32(b, 0x10),
-            exec_limit_ms: get_u32(b, 0x14),
-            name: String::from_utf8_lossy(&name_bytes[..end]).into_owned(),
+            gpu_index: w.gpu_index.into(),
+            memory_total: w.memory_total.into(),
+            compute_capability: w.compute_capability.into(),
+            exec_limit_ms: w.exec_limit_ms.into(),
+            name: String::from_utf8_lossy(w.name.get(..end).unwrap_or_default()).into_owned(),
         })
     }
 }
 
-fn put_u32(b: &mut [u8], off: usize, v: u32) {
-    b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+// ---- wire layouts ----------------------------------------------------------
+//
+// The structs of the C header, field for field, in little-endian types: the
+// encoders above fill them and the bytes go out as they are. Each has no
+// padding (checked below), which is what makes it `ByteValued`.
+
+/// `struct virtio_vgpu_config`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConfigSpace {
+    pub magic: Le32,
+    pub version: Le32,
+    pub pool_id: Le32,
+    pub priority: Le32,
+    pub vm_id: Le32,
+    /// `__u8 reserved[44]` in the header: the same bytes.
+    pub reserved: [Le32; 11],
 }
 
-fn put_u64(b: &mut [u8], off: usize, v: u64) {
-    b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+/// `struct vgpu_req_hdr`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReqHdrWire {
+    pub version: Le16,
+    pub opcode: Le16,
+    pub flags: Le32,
+    pub tag: Le64,
+    pub payload_len: Le32,
+    pub reserved: Le32,
 }
 
-// Callers pass fixed-size arrays with constant offsets inside them.
-fn get_u32(b: &[u8], off: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[off..off + 4]);
-    u32::from_le_bytes(a)
+/// `struct vgpu_resp_hdr`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RespHdrWire {
+    pub status: Le32,
+    pub output_len: Le32,
+    pub tag: Le64,
+    pub dispatch_seq: Le64,
+    pub queue_ns: Le64,
+    pub exec_ns: Le64,
 }
 
-fn get_u64(b: &[u8], off: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[off..off + 8]);
-    u64::from_le_bytes(a)
+/// `struct vgpu_info`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct InfoWire {
+    pub executor: Le32,
+    pub gpu_index: Le32,
+    pub memory_total: Le64,
+    pub compute_capability: Le32,
+    pub exec_limit_ms: Le32,
+    pub reserved: [u8; 8],
+    pub name: [u8; INFO_NAME_LEN],
+}
+
+impl Default for InfoWire {
+    fn default() -> Self {
+        InfoWire {
+            executor: Le32::default(),
+            gpu_index: Le32::default(),
+            memory_total: Le64::default(),
+            compute_capability: Le32::default(),
+            exec_limit_ms: Le32::default(),
+            reserved: [0; 8],
+            name: [0; INFO_NAME_LEN],
+        }
+    }
+}
+
+/// `struct vgpu_submit`: the guest character device's ioctl argument
+/// (`VGPU_IOC_SUBMIT`), for guest programs written in Rust. Native-endian,
+/// as every ioctl structure; `resp` is the response header as the device
+/// wrote it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SubmitIoctl {
+    pub opcode: u16,
+    pub reserved0: u16,
+    pub flags: u32,
+    pub tag: u64,
+    pub payload: u64,
+    pub payload_len: u32,
+    pub output_cap: u32,
+    pub output: u64,
+    pub timeout_ms: u32,
+    pub output_len: u32,
+    pub resp: RespHdrWire,
+    pub reserved: [u64; 4],
+}
+
+/// `VGPU_IOC_SUBMIT`: `_IOWR(0xF7, 0x01, struct vgpu_submit)`.
+pub const VGPU_IOC_SUBMIT: u32 =
+    (3 << 30) | ((std::mem::size_of::<SubmitIoctl>() as u32) << 16) | (0xF7 << 8) | 0x01;
+
+// SAFETY: plain old data of little-endian integers and byte arrays, with no
+// padding (the sizes below equal the sums of the fields), so every bit
+// pattern is a valid value.
+unsafe impl ByteValued for ConfigSpace {}
+// SAFETY: as above.
+unsafe impl ByteValued for ReqHdrWire {}
+// SAFETY: as above.
+unsafe impl ByteValued for RespHdrWire {}
+// SAFETY: as above.
+unsafe impl ByteValued for InfoWire {}
+// SAFETY: integers and a wire struct, no padding (size checked below).
+unsafe impl ByteValued for SubmitIoctl {}
+
+const _: () = assert!(std::mem::size_of::<ConfigSpace>() == CONFIG_SIZE);
+const _: () = assert!(std::mem::size_of::<ReqHdrWire>() == REQ_HDR_SIZE);
+const _: () = assert!(std::mem::size_of::<RespHdrWire>() == RESP_HDR_SIZE);
+const _: () = assert!(std::mem::size_of::<InfoWire>() == INFO_SIZE);
+const _: () = assert!(std::mem::size_of::<SubmitIoctl>() == 120);
+
+/// Reads a wire struct at `off` of `b`; `None` when `b` is too short.
+/// (Unlike `ByteValued::from_slice` it needs no alignment.)
+pub fn read_obj<T: ByteValued + Default>(b: &[u8], off: usize) -> Option<T> {
+    let src = b.get(off..off.checked_add(std::mem::size_of::<T>())?)?;
+    let mut v = T::default();
+    v.as_mut_slice().copy_from_slice(src);
+    Some(v)
+}
+
+/// A wire struct as the fixed-size array of its bytes.
+fn to_array<T: ByteValued, const N: usize>(v: &T) -> [u8; N] {
+    let mut b = [0u8; N];
+    let src = v.as_slice();
+    let n = src.len().min(N);
+    b[..n].copy_from_slice(&src[..n]);
+    b
 }
 
 #[cfg(test)]
@@ -525,7 +612,7 @@ mod tests {
         assert_eq!(Opcode::from_u16(0x0100), Some(Opcode::ScalarAddI32));
         assert_eq!(Opcode::from_u16(0x0200), None);
         assert_eq!(Opcode::from_u16(0x0103), Some(Opcode::SgemmF32));
-        for op in Opcode::ALL {
+        for &op in Opcode::ALL {
             assert_eq!(Opcode::from_u16(op as u16), Some(op));
         }
         assert!(Opcode::Launch.is_remoting());

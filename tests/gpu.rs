@@ -18,16 +18,18 @@ use common::{f32_bytes, f32s, Call, Guest, Rng};
 use vgpu::executor::cpu::{saxpy, sgemm, vector_add};
 use vgpu::executor::remoting::{encode_launch, Launch, Param};
 use vgpu::executor::{
-    create, CpuExecutor, CudaConfig, CudaExecutor, Executor, ExecutorChoice, Request, Tenant,
+    create, CpuExecutor, CudaConfig, CudaExecutor, Executor, ExecutorChoice, IsolatedCuda, Request,
+    Tenant,
 };
 use vgpu::protocol::{DeviceInfo, ExecutorKind, Opcode, Status};
 
 const LIMIT: Duration = Duration::from_secs(10);
 const TEST_PTX: &str = include_str!("kernels/remote_test.ptx");
 
-fn cuda() -> CudaExecutor {
+fn cuda() -> IsolatedCuda {
     let _ = env_logger::builder().is_test(true).try_init();
-    CudaExecutor::new(0, LIMIT, CudaConfig::default()).expect("CUDA executor on GPU 0")
+    let ex = CudaExecutor::new(0, LIMIT).expect("CUDA executor on GPU 0");
+    IsolatedCuda::new(ex, &CudaConfig::default())
 }
 
 fn run(ex: &mut dyn Executor, req: &Call) -> Result<Vec<u8>, Status> {
@@ -39,7 +41,7 @@ fn run(ex: &mut dyn Executor, req: &Call) -> Result<Vec<u8>, Status> {
 
 /// Runs `req` on the GPU and on the CPU executor (into a second output
 /// buffer) and returns both outputs.
-fn both(ex: &mut CudaExecutor, g: &mut Guest, req: &Call) -> (Vec<u8>, Vec<u8>) {
+fn both(ex: &mut IsolatedCuda, g: &mut Guest, req: &Call) -> (Vec<u8>, Vec<u8>) {
     let gpu = run(ex, req).expect("GPU result");
     let cpu_req = Call {
         tenant: req.tenant,
@@ -310,7 +312,7 @@ struct Vm<'a> {
 impl Vm<'_> {
     fn call(
         &mut self,
-        ex: &mut CudaExecutor,
+        ex: &mut IsolatedCuda,
         op: Opcode,
         payload: &[u8],
         out: usize,
@@ -320,20 +322,20 @@ impl Vm<'_> {
         self.g.reset();
         res
     }
-    fn handle(&mut self, ex: &mut CudaExecutor, op: Opcode, payload: &[u8]) -> Result<u64, Status> {
+    fn handle(&mut self, ex: &mut IsolatedCuda, op: Opcode, payload: &[u8]) -> Result<u64, Status> {
         let b = self.call(ex, op, payload, 8)?;
         Ok(u64::from_le_bytes(
             b.try_into().map_err(|_| Status::BadRequest)?,
         ))
     }
-    fn alloc(&mut self, ex: &mut CudaExecutor, size: u64) -> Result<u64, Status> {
+    fn alloc(&mut self, ex: &mut IsolatedCuda, size: u64) -> Result<u64, Status> {
         self.handle(ex, Opcode::MemAlloc, &size.to_le_bytes())
     }
-    fn free(&mut self, ex: &mut CudaExecutor, h: u64) -> Result<(), Status> {
+    fn free(&mut self, ex: &mut IsolatedCuda, h: u64) -> Result<(), Status> {
         self.call(ex, Opcode::MemFree, &h.to_le_bytes(), 0)
             .map(|_| ())
     }
-    fn htod(&mut self, ex: &mut CudaExecutor, h: u64, off: u64, data: &[u8]) -> Result<(), Status> {
+    fn htod(&mut self, ex: &mut IsolatedCuda, h: u64, off: u64, data: &[u8]) -> Result<(), Status> {
         let mut p = h.to_le_bytes().to_vec();
         p.extend(off.to_le_bytes());
         p.extend(data);
@@ -341,7 +343,7 @@ impl Vm<'_> {
     }
     fn dtoh(
         &mut self,
-        ex: &mut CudaExecutor,
+        ex: &mut IsolatedCuda,
         h: u64,
         off: u64,
         len: u64,
@@ -351,12 +353,12 @@ impl Vm<'_> {
         p.extend(len.to_le_bytes());
         self.call(ex, Opcode::MemcpyDtoH, &p, len as usize)
     }
-    fn load(&mut self, ex: &mut CudaExecutor) -> Result<u64, Status> {
+    fn load(&mut self, ex: &mut IsolatedCuda) -> Result<u64, Status> {
         self.handle(ex, Opcode::ModuleLoad, TEST_PTX.as_bytes())
     }
     fn launch(
         &mut self,
-        ex: &mut CudaExecutor,
+        ex: &mut IsolatedCuda,
         module: u64,
         name: &str,
         grid: u32,
@@ -377,7 +379,7 @@ impl Vm<'_> {
     /// p[i] = p[i] * s + t on a device buffer of n floats.
     fn scale_add(
         &mut self,
-        ex: &mut CudaExecutor,
+        ex: &mut IsolatedCuda,
         module: u64,
         buf: u64,
         s: f32,

@@ -41,10 +41,14 @@ int main(void) {
 "#;
 
 fn c_values() -> BTreeMap<String, u64> {
+    compile_and_run(PROGRAM)
+}
+
+fn compile_and_run(program: &str) -> BTreeMap<String, u64> {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("layout.c");
     let bin = dir.path().join("layout");
-    std::fs::write(&src, PROGRAM).unwrap();
+    std::fs::write(&src, program).unwrap();
     let include = concat!(env!("CARGO_MANIFEST_DIR"), "/guest-driver/include");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let out = Command::new(cc)
@@ -208,4 +212,135 @@ fn c_header_matches_rust_definition() {
     }
     assert_eq!(c["executor.cpu"], ExecutorKind::Cpu as u64);
     assert_eq!(c["executor.cuda"], ExecutorKind::Cuda as u64);
+}
+
+/// Every opcode and status the Rust contract defines has the same value
+/// under its C name, and every wire struct has the C struct's size and field
+/// offsets (generated from the Rust definitions, so a new opcode or field
+/// cannot be forgotten here).
+#[test]
+fn every_opcode_status_and_struct_matches() {
+    use std::mem::{offset_of, size_of};
+    use vgpu::executor::remoting::{
+        AllocWire, DtohWire, HandleWire, HtodWire, LaunchParamWire, LaunchWire,
+    };
+
+    let mut want: Vec<(String, String, u64)> = Vec::new();
+    for &op in Opcode::ALL {
+        want.push((op.c_name().into(), op.c_name().into(), op as u64));
+    }
+    for &st in Status::ALL {
+        want.push((st.c_name().into(), st.c_name().into(), st as u64));
+    }
+    macro_rules! layout {
+        ($c:literal, $t:ty { $($f:ident),* }) => {{
+            want.push((format!("sizeof.{}", $c), format!("sizeof(struct {})", $c), size_of::<$t>() as u64));
+            $(want.push((
+                format!("{}.{}", $c, stringify!($f)),
+                format!("offsetof(struct {}, {})", $c, stringify!($f)),
+                offset_of!($t, $f) as u64,
+            ));)*
+        }};
+    }
+    layout!(
+        "virtio_vgpu_config",
+        ConfigSpace {
+            magic,
+            version,
+            pool_id,
+            priority,
+            vm_id,
+            reserved
+        }
+    );
+    layout!(
+        "vgpu_req_hdr",
+        ReqHdrWire {
+            version,
+            opcode,
+            flags,
+            tag,
+            payload_len,
+            reserved
+        }
+    );
+    layout!(
+        "vgpu_resp_hdr",
+        RespHdrWire {
+            status,
+            output_len,
+            tag,
+            dispatch_seq,
+            queue_ns,
+            exec_ns
+        }
+    );
+    layout!(
+        "vgpu_info",
+        InfoWire {
+            executor,
+            gpu_index,
+            memory_total,
+            compute_capability,
+            exec_limit_ms,
+            reserved,
+            name
+        }
+    );
+    layout!(
+        "vgpu_launch",
+        LaunchWire {
+            module,
+            grid,
+            block,
+            shared_mem_bytes,
+            name_len,
+            param_count,
+            reserved
+        }
+    );
+    layout!("vgpu_launch_param", LaunchParamWire { kind, size });
+    layout!(
+        "vgpu_submit",
+        SubmitIoctl {
+            opcode,
+            reserved0,
+            flags,
+            tag,
+            payload,
+            payload_len,
+            output_cap,
+            output,
+            timeout_ms,
+            output_len,
+            resp,
+            reserved
+        }
+    );
+    want.push((
+        "VGPU_IOC_SUBMIT".into(),
+        "VGPU_IOC_SUBMIT".into(),
+        VGPU_IOC_SUBMIT as u64,
+    ));
+    // The remoting payloads without a C struct: the header documents them
+    // as le64 fields.
+    assert_eq!(size_of::<AllocWire>(), 8);
+    assert_eq!(size_of::<HandleWire>(), 8);
+    assert_eq!(size_of::<HtodWire>(), 16);
+    assert_eq!(size_of::<DtohWire>(), 24);
+
+    let mut program = String::from(
+        "#include <stdio.h>\n#include <stddef.h>\n#include <sys/ioctl.h>\n#include \"uapi/vgpu.h\"\nint main(void) {\n",
+    );
+    for (key, expr, _) in &want {
+        program.push_str(&format!(
+            "    printf(\"%s %llu\\n\", \"{key}\", (unsigned long long)({expr}));\n"
+        ));
+    }
+    program.push_str("    return 0;\n}\n");
+    let c = compile_and_run(&program);
+    assert_eq!(c.len(), want.len());
+    for (key, _, value) in &want {
+        assert_eq!(c.get(key), Some(value), "{key}");
+    }
 }

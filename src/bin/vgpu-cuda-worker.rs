@@ -1,6 +1,6 @@
 //! Worker process of the CUDA executor: runs one VM's CUDA remoting calls so
 //! that a faulting guest kernel ends only this process (see
-//! `src/executor/worker.rs`). Started by the daemon, not by hand.
+//! `src/executor/worker/`). Started by the daemon, not by hand.
 
 fn main() {
     env_logger::init();

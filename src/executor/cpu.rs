@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use super::ops::{self, f32_bytes, f32s};
 use super::{past_limit, Executor, Request, Tenant};
+use crate::bytes::{Reader, Writer};
 use crate::protocol::{DeviceInfo, ExecutorKind, Opcode, Status};
 
 pub struct CpuExecutor {
@@ -69,19 +70,21 @@ impl Executor for CpuExecutor {
 
     fn execute(&mut self, _tenant: Tenant, req: &Request, limit: Duration) -> Result<u32, Status> {
         let start = Instant::now();
+        let payload = Reader::Guest(&req.payload);
+        let mut output = Writer::Guest(&req.output);
         // The result of the heavier operations is written only if it is in time.
-        let in_time = |out: Vec<u8>| {
+        let mut in_time = |out: Vec<u8>| {
             if past_limit(start, limit) {
                 Err(Status::Timeout)
             } else {
-                ops::write_output(&req.output, &out)
+                output.write_output(&out)
             }
         };
         match req.opcode {
             Opcode::Ping => Ok(0),
-            Opcode::GetInfo => ops::write_info(&req.output, &self.info()),
+            Opcode::GetInfo => ops::write_info(&mut Writer::Guest(&req.output), &self.info()),
             Opcode::BusyWait => {
-                let want = ops::busy_wait_duration(&req.payload)?;
+                let want = ops::busy_wait_duration(payload)?;
                 // Sleeping keeps the slot held without burning a host core.
                 let deadline = Instant::now() + want.min(limit);
                 while let Some(left) = deadline.checked_duration_since(Instant::now()) {
@@ -94,39 +97,32 @@ impl Executor for CpuExecutor {
                 }
             }
             Opcode::ScalarAddI32 => {
-                let (a, b) = ops::scalar_add_operands(&req.payload)?;
-                ops::write_output(&req.output, &a.wrapping_add(b).to_le_bytes())
+                let (a, b) = ops::scalar_add_operands(payload)?;
+                in_time(a.wrapping_add(b).to_le_bytes().to_vec())
             }
             Opcode::VectorAddF32 => {
-                let n = ops::vector_add_len(&req.payload, &req.output)?;
-                let bytes = req.payload.to_vec().map_err(|_| Status::BadRequest)?;
+                let n = ops::vector_add_len(payload, req.output.len())?;
+                let bytes = payload.to_vec_max(usize::MAX)?;
                 let a = f32s(&bytes[8..8 + 4 * n]);
                 let b = f32s(&bytes[8 + 4 * n..]);
                 in_time(f32_bytes(&vector_add(&a, &b)))
             }
             Opcode::SaxpyF32 => {
-                let (n, a) = ops::saxpy_shape(&req.payload, &req.output)?;
-                let bytes = req.payload.to_vec().map_err(|_| Status::BadRequest)?;
+                let (n, a) = ops::saxpy_shape(payload, req.output.len())?;
+                let bytes = payload.to_vec_max(usize::MAX)?;
                 let x = f32s(&bytes[8..8 + 4 * n]);
                 let y = f32s(&bytes[8 + 4 * n..]);
                 in_time(f32_bytes(&saxpy(a, &x, &y)))
             }
             Opcode::SgemmF32 => {
-                let d = ops::sgemm_shape(&req.payload, &req.output)?;
-                let bytes = req.payload.to_vec().map_err(|_| Status::BadRequest)?;
+                let d = ops::sgemm_shape(payload, req.output.len())?;
+                let bytes = payload.to_vec_max(usize::MAX)?;
                 let a = f32s(&bytes[ops::GemmDims::A_OFFSET..d.b_offset()]);
                 let b = f32s(&bytes[d.b_offset()..]);
                 in_time(f32_bytes(&sgemm(d.m, d.n, d.k, &a, &b)))
             }
             // CUDA remoting needs a GPU.
-            Opcode::MemAlloc
-            | Opcode::MemFree
-            | Opcode::MemcpyHtoD
-            | Opcode::MemcpyDtoH
-            | Opcode::ModuleLoad
-            | Opcode::ModuleUnload
-            | Opcode::Launch
-            | Opcode::Synchronize => Err(Status::Unsupported),
+            _ => Err(Status::Unsupported),
         }
     }
 }

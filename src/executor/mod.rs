@@ -10,12 +10,14 @@ use crate::protocol::{DeviceInfo, Opcode, Status};
 
 pub mod cpu;
 pub mod cuda;
+pub mod isolation;
 pub mod ops;
 pub mod remoting;
 pub mod worker;
 
 pub use cpu::CpuExecutor;
-pub use cuda::{CudaConfig, CudaExecutor, Isolation};
+pub use cuda::CudaExecutor;
+pub use isolation::{CudaConfig, Isolated, IsolatedCuda, Isolation};
 
 /// The VM a request runs for, and the limits its settings give it. It
 /// travels with the job from the VM to the executor.
@@ -124,11 +126,11 @@ pub fn create_with(
 ) -> Result<Box<dyn Executor>, Error> {
     match choice {
         ExecutorChoice::Cpu => Ok(Box::new(CpuExecutor::new(gpu_index, exec_limit))),
-        ExecutorChoice::Cuda => CudaExecutor::new(gpu_index, exec_limit, config.clone())
-            .map(|e| Box::new(e) as Box<dyn Executor>)
+        ExecutorChoice::Cuda => CudaExecutor::new(gpu_index, exec_limit)
+            .map(|e| Box::new(Isolated::new(e, config)) as Box<dyn Executor>)
             .map_err(|e| Error::CudaUnavailable(e.to_string())),
-        ExecutorChoice::Auto => match CudaExecutor::new(gpu_index, exec_limit, config.clone()) {
-            Ok(e) => Ok(Box::new(e)),
+        ExecutorChoice::Auto => match CudaExecutor::new(gpu_index, exec_limit) {
+            Ok(e) => Ok(Box::new(Isolated::new(e, config))),
             Err(e) => {
                 log::info!(
                     "gpu {gpu_index}: CUDA executor not available ({e}), falling back to the CPU executor"

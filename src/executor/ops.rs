@@ -1,9 +1,14 @@
 //! Payload decoding and output encoding of the built-in operations, shared by
 //! every executor so that they accept and reject exactly the same requests.
+//! Payload headers are the contract's wire structs; payloads are read
+//! through a [`Reader`], so guest memory and plain bytes parse alike.
 
 use std::time::Duration;
 
-use crate::guest::GuestBufs;
+use vm_memory::endian::{Le32, Le64};
+use vm_memory::ByteValued;
+
+use crate::bytes::{Reader, Writer};
 use crate::protocol::{DeviceInfo, Status};
 
 /// Largest VECTOR_ADD_F32 / SAXPY_F32 element count (128 MiB of payload).
@@ -12,75 +17,99 @@ pub const MAX_VECTOR_LEN: u32 = 16 << 20;
 /// floats, 256 MiB.
 pub const MAX_MATRIX_ELEMS: u64 = 64 << 20;
 
-fn read_exact<const N: usize>(payload: &GuestBufs) -> Result<[u8; N], Status> {
-    if payload.len() != N {
+/// BUSY_WAIT payload.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BusyWaitWire {
+    pub ns: Le64,
+}
+
+/// SCALAR_ADD_I32 payload.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ScalarAddWire {
+    pub a: Le32,
+    pub b: Le32,
+}
+
+/// Header of VECTOR_ADD_F32 and SAXPY_F32: the element count and a word
+/// (0 for VECTOR_ADD, the f32 `a` of SAXPY); two arrays of n f32 follow.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VectorsWire {
+    pub n: Le32,
+    pub word: Le32,
+}
+
+/// Header of SGEMM_F32; A and B follow.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SgemmWire {
+    pub m: Le32,
+    pub n: Le32,
+    pub k: Le32,
+}
+
+// SAFETY: little-endian integers without padding; any bit pattern is valid.
+unsafe impl ByteValued for BusyWaitWire {}
+// SAFETY: as above.
+unsafe impl ByteValued for ScalarAddWire {}
+// SAFETY: as above.
+unsafe impl ByteValued for VectorsWire {}
+// SAFETY: as above.
+unsafe impl ByteValued for SgemmWire {}
+
+/// A payload that is exactly one wire struct.
+fn exact<T: ByteValued + Default>(payload: Reader) -> Result<T, Status> {
+    if payload.len() != std::mem::size_of::<T>() {
         return Err(Status::BadRequest);
     }
-    let mut b = [0u8; N];
-    payload.read_at(0, &mut b).map_err(|_| Status::BadRequest)?;
-    Ok(b)
+    payload.read_obj(0)
 }
 
 /// BUSY_WAIT payload: le64 nanoseconds.
-pub fn busy_wait_duration(payload: &GuestBufs) -> Result<Duration, Status> {
-    Ok(Duration::from_nanos(u64::from_le_bytes(read_exact::<8>(
-        payload,
-    )?)))
-}
-
-/// SCALAR_ADD_I32 payload: le32 a, le32 b.
-pub fn scalar_add_operands(payload: &GuestBufs) -> Result<(i32, i32), Status> {
-    let b = read_exact::<8>(payload)?;
-    Ok((
-        i32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        i32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+pub fn busy_wait_duration(payload: Reader) -> Result<Duration, Status> {
+    Ok(Duration::from_nanos(
+        exact::<BusyWaitWire>(payload)?.ns.into(),
     ))
 }
 
-/// Writes a little-endian result that must fit the output buffer.
-pub fn write_output(output: &GuestBufs, bytes: &[u8]) -> Result<u32, Status> {
-    if output.len() < bytes.len() {
-        return Err(Status::TooLarge);
-    }
-    output.write_at(0, bytes).map_err(|_| Status::BadRequest)?;
-    u32::try_from(bytes.len()).map_err(|_| Status::TooLarge)
+/// SCALAR_ADD_I32 payload: le32 a, le32 b.
+pub fn scalar_add_operands(payload: Reader) -> Result<(i32, i32), Status> {
+    let w = exact::<ScalarAddWire>(payload)?;
+    Ok((u32::from(w.a) as i32, u32::from(w.b) as i32))
 }
 
-/// Shape shared by VECTOR_ADD_F32 and SAXPY_F32: payload le32 n, a 4-byte
-/// word, then two arrays of n f32; the output holds n f32. Returns n and the
-/// word after checking lengths and the output size.
-fn two_vectors(payload: &GuestBufs, output: &GuestBufs) -> Result<(usize, [u8; 4]), Status> {
-    if payload.len() < 8 {
-        return Err(Status::BadRequest);
-    }
-    let mut b = [0u8; 8];
-    payload.read_at(0, &mut b).map_err(|_| Status::BadRequest)?;
-    let n = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+/// Shape shared by VECTOR_ADD_F32 and SAXPY_F32: returns n and the word
+/// after checking lengths and the output size.
+fn two_vectors(payload: Reader, out_cap: usize) -> Result<(usize, u32), Status> {
+    let h: VectorsWire = payload.read_obj(0)?;
+    let n = u32::from(h.n);
     if n > MAX_VECTOR_LEN {
         return Err(Status::TooLarge);
     }
     let n = n as usize;
-    if payload.len() != 8 + 8 * n {
+    if payload.len() != std::mem::size_of::<VectorsWire>() + 8 * n {
         return Err(Status::BadRequest);
     }
-    if output.len() < 4 * n {
+    if out_cap < 4 * n {
         return Err(Status::TooLarge);
     }
-    Ok((n, [b[4], b[5], b[6], b[7]]))
+    Ok((n, h.word.into()))
 }
 
 /// VECTOR_ADD_F32: payload le32 n, le32 0, f32 a[n], f32 b[n]. Returns n.
-pub fn vector_add_len(payload: &GuestBufs, output: &GuestBufs) -> Result<usize, Status> {
-    match two_vectors(payload, output)? {
-        (n, [0, 0, 0, 0]) => Ok(n),
+pub fn vector_add_len(payload: Reader, out_cap: usize) -> Result<usize, Status> {
+    match two_vectors(payload, out_cap)? {
+        (n, 0) => Ok(n),
         _ => Err(Status::BadRequest),
     }
 }
 
 /// SAXPY_F32: payload le32 n, f32 a, f32 x[n], f32 y[n]. Returns n and a.
-pub fn saxpy_shape(payload: &GuestBufs, output: &GuestBufs) -> Result<(usize, f32), Status> {
-    let (n, a) = two_vectors(payload, output)?;
-    Ok((n, f32::from_le_bytes(a)))
+pub fn saxpy_shape(payload: Reader, out_cap: usize) -> Result<(usize, f32), Status> {
+    let (n, a) = two_vectors(payload, out_cap)?;
+    Ok((n, f32::from_bits(a)))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,7 +121,7 @@ pub struct GemmDims {
 
 impl GemmDims {
     /// Byte offset of A in the payload.
-    pub const A_OFFSET: usize = 12;
+    pub const A_OFFSET: usize = std::mem::size_of::<SgemmWire>();
     pub fn a_bytes(&self) -> usize {
         4 * self.m * self.k
     }
@@ -114,15 +143,13 @@ impl GemmDims {
 /// SGEMM_F32 shape: payload le32 m, n, k, f32 A[m*k], f32 B[k*n] (row-major);
 /// output holds m*n f32. Every dimension is at least 1 and every matrix at
 /// most `MAX_MATRIX_ELEMS` elements.
-pub fn sgemm_shape(payload: &GuestBufs, output: &GuestBufs) -> Result<GemmDims, Status> {
-    if payload.len() < GemmDims::A_OFFSET {
-        return Err(Status::BadRequest);
-    }
-    let mut b = [0u8; 12];
-    payload.read_at(0, &mut b).map_err(|_| Status::BadRequest)?;
-    let m = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64;
-    let n = u32::from_le_bytes([b[4], b[5], b[6], b[7]]) as u64;
-    let k = u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as u64;
+pub fn sgemm_shape(payload: Reader, out_cap: usize) -> Result<GemmDims, Status> {
+    let h: SgemmWire = payload.read_obj(0)?;
+    let (m, n, k) = (
+        u64::from(u32::from(h.m)),
+        u64::from(u32::from(h.n)),
+        u64::from(u32::from(h.k)),
+    );
     if m == 0 || n == 0 || k == 0 {
         return Err(Status::BadRequest);
     }
@@ -137,7 +164,7 @@ pub fn sgemm_shape(payload: &GuestBufs, output: &GuestBufs) -> Result<GemmDims, 
     if payload.len() != GemmDims::A_OFFSET + d.a_bytes() + d.b_bytes() {
         return Err(Status::BadRequest);
     }
-    if output.len() < d.c_bytes() {
+    if out_cap < d.c_bytes() {
         return Err(Status::TooLarge);
     }
     Ok(d)
@@ -157,8 +184,8 @@ pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 /// GET_INFO output.
-pub fn write_info(output: &GuestBufs, info: &DeviceInfo) -> Result<u32, Status> {
-    write_output(output, &info.encode())
+pub fn write_info(output: &mut Writer, info: &DeviceInfo) -> Result<u32, Status> {
+    output.write_output(&info.encode())
 }
 
 #[cfg(test)]
@@ -172,6 +199,14 @@ mod tests {
         b.push(GuestAddress(at), bytes.len()).unwrap();
         b.write_at(0, bytes).unwrap();
         b
+    }
+
+    // The shapes as the executors call them, on guest views.
+    fn saxpy_shape(p: &GuestBufs, o: &GuestBufs) -> Result<(usize, f32), Status> {
+        super::saxpy_shape(Reader::Guest(p), o.len())
+    }
+    fn sgemm_shape(p: &GuestBufs, o: &GuestBufs) -> Result<GemmDims, Status> {
+        super::sgemm_shape(Reader::Guest(p), o.len())
     }
 
     fn out(mem: &std::sync::Arc<crate::guest::GuestMem>, at: u64, len: usize) -> GuestBufs {

@@ -7,7 +7,10 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 
-use crate::protocol::Status;
+use vm_memory::endian::{Le32, Le64};
+use vm_memory::ByteValued;
+
+use crate::protocol::{read_obj, Status};
 
 /// Largest MODULE_LOAD payload (PTX text).
 pub const MAX_PTX_LEN: usize = 16 << 20;
@@ -22,10 +25,6 @@ pub const MAX_BUFFERS: usize = 65536;
 /// Most loaded modules of one VM.
 pub const MAX_MODULES: usize = 256;
 
-/// Size of the fixed LAUNCH header (`struct vgpu_launch`).
-pub const LAUNCH_HDR_SIZE: usize = 48;
-/// Size of a parameter header (`struct vgpu_launch_param`).
-pub const PARAM_HDR_SIZE: usize = 8;
 /// Parameter kind: le64 buffer handle, passed as the buffer's device address.
 pub const PARAM_BUFFER: u32 = 0;
 /// Parameter kind: raw bytes passed as they are.
@@ -65,26 +64,101 @@ impl From<Error> for Status {
     }
 }
 
-fn le64(b: &[u8], off: usize) -> Result<u64, Error> {
-    b.get(off..off + 8)
-        .and_then(|s| s.try_into().ok())
-        .map(u64::from_le_bytes)
-        .ok_or(Error::Malformed("short payload"))
+// ---- wire layouts (docs/protocol.md, the C header's structs) -------------
+
+/// MEM_ALLOC payload.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AllocWire {
+    pub size: Le64,
 }
 
-fn le32(b: &[u8], off: usize) -> Result<u32, Error> {
-    b.get(off..off + 4)
-        .and_then(|s| s.try_into().ok())
-        .map(u32::from_le_bytes)
-        .ok_or(Error::Malformed("short payload"))
+/// MEM_FREE and MODULE_UNLOAD payload.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HandleWire {
+    pub handle: Le64,
+}
+
+/// MEMCPY_HTOD header (the data follows).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HtodWire {
+    pub handle: Le64,
+    pub offset: Le64,
+}
+
+/// MEMCPY_DTOH payload.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DtohWire {
+    pub handle: Le64,
+    pub offset: Le64,
+    pub len: Le64,
+}
+
+/// `struct vgpu_launch`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LaunchWire {
+    pub module: Le64,
+    pub grid: [Le32; 3],
+    pub block: [Le32; 3],
+    pub shared_mem_bytes: Le32,
+    pub name_len: Le32,
+    pub param_count: Le32,
+    pub reserved: Le32,
+}
+
+/// `struct vgpu_launch_param`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LaunchParamWire {
+    pub kind: Le32,
+    pub size: Le32,
+}
+
+// SAFETY: little-endian integers without padding (sizes checked below);
+// every bit pattern is a valid value.
+unsafe impl ByteValued for AllocWire {}
+// SAFETY: as above.
+unsafe impl ByteValued for HandleWire {}
+// SAFETY: as above.
+unsafe impl ByteValued for HtodWire {}
+// SAFETY: as above.
+unsafe impl ByteValued for DtohWire {}
+// SAFETY: as above.
+unsafe impl ByteValued for LaunchWire {}
+// SAFETY: as above.
+unsafe impl ByteValued for LaunchParamWire {}
+
+/// Size of the fixed LAUNCH header (`struct vgpu_launch`).
+pub const LAUNCH_HDR_SIZE: usize = std::mem::size_of::<LaunchWire>();
+/// Size of a parameter header (`struct vgpu_launch_param`).
+pub const PARAM_HDR_SIZE: usize = std::mem::size_of::<LaunchParamWire>();
+/// Size of the MEMCPY_HTOD header before the data.
+pub const HTOD_HDR_SIZE: usize = std::mem::size_of::<HtodWire>();
+const _: () = assert!(LAUNCH_HDR_SIZE == 48 && PARAM_HDR_SIZE == 8 && HTOD_HDR_SIZE == 16);
+const _: () = assert!(std::mem::size_of::<DtohWire>() == 24);
+
+/// Longest LAUNCH payload the limits allow.
+pub const MAX_LAUNCH_LEN: usize =
+    LAUNCH_HDR_SIZE + MAX_NAME_LEN + MAX_PARAMS * PARAM_HDR_SIZE + MAX_PARAM_BYTES;
+
+/// A whole payload as one wire struct: exactly its size.
+fn exact<T: ByteValued + Default>(p: &[u8], what: &'static str) -> Result<T, Error> {
+    if p.len() != std::mem::size_of::<T>() {
+        return Err(Error::Malformed(what));
+    }
+    read_obj(p, 0).ok_or(Error::Malformed(what))
 }
 
 /// MEM_ALLOC payload: le64 size (at least 1).
 pub fn parse_alloc(p: &[u8]) -> Result<u64, Error> {
-    if p.len() != 8 {
-        return Err(Error::Malformed("MEM_ALLOC takes 8 bytes"));
-    }
-    match le64(p, 0)? {
+    match exact::<AllocWire>(p, "MEM_ALLOC takes 8 bytes")?
+        .size
+        .into()
+    {
         0 => Err(Error::Malformed("zero-size allocation")),
         n => Ok(n),
     }
@@ -92,29 +166,22 @@ pub fn parse_alloc(p: &[u8]) -> Result<u64, Error> {
 
 /// MEM_FREE / MODULE_UNLOAD payload: le64 handle.
 pub fn parse_handle(p: &[u8]) -> Result<u64, Error> {
-    if p.len() != 8 {
-        return Err(Error::Malformed("handle payload takes 8 bytes"));
-    }
-    le64(p, 0)
+    Ok(exact::<HandleWire>(p, "handle payload takes 8 bytes")?
+        .handle
+        .into())
 }
-
-/// Size of the MEMCPY_HTOD header before the data.
-pub const HTOD_HDR_SIZE: usize = 16;
 
 /// MEMCPY_HTOD header: le64 handle, le64 offset (the data follows).
 pub fn parse_htod_header(p: &[u8]) -> Result<(u64, u64), Error> {
-    if p.len() < HTOD_HDR_SIZE {
-        return Err(Error::Malformed("MEMCPY_HTOD needs 16 header bytes"));
-    }
-    Ok((le64(p, 0)?, le64(p, 8)?))
+    let h: HtodWire =
+        read_obj(p, 0).ok_or(Error::Malformed("MEMCPY_HTOD needs 16 header bytes"))?;
+    Ok((h.handle.into(), h.offset.into()))
 }
 
 /// MEMCPY_DTOH payload: le64 handle, le64 offset, le64 len.
 pub fn parse_dtoh(p: &[u8]) -> Result<(u64, u64, u64), Error> {
-    if p.len() != 24 {
-        return Err(Error::Malformed("MEMCPY_DTOH takes 24 bytes"));
-    }
-    Ok((le64(p, 0)?, le64(p, 8)?, le64(p, 16)?))
+    let d = exact::<DtohWire>(p, "MEMCPY_DTOH takes 24 bytes")?;
+    Ok((d.handle.into(), d.offset.into(), d.len.into()))
 }
 
 /// MODULE_LOAD payload: PTX text, optionally NUL-terminated (trailing NULs
@@ -169,18 +236,18 @@ pub struct Launch {
 }
 
 /// LAUNCH payload: `struct vgpu_launch` (48 bytes), `name_len` bytes of kernel
-/// name, then `param_count` times (le32 kind, le32 size, `size` bytes), packed.
+/// name, then `param_count` times (`struct vgpu_launch_param`, `size` bytes),
+/// packed.
 pub fn parse_launch(p: &[u8]) -> Result<Launch, Error> {
-    if p.len() < LAUNCH_HDR_SIZE {
-        return Err(Error::Malformed("LAUNCH header is 48 bytes"));
+    if p.len() > MAX_LAUNCH_LEN {
+        return Err(Error::TooLarge("LAUNCH payload"));
     }
-    let module = le64(p, 0)?;
-    let grid = [le32(p, 8)?, le32(p, 12)?, le32(p, 16)?];
-    let block = [le32(p, 20)?, le32(p, 24)?, le32(p, 28)?];
-    let shared_mem_bytes = le32(p, 32)?;
-    let name_len = le32(p, 36)? as usize;
-    let param_count = le32(p, 40)? as usize;
-    if le32(p, 44)? != 0 {
+    let h: LaunchWire = read_obj(p, 0).ok_or(Error::Malformed("LAUNCH header is 48 bytes"))?;
+    let grid = h.grid.map(u32::from);
+    let block = h.block.map(u32::from);
+    let name_len = u32::from(h.name_len) as usize;
+    let param_count = u32::from(h.param_count) as usize;
+    if u32::from(h.reserved) != 0 {
         return Err(Error::Malformed("reserved field not zero"));
     }
     if grid.contains(&0) || block.contains(&0) {
@@ -200,8 +267,8 @@ pub fn parse_launch(p: &[u8]) -> Result<Launch, Error> {
     let mut params = Vec::with_capacity(param_count);
     let mut total = 0usize;
     for _ in 0..param_count {
-        let kind = le32(p, off)?;
-        let size = le32(p, off + 4)? as usize;
+        let ph: LaunchParamWire = read_obj(p, off).ok_or(Error::Malformed("short payload"))?;
+        let size = u32::from(ph.size) as usize;
         off += PARAM_HDR_SIZE;
         total = total.saturating_add(size);
         if size > MAX_PARAM_BYTES || total > MAX_PARAM_BYTES {
@@ -211,8 +278,8 @@ pub fn parse_launch(p: &[u8]) -> Result<Launch, Error> {
             .get(off..off + size)
             .ok_or(Error::Malformed("short parameter"))?;
         off += size;
-        params.push(match kind {
-            PARAM_BUFFER if size == 8 => Param::Buffer(le64(val, 0)?),
+        params.push(match u32::from(ph.kind) {
+            PARAM_BUFFER if size == 8 => Param::Buffer(parse_handle(val)?),
             PARAM_BUFFER => return Err(Error::Malformed("buffer parameter size is not 8")),
             PARAM_BYTES if size > 0 => Param::Bytes(val.to_vec()),
             PARAM_BYTES => return Err(Error::Malformed("empty parameter")),
@@ -223,10 +290,10 @@ pub fn parse_launch(p: &[u8]) -> Result<Launch, Error> {
         return Err(Error::Malformed("trailing bytes after the parameters"));
     }
     Ok(Launch {
-        module,
+        module: h.module.into(),
         grid,
         block,
-        shared_mem_bytes,
+        shared_mem_bytes: h.shared_mem_bytes.into(),
         name,
         params,
     })
@@ -235,30 +302,29 @@ pub fn parse_launch(p: &[u8]) -> Result<Launch, Error> {
 /// Encodes a LAUNCH payload (the guest side of [`parse_launch`]; used by tests
 /// and benchmarks).
 pub fn encode_launch(l: &Launch) -> Vec<u8> {
-    let mut p = Vec::new();
-    p.extend(l.module.to_le_bytes());
-    for v in l.grid.iter().chain(&l.block) {
-        p.extend(v.to_le_bytes());
-    }
-    p.extend(l.shared_mem_bytes.to_le_bytes());
     let name = l.name.as_bytes();
-    p.extend((name.len() as u32).to_le_bytes());
-    p.extend((l.params.len() as u32).to_le_bytes());
-    p.extend(0u32.to_le_bytes());
+    let hdr = LaunchWire {
+        module: l.module.into(),
+        grid: l.grid.map(Le32::from),
+        block: l.block.map(Le32::from),
+        shared_mem_bytes: l.shared_mem_bytes.into(),
+        name_len: (name.len() as u32).into(),
+        param_count: (l.params.len() as u32).into(),
+        reserved: 0.into(),
+    };
+    let mut p = hdr.as_slice().to_vec();
     p.extend(name);
     for prm in &l.params {
-        match prm {
-            Param::Buffer(h) => {
-                p.extend(PARAM_BUFFER.to_le_bytes());
-                p.extend(8u32.to_le_bytes());
-                p.extend(h.to_le_bytes());
-            }
-            Param::Bytes(b) => {
-                p.extend(PARAM_BYTES.to_le_bytes());
-                p.extend((b.len() as u32).to_le_bytes());
-                p.extend(b);
-            }
-        }
+        let (kind, bytes) = match prm {
+            Param::Buffer(h) => (PARAM_BUFFER, h.to_le_bytes().to_vec()),
+            Param::Bytes(b) => (PARAM_BYTES, b.clone()),
+        };
+        let ph = LaunchParamWire {
+            kind: kind.into(),
+            size: (bytes.len() as u32).into(),
+        };
+        p.extend(ph.as_slice());
+        p.extend(bytes);
     }
     p
 }
@@ -393,14 +459,6 @@ impl<B, M> VmTables<B, M> {
 
     pub fn remove_module(&mut self, h: u64) -> Result<M, Error> {
         self.modules.remove(&h).ok_or(Error::NotFound(h))
-    }
-
-    pub fn buffer_count(&self) -> usize {
-        self.buffers.len()
-    }
-
-    pub fn module_count(&self) -> usize {
-        self.modules.len()
     }
 
     /// Forgets every buffer and module (their context is gone or going) and

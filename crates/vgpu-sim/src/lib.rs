@@ -13,8 +13,9 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use vgpu::backend_channel::MsgHeader;
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    BackendReq, VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -23,7 +24,8 @@ use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
 };
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestRegionMmap};
+use virtio_queue::desc::split::{Descriptor, VirtqUsedElem};
+use vm_memory::{ByteValued, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestRegionMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use vgpu::guest::GuestMem;
@@ -267,18 +269,21 @@ impl SimGuest {
             .as_mut()
             .ok_or_else(|| Error::Memory("no backend channel negotiated".into()))?;
         chan.set_read_timeout(Some(timeout))?;
-        let mut hdr = [0u8; 12];
-        chan.read_exact(&mut hdr).map_err(|e| match e.kind() {
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                Error::Timeout(timeout)
+        let mut hdr = MsgHeader::default();
+        chan.read_exact(hdr.as_mut_slice())
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    Error::Timeout(timeout)
+                }
+                _ => Error::Io(e),
+            })?;
+        match u32::from(hdr.request) {
+            r if r == u32::from(BackendReq::CONFIG_CHANGE_MSG) => {}
+            other => {
+                return Err(Error::Memory(format!(
+                    "unexpected backend request {other:?}"
+                )))
             }
-            _ => Error::Io(e),
-        })?;
-        let request = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-        if request != 2 {
-            return Err(Error::Memory(format!(
-                "unexpected backend request {request}"
-            )));
         }
         Ok(())
     }
@@ -322,12 +327,8 @@ impl SimGuest {
         if next.is_some() {
             flags |= VRING_DESC_F_NEXT as u16;
         }
-        let mut raw = [0u8; 16];
-        raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&d.len.to_le_bytes());
-        raw[12..14].copy_from_slice(&flags.to_le_bytes());
-        raw[14..16].copy_from_slice(&next.unwrap_or(0).to_le_bytes());
-        self.write(self.desc_table + 16 * index as u64, &raw)
+        let raw = Descriptor::new(d.addr, d.len, flags, next.unwrap_or(0));
+        self.write(self.desc_table + 16 * index as u64, raw.as_slice())
     }
 
     /// Puts a chain on the avail ring (without kicking). Returns its head.
@@ -347,7 +348,6 @@ impl SimGuest {
     pub fn add_indirect_chain(&mut self, descs: &[Desc], table: u64) -> Result<u16> {
         let head = self.free.pop().ok_or(Error::RingFull)?;
         for (i, d) in descs.iter().enumerate() {
-            let mut raw = [0u8; 16];
             let mut flags = if d.writable {
                 VRING_DESC_F_WRITE as u16
             } else {
@@ -356,11 +356,8 @@ impl SimGuest {
             if i + 1 < descs.len() {
                 flags |= VRING_DESC_F_NEXT as u16;
             }
-            raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
-            raw[8..12].copy_from_slice(&d.len.to_le_bytes());
-            raw[12..14].copy_from_slice(&flags.to_le_bytes());
-            raw[14..16].copy_from_slice(&((i + 1) as u16).to_le_bytes());
-            self.write(table + 16 * i as u64, &raw)?;
+            let raw = Descriptor::new(d.addr, d.len, flags, (i + 1) as u16);
+            self.write(table + 16 * i as u64, raw.as_slice())?;
         }
         let d = Desc::r(table, 16 * descs.len() as u32);
         self.write_desc(head, &d, None, VRING_DESC_F_INDIRECT as u16)?;
@@ -449,9 +446,11 @@ impl SimGuest {
         let mut out = Vec::new();
         while self.last_used != used_idx {
             let elem = self.used + 4 + 8 * (self.last_used % n) as u64;
-            let raw = self.read(elem, 8)?;
-            let id = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
-            let len = u32::from_le_bytes([raw[4], raw[5], raw[6], raw[7]]);
+            let raw: VirtqUsedElem = self
+                .mem
+                .read_obj(GuestAddress(elem))
+                .map_err(|e| Error::Memory(e.to_string()))?;
+            let (id, len) = (raw.id(), raw.len());
             let head = u16::try_from(id)
                 .ok()
                 .filter(|h| *h < n && !self.chains[*h as usize].is_empty())

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use direct::Direct;
 use vgpu::executor::ops::GemmDims;
-use vgpu::executor::{CudaConfig, CudaExecutor, Executor};
+use vgpu::executor::{CudaConfig, CudaExecutor, Executor, IsolatedCuda};
 use vgpu::protocol::{Opcode, Status};
 use vgpu_sim::workload::{self as common, Guest, Rng};
 
@@ -106,7 +106,7 @@ fn main() -> Res<()> {
 
 fn executor_section(sgemm_n: usize, iters: usize) -> Res<()> {
     let limit = Duration::from_secs(60);
-    let mut ex = CudaExecutor::new(0, limit, CudaConfig::default())?;
+    let mut ex = IsolatedCuda::new(CudaExecutor::new(0, limit)?, &CudaConfig::default());
     let info = ex.info();
     println!(
         "device: {} (cc {}.{}, {} MiB)",

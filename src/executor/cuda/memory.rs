@@ -1,0 +1,351 @@
+//! Memory of the CUDA executor: buffers that grow on demand (device memory
+//! and pinned host memory, one type), guest-memory registration for
+//! zero-copy DMA, and the copies in and out of guest memory that use it or
+//! fall back to staging through pinned memory.
+//!
+//! Registration: [`Executor::map_guest_memory`](crate::executor::Executor)
+//! registers every region of a VM's memory table with `cuMemHostRegister`, so
+//! payloads and outputs move by DMA straight from and to guest pages, one
+//! `cuMemcpy*Async` per host range. Registration pins the whole table. It
+//! happens in this process, where only the daemon's own kernels run: guest
+//! kernels run in worker processes that hold only their own VM's memory
+//! (measured: a second context of a process reads memory the process
+//! registered, whatever the flags).
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use cudarc::driver::result::{self, DriverError};
+use cudarc::driver::sys::{self, CUdeviceptr};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+use super::{bind, check, CudaExecutor};
+use crate::bytes::{Reader, Writer};
+use crate::guest::GuestMem;
+use crate::protocol::Status;
+
+/// Buffers start at this size and grow in powers of two.
+const MIN_BUF: usize = 1 << 20;
+
+/// Where a [`Grow`] buffer lives.
+pub trait Place {
+    const WHAT: &'static str;
+    /// Allocates `bytes` in the current context.
+    fn alloc(bytes: usize) -> Result<u64, DriverError>;
+    /// # Safety
+    /// `addr` came from `alloc` of the same place and nothing uses it.
+    unsafe fn free(addr: u64) -> Result<(), DriverError>;
+}
+
+/// Device memory.
+#[derive(Debug)]
+pub struct Device;
+/// Page-locked host memory.
+#[derive(Debug)]
+pub struct Pinned;
+
+impl Place for Device {
+    const WHAT: &'static str = "device";
+    fn alloc(bytes: usize) -> Result<u64, DriverError> {
+        // SAFETY: plain allocation in the current context.
+        unsafe { result::malloc_sync(bytes) }
+    }
+    unsafe fn free(addr: u64) -> Result<(), DriverError> {
+        // SAFETY: the caller's contract.
+        unsafe { result::free_sync(addr as CUdeviceptr) }
+    }
+}
+
+impl Place for Pinned {
+    const WHAT: &'static str = "pinned";
+    fn alloc(bytes: usize) -> Result<u64, DriverError> {
+        // SAFETY: plain page-locked allocation in the current context.
+        unsafe { result::malloc_host(bytes, 0) }.map(|p| p as u64)
+    }
+    unsafe fn free(addr: u64) -> Result<(), DriverError> {
+        // SAFETY: the caller's contract.
+        unsafe { result::free_host(addr as *mut c_void) }
+    }
+}
+
+/// A buffer that grows on demand. A failed growth leaves the old buffer as
+/// it was (the new one is allocated before the old one is freed), so the
+/// executor never runs on a null buffer.
+#[derive(Debug)]
+pub struct Grow<P: Place> {
+    addr: u64,
+    cap: usize,
+    place: PhantomData<P>,
+}
+
+impl<P: Place> Default for Grow<P> {
+    fn default() -> Self {
+        Grow {
+            addr: 0,
+            cap: 0,
+            place: PhantomData,
+        }
+    }
+}
+
+impl<P: Place> Grow<P> {
+    /// Makes room for `bytes` (the context must be current and idle).
+    pub fn ensure(&mut self, bytes: usize) -> Result<(), DriverError> {
+        if bytes <= self.cap {
+            return Ok(());
+        }
+        let want = bytes.next_power_of_two().max(MIN_BUF);
+        let addr = P::alloc(want)?;
+        self.release();
+        self.addr = addr;
+        self.cap = want;
+        Ok(())
+    }
+
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    pub fn release(&mut self) {
+        if self.cap > 0 {
+            // SAFETY: allocated by `ensure` in this context, no work pending.
+            if let Err(e) = unsafe { P::free(self.addr) } {
+                log::warn!("freeing a {} buffer: {e}", P::WHAT);
+            }
+            self.addr = 0;
+            self.cap = 0;
+        }
+    }
+}
+
+impl Grow<Pinned> {
+    /// The first `len` bytes (at most the capacity).
+    pub fn slice(&mut self, len: usize) -> &mut [u8] {
+        let len = len.min(self.cap);
+        if len == 0 {
+            return &mut [];
+        }
+        // SAFETY: `addr` points at `cap >= len` bytes of host memory that
+        // this buffer owns exclusively.
+        unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, len) }
+    }
+}
+
+/// A VM's guest memory as registered with the driver.
+struct Registration {
+    mem: Arc<GuestMem>,
+    /// Host addresses (and lengths) that cuMemHostRegister accepted.
+    regions: Vec<(usize, usize)>,
+    /// Every region registered: copies may DMA straight from guest pages.
+    complete: bool,
+}
+
+/// The registered memory tables of the VMs.
+#[derive(Default)]
+pub struct Registrations {
+    regs: HashMap<u32, Registration>,
+    pub registered_bytes: u64,
+}
+
+impl Registrations {
+    /// True when `bytes` (a guest view) lie in memory registered in full.
+    fn zero_copy(&self, vm_id: u32, mem: Option<&Arc<GuestMem>>) -> bool {
+        match (self.regs.get(&vm_id), mem) {
+            (Some(r), Some(m)) => r.complete && Arc::ptr_eq(&r.mem, m),
+            _ => false,
+        }
+    }
+
+    fn is_current(&self, vm_id: u32, mem: &Arc<GuestMem>) -> bool {
+        self.regs
+            .get(&vm_id)
+            .is_some_and(|r| Arc::ptr_eq(&r.mem, mem))
+    }
+
+    /// Registers every region of `mem` (the context must be current).
+    fn register(&mut self, gpu: u32, vm_id: u32, mem: &Arc<GuestMem>) {
+        let mut reg = Registration {
+            mem: mem.clone(),
+            regions: Vec::new(),
+            complete: true,
+        };
+        for region in mem.iter() {
+            let len = region.len() as usize;
+            let addr = match region.get_host_address(MemoryRegionAddress(0)) {
+                Ok(a) => a,
+                Err(e) => {
+                    log::warn!("vm{vm_id}: region without host address: {e}");
+                    reg.complete = false;
+                    continue;
+                }
+            };
+            // SAFETY: `addr..addr+len` is a live mapping held by `mem`, which
+            // the registration keeps until it unregisters.
+            match check(unsafe { sys::cuMemHostRegister_v2(addr as *mut c_void, len, 0) }) {
+                Ok(()) => {
+                    reg.regions.push((addr as usize, len));
+                    self.registered_bytes += len as u64;
+                }
+                Err(e) => {
+                    log::warn!(
+                        "gpu{gpu}: vm{vm_id}: cuMemHostRegister of {len} bytes failed ({e}); staging its copies"
+                    );
+                    reg.complete = false;
+                }
+            }
+        }
+        log::info!(
+            "gpu{gpu}: vm{vm_id}: registered {} of {} guest memory regions",
+            reg.regions.len(),
+            mem.num_regions()
+        );
+        self.regs.insert(vm_id, reg);
+    }
+
+    /// Unregisters the VM's table (the context must be current).
+    fn unregister(&mut self, vm_id: u32) {
+        if let Some(reg) = self.regs.remove(&vm_id) {
+            for (addr, len) in reg.regions {
+                // SAFETY: registered by `register`; `reg.mem` keeps the
+                // mapping alive until after this call.
+                if let Err(e) = check(unsafe { sys::cuMemHostUnregister(addr as *mut c_void) }) {
+                    log::warn!("vm{vm_id}: cuMemHostUnregister({addr:#x}): {e}");
+                }
+                self.registered_bytes = self.registered_bytes.saturating_sub(len as u64);
+            }
+        }
+    }
+
+    pub fn vms(&self) -> Vec<u32> {
+        self.regs.keys().copied().collect()
+    }
+}
+
+impl CudaExecutor {
+    pub(super) fn map_memory(&mut self, vm_id: u32, mem: &Arc<GuestMem>) {
+        if self.regs.is_current(vm_id, mem) {
+            return;
+        }
+        self.unmap_memory(vm_id);
+        if let Err(e) = bind(&self.ctx) {
+            log::error!(
+                "gpu{}: cannot bind context to register: {e}",
+                self.gpu_index
+            );
+            return;
+        }
+        self.regs.register(self.gpu_index, vm_id, mem);
+        self.stats.registered_bytes = self.regs.registered_bytes;
+    }
+
+    pub(super) fn unmap_memory(&mut self, vm_id: u32) {
+        if let Err(e) = bind(&self.ctx) {
+            log::error!(
+                "gpu{}: cannot bind context to unregister: {e}",
+                self.gpu_index
+            );
+        }
+        self.regs.unregister(vm_id);
+        self.stats.registered_bytes = self.regs.registered_bytes;
+    }
+
+    fn log_staging(&mut self, why: &str) {
+        if !self.staging_logged {
+            self.staging_logged = true;
+            log::warn!(
+                "gpu{}: staging guest data through pinned memory ({why})",
+                self.gpu_index
+            );
+        }
+    }
+
+    /// Queues a copy of `len` payload bytes at `off` to device address `dst`.
+    pub(super) fn copy_in(
+        &mut self,
+        vm_id: u32,
+        src: Reader,
+        off: usize,
+        len: usize,
+        dst: CUdeviceptr,
+    ) -> Result<(), Status> {
+        if len == 0 {
+            return Ok(());
+        }
+        let stream = self.stream.cu_stream();
+        if self.regs.zero_copy(vm_id, src.guest().map(|g| g.memory())) {
+            let mut done = 0u64;
+            for (ptr, n) in src.host_ranges(off, len)? {
+                // SAFETY: `ptr..ptr+n` is registered guest memory kept mapped
+                // by `src`; the stream is synchronized before we return.
+                check(unsafe {
+                    sys::cuMemcpyHtoDAsync_v2(dst + done, ptr as *const c_void, n, stream)
+                })
+                .map_err(|e| self.own_error(e))?;
+                done += n as u64;
+            }
+            self.stats.zero_copy += 1;
+        } else {
+            self.log_staging("guest memory not registered");
+            self.staging.ensure(len).map_err(|e| self.own_error(e))?;
+            src.read_at(off, self.staging.slice(len))?;
+            // SAFETY: the staging buffer holds `len` bytes; synchronized below
+            // before the buffer is reused.
+            check(unsafe {
+                sys::cuMemcpyHtoDAsync_v2(dst, self.staging.addr() as *const c_void, len, stream)
+            })
+            .map_err(|e| self.own_error(e))?;
+            self.sync().map_err(|e| self.own_error(e))?;
+            self.stats.staged += 1;
+        }
+        Ok(())
+    }
+
+    /// Copies `len` bytes from device address `src` to the start of `out`
+    /// and waits for the stream (so the whole request is complete).
+    pub(super) fn copy_out(
+        &mut self,
+        vm_id: u32,
+        src: CUdeviceptr,
+        out: &mut Writer,
+        len: usize,
+    ) -> Result<u32, Status> {
+        let out_len = u32::try_from(len).map_err(|_| Status::TooLarge)?;
+        if out.capacity() < len {
+            return Err(Status::TooLarge);
+        }
+        let stream = self.stream.cu_stream();
+        if self.regs.zero_copy(vm_id, out.guest().map(|g| g.memory())) {
+            let mut done = 0u64;
+            for (ptr, n) in out.host_ranges(0, len)? {
+                // SAFETY: registered guest memory kept mapped by `out`.
+                check(unsafe {
+                    sys::cuMemcpyDtoHAsync_v2(ptr as *mut c_void, src + done, n, stream)
+                })
+                .map_err(|e| self.own_error(e))?;
+                done += n as u64;
+            }
+            self.sync().map_err(|e| self.own_error(e))?;
+            if len > 0 {
+                self.stats.zero_copy += 1;
+            }
+        } else {
+            self.log_staging("guest memory not registered");
+            self.staging.ensure(len).map_err(|e| self.own_error(e))?;
+            if len > 0 {
+                // SAFETY: staging holds `len` bytes, synchronized right after.
+                check(unsafe {
+                    sys::cuMemcpyDtoHAsync_v2(self.staging.addr() as *mut c_void, src, len, stream)
+                })
+                .map_err(|e| self.own_error(e))?;
+            }
+            self.sync().map_err(|e| self.own_error(e))?;
+            if len > 0 {
+                out.write_at(0, self.staging.slice(len))?;
+                self.stats.staged += 1;
+            }
+        }
+        Ok(out_len)
+    }
+}

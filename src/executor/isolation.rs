@@ -1,0 +1,210 @@
+//! Where CUDA remoting (guest kernels) runs: a wrapper around a GPU's
+//! executor that sends remoting opcodes elsewhere and everything else to the
+//! executor it wraps.
+//!
+//! * [`Isolation::Process`], the default: each VM's calls go to a worker
+//!   process of its own (`worker/`), which holds only that VM's data. A
+//!   faulting guest kernel ends only that process.
+//! * [`Isolation::InProcess`]: the calls run in this process, in a CUDA
+//!   context per VM. This is not isolation: measured on the H200, a fault in
+//!   one context poisons every context of the process, and a kernel in one
+//!   context reads memory that another context registered or pinned. For
+//!   tests and single-VM setups only.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::cuda::{CudaExecutor, CudaStats, RemotingExecutor};
+use super::worker::{self, VmWorker, WORKER_BIN};
+use super::{Executor, Request, Tenant};
+use crate::bytes::{Reader, Writer};
+use crate::guest::GuestMem;
+use crate::protocol::{DeviceInfo, Status};
+
+/// Where a VM's CUDA remoting calls run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// In a worker process per VM (`vgpu-cuda-worker`). The default.
+    Process,
+    /// In this process, one CUDA context per VM (see the module doc).
+    InProcess,
+}
+
+/// Settings of the remoting wrapper.
+#[derive(Debug, Clone)]
+pub struct CudaConfig {
+    pub isolation: Isolation,
+    /// The worker binary; by default `$VGPU_CUDA_WORKER` or
+    /// `vgpu-cuda-worker` next to the running executable.
+    pub worker_path: Option<PathBuf>,
+}
+
+impl Default for CudaConfig {
+    fn default() -> Self {
+        CudaConfig {
+            isolation: Isolation::Process,
+            worker_path: None,
+        }
+    }
+}
+
+enum Remoting {
+    Workers {
+        path: Option<PathBuf>,
+        vms: HashMap<u32, VmWorker>,
+    },
+    InProcess(Option<RemotingExecutor>),
+}
+
+/// A GPU's executor `E` with CUDA remoting attached.
+pub struct Isolated<E> {
+    inner: E,
+    gpu_index: u32,
+    remoting: Remoting,
+    started: u64,
+    faulted: u64,
+}
+
+/// The CUDA executor as the daemon runs it.
+pub type IsolatedCuda = Isolated<CudaExecutor>;
+
+impl<E: Executor> Isolated<E> {
+    pub fn new(inner: E, config: &CudaConfig) -> Self {
+        let gpu_index = inner.info().gpu_index;
+        let remoting = match config.isolation {
+            Isolation::Process => {
+                let path = worker::worker_path(config.worker_path.as_deref());
+                if path.is_none() {
+                    log::warn!(
+                        "gpu{gpu_index}: {WORKER_BIN} not found: CUDA remoting calls will answer UNSUPPORTED"
+                    );
+                }
+                Remoting::Workers {
+                    path,
+                    vms: HashMap::new(),
+                }
+            }
+            Isolation::InProcess => Remoting::InProcess(
+                RemotingExecutor::new(gpu_index)
+                    .map_err(|e| log::warn!("gpu{gpu_index}: no in-process remoting: {e}"))
+                    .ok(),
+            ),
+        };
+        Isolated {
+            inner,
+            gpu_index,
+            remoting,
+            started: 0,
+            faulted: 0,
+        }
+    }
+
+    pub fn inner(&self) -> &E {
+        &self.inner
+    }
+
+    pub fn inner_mut(&mut self) -> &mut E {
+        &mut self.inner
+    }
+
+    fn remote(&mut self, tenant: Tenant, req: &Request, limit: Duration) -> Result<u32, Status> {
+        let res = match &mut self.remoting {
+            Remoting::Workers { path, vms } => {
+                let Some(path) = path.clone() else {
+                    return Err(Status::Unsupported);
+                };
+                let w = vms.entry(tenant.vm_id).or_default();
+                let (res, spawned) = w.execute(&path, self.gpu_index, tenant, req, limit);
+                if spawned {
+                    self.started += 1;
+                }
+                res
+            }
+            Remoting::InProcess(Some(ex)) => {
+                let before = ex.stats();
+                let res = ex.call(
+                    tenant,
+                    req.opcode,
+                    Reader::Guest(&req.payload),
+                    &mut Writer::Guest(&req.output),
+                    limit,
+                );
+                self.started += ex.stats().contexts_created - before.contexts_created;
+                res
+            }
+            Remoting::InProcess(None) => Err(Status::Unsupported),
+        };
+        if matches!(res, Err(Status::DeviceError) | Err(Status::Timeout)) {
+            self.faulted += 1;
+        }
+        res
+    }
+}
+
+impl Isolated<CudaExecutor> {
+    /// The CUDA executor's counters, with the remoting contexts (worker
+    /// processes) started and ended by faults.
+    pub fn stats(&self) -> CudaStats {
+        CudaStats {
+            vm_contexts_created: self.started,
+            vm_contexts_faulted: self.faulted,
+            ..self.inner.stats()
+        }
+    }
+}
+
+impl<E> std::ops::Deref for Isolated<E> {
+    type Target = E;
+    fn deref(&self) -> &E {
+        &self.inner
+    }
+}
+
+impl<E> std::ops::DerefMut for Isolated<E> {
+    fn deref_mut(&mut self) -> &mut E {
+        &mut self.inner
+    }
+}
+
+impl<E: Executor> Executor for Isolated<E> {
+    fn info(&self) -> DeviceInfo {
+        self.inner.info()
+    }
+
+    fn execute(&mut self, tenant: Tenant, req: &Request, limit: Duration) -> Result<u32, Status> {
+        if req.opcode.is_remoting() {
+            self.remote(tenant, req, limit)
+        } else {
+            self.inner.execute(tenant, req, limit)
+        }
+    }
+
+    fn batchable(&self, req: &Request) -> bool {
+        !req.opcode.is_remoting() && self.inner.batchable(req)
+    }
+
+    fn execute_batch(
+        &mut self,
+        batch: &[(Tenant, &Request)],
+        limit: Duration,
+    ) -> Vec<Result<u32, Status>> {
+        self.inner.execute_batch(batch, limit)
+    }
+
+    fn release_vm(&mut self, vm_id: u32) {
+        match &mut self.remoting {
+            Remoting::Workers { vms, .. } => {
+                vms.remove(&vm_id);
+            }
+            Remoting::InProcess(Some(ex)) => ex.release_vm(vm_id),
+            Remoting::InProcess(None) => {}
+        }
+        self.inner.release_vm(vm_id);
+    }
+
+    fn map_guest_memory(&mut self, vm_id: u32, mem: &Arc<GuestMem>) {
+        self.inner.map_guest_memory(vm_id, mem)
+    }
+}

@@ -1,0 +1,189 @@
+//! The worker's pipe protocol: one frame per call each way, little-endian.
+//! Request: [`CallHeader`], then `payload_len` payload bytes. Reply:
+//! [`ReplyHeader`], then `output_len` output bytes. Sizes are checked against
+//! the caller's bounds before they cost memory.
+
+use std::io::{self, Read, Write};
+
+use vm_memory::endian::{Le16, Le32, Le64};
+use vm_memory::ByteValued;
+
+use crate::protocol::{Opcode, Status};
+
+/// Largest payload or output one frame carries (the device's own bound on a
+/// request, 4 GiB, is larger than any remoting call needs through the pipe).
+pub const MAX_FRAME_BYTES: u64 = 1 << 32;
+
+/// Header of a call, parent to worker.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CallHeader {
+    pub opcode: Le16,
+    pub reserved: Le16,
+    pub limit_ms: Le32,
+    pub quota: Le64,
+    pub payload_len: Le64,
+    pub output_cap: Le64,
+}
+
+/// Header of a reply, worker to parent.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplyHeader {
+    pub status: Le32,
+    pub reserved: Le32,
+    pub output_len: Le64,
+}
+
+// SAFETY: little-endian integers without padding (sizes checked below);
+// every bit pattern is a valid value.
+unsafe impl ByteValued for CallHeader {}
+// SAFETY: as above.
+unsafe impl ByteValued for ReplyHeader {}
+
+const _: () = assert!(std::mem::size_of::<CallHeader>() == 32);
+const _: () = assert!(std::mem::size_of::<ReplyHeader>() == 16);
+
+/// One call as the worker reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    pub opcode: u16,
+    pub limit_ms: u32,
+    pub quota: u64,
+    pub payload: Vec<u8>,
+    pub output_cap: usize,
+}
+
+fn too_big(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("{what} too large"))
+}
+
+pub fn write_call(
+    w: &mut impl Write,
+    opcode: Opcode,
+    limit_ms: u32,
+    quota: u64,
+    payload: &[u8],
+    output_cap: usize,
+) -> io::Result<()> {
+    let hdr = CallHeader {
+        opcode: (opcode as u16).into(),
+        reserved: 0.into(),
+        limit_ms: limit_ms.into(),
+        quota: quota.into(),
+        payload_len: (payload.len() as u64).into(),
+        output_cap: (output_cap as u64).into(),
+    };
+    w.write_all(hdr.as_slice())?;
+    w.write_all(payload)?;
+    w.flush()
+}
+
+/// Reads one call; `None` at a clean end of input.
+pub fn read_call(r: &mut impl Read) -> io::Result<Option<Call>> {
+    let mut hdr = CallHeader::default();
+    match r.read_exact(hdr.as_mut_slice()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let plen = u64::from(hdr.payload_len);
+    let ocap = u64::from(hdr.output_cap);
+    if plen > MAX_FRAME_BYTES {
+        return Err(too_big("payload"));
+    }
+    if ocap > MAX_FRAME_BYTES {
+        return Err(too_big("output capacity"));
+    }
+    let mut payload = vec![0u8; plen as usize];
+    r.read_exact(&mut payload)?;
+    Ok(Some(Call {
+        opcode: hdr.opcode.into(),
+        limit_ms: hdr.limit_ms.into(),
+        quota: hdr.quota.into(),
+        payload,
+        output_cap: ocap as usize,
+    }))
+}
+
+pub fn write_reply(w: &mut impl Write, status: Status, output: &[u8]) -> io::Result<()> {
+    let hdr = ReplyHeader {
+        status: (status as u32).into(),
+        reserved: 0.into(),
+        output_len: (output.len() as u64).into(),
+    };
+    w.write_all(hdr.as_slice())?;
+    w.write_all(output)?;
+    w.flush()
+}
+
+/// Reads a reply whose output must fit `output_cap`.
+pub fn read_reply(r: &mut impl Read, output_cap: usize) -> io::Result<(Status, Vec<u8>)> {
+    let mut hdr = ReplyHeader::default();
+    r.read_exact(hdr.as_mut_slice())?;
+    let status = Status::from_u32(hdr.status.into())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unknown status"))?;
+    let len = u64::from(hdr.output_len);
+    if len > output_cap as u64 {
+        return Err(too_big("output"));
+    }
+    let mut out = vec![0u8; len as usize];
+    r.read_exact(&mut out)?;
+    Ok((status, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let mut pipe = Vec::new();
+        write_call(&mut pipe, Opcode::MemAlloc, 250, 1 << 20, &[1, 2, 3], 8).unwrap();
+        assert_eq!(pipe.len(), 32 + 3);
+        let call = read_call(&mut pipe.as_slice()).unwrap().unwrap();
+        assert_eq!(
+            call,
+            Call {
+                opcode: Opcode::MemAlloc as u16,
+                limit_ms: 250,
+                quota: 1 << 20,
+                payload: vec![1, 2, 3],
+                output_cap: 8,
+            }
+        );
+        assert_eq!(read_call(&mut [].as_slice()).unwrap(), None);
+
+        let mut pipe = Vec::new();
+        write_reply(&mut pipe, Status::NotFound, &[7; 5]).unwrap();
+        let (s, out) = read_reply(&mut pipe.as_slice(), 5).unwrap();
+        assert_eq!((s, out), (Status::NotFound, vec![7; 5]));
+        // More output than asked for is a protocol error.
+        assert!(read_reply(&mut pipe.as_slice(), 4).is_err());
+    }
+
+    #[test]
+    fn hostile_frames_are_refused_before_they_cost_memory() {
+        let hdr = CallHeader {
+            payload_len: u64::MAX.into(),
+            ..CallHeader::default()
+        };
+        assert!(read_call(&mut hdr.as_slice()).is_err());
+        let hdr = CallHeader {
+            output_cap: (MAX_FRAME_BYTES + 1).into(),
+            ..CallHeader::default()
+        };
+        assert!(read_call(&mut hdr.as_slice()).is_err());
+        // A truncated payload.
+        let mut pipe = Vec::new();
+        write_call(&mut pipe, Opcode::MemFree, 1, 0, &[0; 8], 0).unwrap();
+        pipe.truncate(36);
+        assert!(read_call(&mut pipe.as_slice()).is_err());
+        // An unknown status.
+        let bad = ReplyHeader {
+            status: 99.into(),
+            ..ReplyHeader::default()
+        };
+        assert!(read_reply(&mut bad.as_slice(), 0).is_err());
+    }
+}
