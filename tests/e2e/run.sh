@@ -362,7 +362,7 @@ fi
 # More requests than fit: while a BUSY_WAIT holds the GPU, 400 threads submit
 # a PING each. The daemon takes up to 64 (max_queued), the ring holds 256
 # (indirect descriptors), the rest must wait in the driver for ring space.
-flood_cmd="s=/sys/class/misc/vgpu0/stats; vgpu-client busy-wait 1500 >/dev/null & sleep 0.3; \
+flood_cmd="s=/sys/kernel/debug/virtio_vgpu/vgpu0/stats; vgpu-client busy-wait 1500 >/dev/null & sleep 0.3; \
 vgpu-client -t 60000 flood 400; echo flood_rc=\$?; wait; cat \$s"
 if guest 2 180 "$flood_cmd" && grep -q '^flood n=400 ok=400 failed=0$' <<<"$OUTPUT" &&
    grep -q '^flood_rc=0$' <<<"$OUTPUT"; then
@@ -445,7 +445,7 @@ fi
 
 # A wait that times out, or a waiter killed by a signal, leaves the request
 # to the device (abandoned, freed when it comes back); the next one works.
-abandon_cmd="s=/sys/class/misc/vgpu0/stats; cat \$s; \
+abandon_cmd="s=/sys/kernel/debug/virtio_vgpu/vgpu0/stats; cat \$s; \
 vgpu-client -t 300 busy-wait 1500; echo client_rc=\$?; \
 vgpu-client busy-wait 1500 & p=\$!; sleep 0.5; kill \$p; wait \$p; echo killed_rc=\$?; \
 vgpu-client add 1 1; cat \$s"
