@@ -6,14 +6,17 @@
  * descriptor chain on virtqueue 0: request header and payload readable by the
  * device, response header and output writable by it. User space submits
  * requests through /dev/vgpuN (VGPU_IOC_SUBMIT); the host-assigned pool,
- * priority and VM id from config space are shown in sysfs.
+ * priority and VM id from config space are shown in sysfs, one value per
+ * attribute. Driver counters are in debugfs (virtio_vgpu/vgpuN/stats).
  *
- * The contract (layouts, opcodes, status codes) lives in include/uapi/vgpu.h.
+ * The contract (layouts, opcodes, status codes) lives in the uapi header,
+ * include/uapi/vgpu.h.
  */
 
 #include <linux/cache.h>
 #include <linux/completion.h>
 #include <linux/ctype.h>
+#include <linux/debugfs.h>
 #include <linux/fs.h>
 #include <linux/gfp.h>
 #include <linux/idr.h>
@@ -24,6 +27,7 @@
 #include <linux/module.h>
 #include <linux/mm.h>
 #include <linux/scatterlist.h>
+#include <linux/seq_file.h>
 #include <linux/slab.h>
 #include <linux/spinlock.h>
 #include <linux/uaccess.h>
@@ -34,13 +38,14 @@
 #include <linux/wait.h>
 #include <linux/workqueue.h>
 
-#include "include/uapi/vgpu.h"
+#include <uapi/vgpu.h>
 
 #define VGPU_NAME_LEN		16
 
 /* Bounce buffers are built from chunks of at most this order (2 MiB on x86). */
 #define VGPU_CHUNK_MAX_ORDER	9
 
+/* The defined part of struct virtio_vgpu_config, in CPU byte order. */
 struct vgpu_cfg {
 	u32 magic;
 	u32 version;
@@ -66,7 +71,7 @@ struct vgpu {
 	unsigned long space_gen;	/* bumped whenever buffers come back */
 	wait_queue_head_t space_wq;	/* submitters waiting for ring space */
 
-	/* Counters for /sys/class/misc/vgpuN/stats, under @lock. */
+	/* Counters for debugfs virtio_vgpu/vgpuN/stats, under @lock. */
 	u64 n_submitted;
 	u64 n_completed;
 	u64 n_abandoned;		/* timed out or interrupted waits */
@@ -75,6 +80,8 @@ struct vgpu {
 	struct mutex cfg_lock;		/* protects cfg */
 	struct vgpu_cfg cfg;
 	struct work_struct config_work;
+
+	struct dentry *debugfs;		/* virtio_vgpu/vgpuN */
 };
 
 /* A bounce buffer: a scatterlist over page chunks. */
@@ -105,6 +112,7 @@ struct vgpu_request {
 };
 
 static DEFINE_IDA(vgpu_ida);
+static struct dentry *vgpu_debugfs_root;	/* virtio_vgpu/ */
 
 static const char *vgpu_prio_name(u32 prio)
 {
@@ -503,10 +511,7 @@ static const struct file_operations vgpu_fops = {
 	.compat_ioctl	= compat_ptr_ioctl,
 };
 
-/*
- * sysfs: /sys/class/misc/vgpuN/{pool_id,priority,priority_name,vm_id,version,
- * stats}
- */
+/* sysfs: /sys/class/misc/vgpuN/{pool_id,priority,priority_name,vm_id,version} */
 
 static struct vgpu *dev_to_vgpu(struct device *dev)
 {
@@ -582,10 +587,24 @@ static ssize_t version_show(struct device *dev, struct device_attribute *attr,
 }
 static DEVICE_ATTR_RO(version);
 
-static ssize_t stats_show(struct device *dev, struct device_attribute *attr,
-			  char *buf)
+static struct attribute *vgpu_attrs[] = {
+	&dev_attr_pool_id.attr,
+	&dev_attr_priority.attr,
+	&dev_attr_priority_name.attr,
+	&dev_attr_vm_id.attr,
+	&dev_attr_version.attr,
+	NULL,
+};
+ATTRIBUTE_GROUPS(vgpu);
+
+/*
+ * debugfs: virtio_vgpu/vgpuN/stats, the driver's counters on one line:
+ * chains queued, chains the device returned, waits given up (timeout or
+ * signal), and times a submitter waited for ring space.
+ */
+static int vgpu_stats_show(struct seq_file *m, void *unused)
 {
-	struct vgpu *vgpu = dev_to_vgpu(dev);
+	struct vgpu *vgpu = m->private;
 	u64 sub, done, aband, full;
 
 	spin_lock_irq(&vgpu->lock);
@@ -594,44 +613,28 @@ static ssize_t stats_show(struct device *dev, struct device_attribute *attr,
 	aband = vgpu->n_abandoned;
 	full = vgpu->n_ring_full;
 	spin_unlock_irq(&vgpu->lock);
-	return sysfs_emit(buf,
-			  "submitted=%llu completed=%llu abandoned=%llu ring_full_waits=%llu\n",
-			  sub, done, aband, full);
+	seq_printf(m,
+		   "submitted=%llu completed=%llu abandoned=%llu ring_full_waits=%llu\n",
+		   sub, done, aband, full);
+	return 0;
 }
-static DEVICE_ATTR_RO(stats);
+DEFINE_SHOW_ATTRIBUTE(vgpu_stats);
 
-static struct attribute *vgpu_attrs[] = {
-	&dev_attr_pool_id.attr,
-	&dev_attr_priority.attr,
-	&dev_attr_priority_name.attr,
-	&dev_attr_vm_id.attr,
-	&dev_attr_version.attr,
-	&dev_attr_stats.attr,
-	NULL,
-};
-ATTRIBUTE_GROUPS(vgpu);
-
-/* Read all fields as one consistent snapshot (config generation). */
+/*
+ * Read config space in one go. virtio_cread_bytes() repeats the read until
+ * the config generation is stable, so the fields are one consistent snapshot
+ * even while the host changes them.
+ */
 static void vgpu_read_config(struct virtio_device *vdev, struct vgpu_cfg *cfg)
 {
-	u32 gen, old;
+	struct virtio_vgpu_config raw;
 
-	gen = vdev->config->generation ? vdev->config->generation(vdev) : 0;
-	do {
-		old = gen;
-		virtio_cread_le(vdev, struct virtio_vgpu_config, magic,
-				&cfg->magic);
-		virtio_cread_le(vdev, struct virtio_vgpu_config, version,
-				&cfg->version);
-		virtio_cread_le(vdev, struct virtio_vgpu_config, pool_id,
-				&cfg->pool_id);
-		virtio_cread_le(vdev, struct virtio_vgpu_config, priority,
-				&cfg->priority);
-		virtio_cread_le(vdev, struct virtio_vgpu_config, vm_id,
-				&cfg->vm_id);
-		gen = vdev->config->generation ?
-			vdev->config->generation(vdev) : 0;
-	} while (gen != old);
+	virtio_cread_bytes(vdev, 0, &raw, sizeof(raw));
+	cfg->magic = le32_to_cpu(raw.magic);
+	cfg->version = le32_to_cpu(raw.version);
+	cfg->pool_id = le32_to_cpu(raw.pool_id);
+	cfg->priority = le32_to_cpu(raw.priority);
+	cfg->vm_id = le32_to_cpu(raw.vm_id);
 }
 
 static void vgpu_log_config(struct vgpu *vgpu, const char *what)
@@ -753,6 +756,11 @@ static int vgpu_probe(struct virtio_device *vdev)
 		goto err_vq;
 	}
 
+	/* debugfs is optional: failures are not errors (and not checked). */
+	vgpu->debugfs = debugfs_create_dir(vgpu->name, vgpu_debugfs_root);
+	debugfs_create_file("stats", 0444, vgpu->debugfs, vgpu,
+			    &vgpu_stats_fops);
+
 	vgpu_log_config(vgpu, "probed:");
 	dev_info(&vdev->dev, "%s: ring size %u, version 0x%08x%s%s\n",
 		 vgpu->name, virtqueue_get_vring_size(vgpu->vq), cfg.version,
@@ -787,6 +795,9 @@ static void vgpu_remove(struct virtio_device *vdev)
 	vgpu->dead = true;
 	spin_unlock_irq(&vgpu->lock);
 	wake_up_all(&vgpu->space_wq);
+
+	/* Waits for readers of stats that are still running. */
+	debugfs_remove_recursive(vgpu->debugfs);
 
 	/* No new opens; open files keep @vgpu alive through the kref. */
 	misc_deregister(&vgpu->misc);
@@ -830,7 +841,25 @@ static struct virtio_driver virtio_vgpu_driver = {
 	.config_changed		= vgpu_config_changed,
 };
 
-module_virtio_driver(virtio_vgpu_driver);
+static int __init virtio_vgpu_init(void)
+{
+	int err;
+
+	vgpu_debugfs_root = debugfs_create_dir(KBUILD_MODNAME, NULL);
+	err = register_virtio_driver(&virtio_vgpu_driver);
+	if (err)
+		debugfs_remove_recursive(vgpu_debugfs_root);
+	return err;
+}
+
+static void __exit virtio_vgpu_exit(void)
+{
+	unregister_virtio_driver(&virtio_vgpu_driver);
+	debugfs_remove_recursive(vgpu_debugfs_root);
+}
+
+module_init(virtio_vgpu_init);
+module_exit(virtio_vgpu_exit);
 MODULE_DEVICE_TABLE(virtio, id_table);
 MODULE_DESCRIPTION("Virtio vgpu driver: GPU requests to the host");
 MODULE_LICENSE("GPL");

@@ -200,8 +200,8 @@ fn full_session() {
             "-object memory-backend-memfd,id=vgpu-mem,size=4G,share=on \\\n\
              -machine memory-backend=vgpu-mem \\\n\
              -chardev socket,id=vgpu7,path={} \\\n\
-             -device vhost-user-vgpu-pci,chardev=vgpu7 \\\n\
-             -device vgpu-stub,pool_id=B,priority=2,vm_id=7\n",
+             -device vhost-user-vgpu-pci,id=vgpu7,chardev=vgpu7 \\\n\
+             -device vgpu-stub,vgpu=vgpu7,pool_id=B,priority=2,vm_id=7\n",
             sock.display()
         )
     );
@@ -429,7 +429,7 @@ fn json_outputs_parse() {
     assert_eq!(status["vms"][0]["vm_id"], 42);
     assert_eq!(status["vms"][0]["live"], Json::Null);
     let q = env.json(&["qemu-args", "web-1", "--json", "--xcp-ng"]);
-    assert_eq!(q["args"][5], "vgpu-stub,pool_id=B,priority=2,vm_id=42");
+    assert_eq!(q["args"][5], "vgpu-stub,vgpu=vgpu42,pool_id=B,priority=2,vm_id=42");
     assert!(q["xe_command"]
         .as_str()
         .unwrap()

@@ -31,7 +31,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../include/uapi/vgpu.h"
+#include <uapi/vgpu.h>
 
 static const char *dev_path = "/dev/vgpu0";
 static unsigned int timeout_ms;	/* 0: driver default */
@@ -452,7 +452,7 @@ static unsigned long read_hex(const char *dir, const char *attr)
 static int cmd_legacy_regs(void)
 {
 	const char *base = "/sys/bus/pci/devices";
-	char dir[512], path[600];
+	char dir[512], path[600], addr[256];
 	struct dirent *de;
 	volatile uint32_t *regs;
 	char en[8];
@@ -472,6 +472,8 @@ static int cmd_legacy_regs(void)
 	}
 	if (!de)
 		die("legacy-regs: no PCI device 1af4:1111 under %s", base);
+	/* de points into d: keep the name before closing it. */
+	snprintf(addr, sizeof(addr), "%s", de->d_name);
 	closedir(d);
 
 	/*
@@ -499,7 +501,7 @@ static int cmd_legacy_regs(void)
 	uint32_t vm_id = le32toh(regs[4]);
 
 	printf("legacy pci=%s magic=0x%08x version=0x%08x pool=%c priority=%u vm_id=%u\n",
-	       de->d_name, magic, version,
+	       addr, magic, version,
 	       pool > 0x20 && pool < 0x7f ? (char)pool : '?', prio, vm_id);
 	munmap((void *)regs, 4096);
 	close(fd);

@@ -97,11 +97,16 @@ pub fn qemu_args(
         "-chardev",
         format!("socket,id=vgpu{id},path={dir}/vm{id}.sock"),
     );
-    push("-device", format!("vhost-user-vgpu-pci,chardev=vgpu{id}"));
+    push(
+        "-device",
+        format!("vhost-user-vgpu-pci,id=vgpu{id},chardev=vgpu{id}"),
+    );
+    // vgpu= makes the legacy registers show the virtio device's live config
+    // space; the static values are what they show without it.
     push(
         "-device",
         format!(
-            "vgpu-stub,pool_id={},priority={},vm_id={id}",
+            "vgpu-stub,vgpu=vgpu{id},pool_id={},priority={},vm_id={id}",
             vm.pool, vm.priority as u32
         ),
     );
@@ -145,16 +150,16 @@ mod tests {
             "-object memory-backend-memfd,id=vgpu-mem,size=4G,share=on \
              -machine memory-backend=vgpu-mem \
              -chardev socket,id=vgpu3,path=/run/vgpu/vm3.sock \
-             -device vhost-user-vgpu-pci,chardev=vgpu3 \
-             -device vgpu-stub,pool_id=B,priority=2,vm_id=3"
+             -device vhost-user-vgpu-pci,id=vgpu3,chardev=vgpu3 \
+             -device vgpu-stub,vgpu=vgpu3,pool_id=B,priority=2,vm_id=3"
         );
         let x = qemu_args(&vm(), Path::new("/run/vgpu"), None, true).unwrap();
         assert_eq!(
             xe_command(&vm(), &x),
             "xe vm-param-set uuid=9b2c6f1e-4a7d-4c1b-8e3f-1d2a3b4c5d6e \
              platform:device-model-args=\"-chardev socket,id=vgpu3,path=/run/vgpu/vm3.sock \
-             -device vhost-user-vgpu-pci,chardev=vgpu3 \
-             -device vgpu-stub,pool_id=B,priority=2,vm_id=3\""
+             -device vhost-user-vgpu-pci,id=vgpu3,chardev=vgpu3 \
+             -device vgpu-stub,vgpu=vgpu3,pool_id=B,priority=2,vm_id=3\""
         );
         let p = qemu_args(&vm(), Path::new("/run/vgpu"), None, false).unwrap();
         assert!(p.one_line().contains("size=<RAM>,"));

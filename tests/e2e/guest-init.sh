@@ -24,6 +24,8 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# The driver's counters (virtio_vgpu/vgpuN/stats) live in debugfs.
+mount -t debugfs debugfs /sys/kernel/debug
 mkdir -p /tmp
 dmesg -n 1
 stty -echo 2>/dev/null

@@ -177,6 +177,9 @@ fi
 declare -A POOL=([1]=A [2]=B [3]=A)
 declare -A PRIO=([1]=high [2]=medium [3]=low)
 declare -A PRIONUM=([1]=2 [2]=1 [3]=0)
+# vgpu-stub linked to the VM's vhost-user-vgpu-pci (vgpu=, live values from
+# the daemon) or not (0: an old setup, the static properties only).
+declare -A STUBLINK=([1]=1 [2]=0 [3]=1)
 
 log "starting the daemon"
 RUST_LOG=${RUST_LOG:-info} "$VGPU_DAEMON" --executor cpu \
@@ -205,7 +208,7 @@ fi
 log "accelerator: ${ACCEL[*]}"
 
 start_vm() { # n
-	local n=$1 fd i
+	local n=$1 fd i stub
 	# After a frontend disconnects, the daemon listens again on a new
 	# socket; QEMU must not start before it exists.
 	for ((i = 0; i < 150; i++)); do
@@ -218,12 +221,14 @@ start_vm() { # n
 	exec {fd}<>"$WORK/vm$n.in"
 	VMFD[$n]=$fd
 	[[ -e $WORK/vm$n.log ]] && mv "$WORK/vm$n.log" "$WORK/vm$n.prev.log"
+	stub="vgpu-stub,pool_id=${POOL[$n]},priority=${PRIONUM[$n]},vm_id=$n"
+	[[ ${STUBLINK[$n]:-1} == 1 ]] && stub="vgpu-stub,vgpu=vgpu0,${stub#vgpu-stub,}"
 	"$QEMU" "${ACCEL[@]}" -m 256M -smp 1 \
 		-object memory-backend-memfd,id=mem,size=256M,share=on \
 		-machine q35,memory-backend=mem \
 		-chardev "socket,id=vgpu0,path=$WORK/vm$n.sock" \
-		-device vhost-user-vgpu-pci,chardev=vgpu0 \
-		-device "vgpu-stub,pool_id=${POOL[$n]},priority=${PRIONUM[$n]},vm_id=$n" \
+		-device vhost-user-vgpu-pci,id=vgpu0,chardev=vgpu0 \
+		-device "$stub" \
 		-nic none -display none -monitor none -no-reboot \
 		-chardev stdio,id=ser0,signal=off -serial chardev:ser0 \
 		-kernel "$GUEST_VMLINUZ" -initrd "$WORK/initrd.gz" \
@@ -307,7 +312,7 @@ check_guest() { # n
 
 	want="magic=0x55504756 version=0x00010000 pool=${POOL[$n]} priority=${PRIONUM[$n]} vm_id=$n"
 	if guest "$n" 60 vgpu-client legacy-regs && grep -q " $want\$" <<<"$OUTPUT"; then
-		record PASS "vm$n legacy registers" "$want"
+		record PASS "vm$n legacy registers" "$want ($( ((${STUBLINK[$n]:-1})) && echo 'vgpu=, from the daemon' || echo 'static properties'))"
 	else
 		record FAIL "vm$n legacy registers" "want '$want', rc=$RC: $(tr '\n' ' ' <<<"$OUTPUT")"
 	fi
@@ -362,7 +367,7 @@ fi
 # More requests than fit: while a BUSY_WAIT holds the GPU, 400 threads submit
 # a PING each. The daemon takes up to 64 (max_queued), the ring holds 256
 # (indirect descriptors), the rest must wait in the driver for ring space.
-flood_cmd="s=/sys/class/misc/vgpu0/stats; vgpu-client busy-wait 1500 >/dev/null & sleep 0.3; \
+flood_cmd="s=/sys/kernel/debug/virtio_vgpu/vgpu0/stats; vgpu-client busy-wait 1500 >/dev/null & sleep 0.3; \
 vgpu-client -t 60000 flood 400; echo flood_rc=\$?; wait; cat \$s"
 if guest 2 180 "$flood_cmd" && grep -q '^flood n=400 ok=400 failed=0$' <<<"$OUTPUT" &&
    grep -q '^flood_rc=0$' <<<"$OUTPUT"; then
@@ -445,7 +450,7 @@ fi
 
 # A wait that times out, or a waiter killed by a signal, leaves the request
 # to the device (abandoned, freed when it comes back); the next one works.
-abandon_cmd="s=/sys/class/misc/vgpu0/stats; cat \$s; \
+abandon_cmd="s=/sys/kernel/debug/virtio_vgpu/vgpu0/stats; cat \$s; \
 vgpu-client -t 300 busy-wait 1500; echo client_rc=\$?; \
 vgpu-client busy-wait 1500 & p=\$!; sleep 0.5; kill \$p; wait \$p; echo killed_rc=\$?; \
 vgpu-client add 1 1; cat \$s"
@@ -559,7 +564,8 @@ done
 #
 # The daemon in database mode, one guest; vgpu-admin moves the VM to another
 # pool and priority; the guest must log the change and show it in sysfs
-# without a reboot.
+# without a reboot, and the legacy vgpu-stub registers (linked with vgpu=)
+# must show the new values too.
 
 if [[ -x $VGPU_ADMIN ]]; then
 	log "config change: daemon in database mode, vm4"
@@ -572,9 +578,12 @@ if [[ -x $VGPU_ADMIN ]]; then
 	DAEMON_PID=$!
 	POOL[4]=A PRIO[4]=high PRIONUM[4]=2
 	start_vm 4
+	legacy_before=
 	if wait_line 4 '^READY' "$BOOT_S" &&
 	   guest 4 60 "cat /sys/class/misc/vgpu0/pool_id /sys/class/misc/vgpu0/priority" &&
 	   [[ $(tr '\n' ' ' <<<"$OUTPUT") == "A 2 " ]]; then
+		guest 4 60 vgpu-client legacy-regs || true
+		legacy_before=$(grep '^legacy ' <<<"$OUTPUT" || true)
 		"$VGPU_ADMIN" --socket-dir "$WORK" set-priority e2e-vm4 low >&2
 		"$VGPU_ADMIN" --socket-dir "$WORK" set-pool e2e-vm4 B >&2
 		ok=0
@@ -592,12 +601,24 @@ if [[ -x $VGPU_ADMIN ]]; then
 		else
 			record FAIL "vm4 live config change" "$(tr '\n' ' ' <<<"$OUTPUT")"
 		fi
+		# The same change in the legacy registers, which showed A/high
+		# before it.
+		before="magic=0x55504756 version=0x00010000 pool=A priority=2 vm_id=4"
+		want="magic=0x55504756 version=0x00010000 pool=B priority=0 vm_id=4"
+		if [[ $legacy_before == *" $before" ]] &&
+		   guest 4 60 vgpu-client legacy-regs && grep -q " $want\$" <<<"$OUTPUT"; then
+			record PASS "vm4 live legacy registers" "A/high -> B/low: $want"
+		else
+			record FAIL "vm4 live legacy registers" "before '${legacy_before:-?}' (want '$before'), after rc=$RC: $(tr '\n' ' ' <<<"$OUTPUT") (want '$want')"
+		fi
 	else
 		record FAIL "vm4 live config change" "guest not ready or wrong initial values: $(tr '\n' ' ' <<<"${OUTPUT:-}")"
+		record FAIL "vm4 live legacy registers" "not run: the guest was not ready"
 	fi
 	vm_alive 4 && send 4 "poweroff -f"
 else
 	record SKIP "vm4 live config change" "no vgpu-admin next to the daemon (set VGPU_ADMIN)"
+	record SKIP "vm4 live legacy registers" "no vgpu-admin next to the daemon (set VGPU_ADMIN)"
 fi
 
 summary
