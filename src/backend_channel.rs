@@ -201,10 +201,7 @@ pub fn claim(vm_id: u32, listen_path: &Path) -> Result<OwnedFd, Error> {
 }
 
 pub fn release(vm_id: u32) {
-    CLAIMS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&vm_id);
+    crate::sync::lock(&CLAIMS).remove(&vm_id);
 }
 
 /// Writes a CONFIG_CHANGE_MSG header (no payload, no reply requested).

@@ -10,14 +10,16 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 /// Guest RAM as the daemon maps it (the memfd regions of SET_MEM_TABLE).
 pub type GuestMem = GuestMemoryMmap<()>;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("guest range {addr:#x}+{len:#x} is outside guest memory")]
     OutOfRange { addr: u64, len: usize },
     #[error("access {off}+{len} past the end of a {size}-byte buffer")]
     PastEnd { off: usize, len: usize, size: usize },
     #[error("guest memory access failed: {0}")]
-    Access(String),
+    Access(#[source] vm_memory::GuestMemoryError),
+    #[error("cannot map anonymous guest memory: {0}")]
+    Anonymous(#[source] vm_memory::mmap::FromRangesError),
 }
 
 /// An ordered list of guest ranges seen as one byte buffer.
@@ -98,7 +100,7 @@ impl GuestBufs {
         for (addr, n) in self.ranges(off, buf.len()) {
             self.mem
                 .read_slice(&mut buf[done..done + n], addr)
-                .map_err(|e| Error::Access(e.to_string()))?;
+                .map_err(Error::Access)?;
             done += n;
         }
         Ok(())
@@ -110,7 +112,7 @@ impl GuestBufs {
         for (addr, n) in self.ranges(off, data.len()) {
             self.mem
                 .write_slice(&data[done..done + n], addr)
-                .map_err(|e| Error::Access(e.to_string()))?;
+                .map_err(Error::Access)?;
             done += n;
         }
         Ok(())
@@ -130,7 +132,7 @@ impl GuestBufs {
         for (addr, n) in self.ranges(off, len) {
             // A descriptor may straddle two memory regions: split it.
             for slice in self.mem.get_slices(addr, n) {
-                let slice = slice.map_err(|e| Error::Access(e.to_string()))?;
+                let slice = slice.map_err(Error::Access)?;
                 out.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
             }
         }
@@ -178,7 +180,7 @@ pub fn anonymous_memory(ranges: &[(u64, usize)]) -> Result<Arc<GuestMem>, Error>
         ranges.iter().map(|&(a, n)| (GuestAddress(a), n)).collect();
     GuestMem::from_ranges(&ranges)
         .map(Arc::new)
-        .map_err(|e| Error::Access(e.to_string()))
+        .map_err(Error::Anonymous)
 }
 
 #[cfg(test)]

@@ -44,8 +44,18 @@ pub enum Error {
     UnexpectedEvent(u16),
     #[error("event {0:?} is not an input event")]
     UnexpectedEventSet(EventSet),
+    // vhost-user-backend's Error is neither std::error::Error nor Sync, so
+    // its message is kept instead of the value.
     #[error("cannot create the vhost-user daemon: {0}")]
     Daemon(String),
+    #[error("cannot watch the completion eventfd: {0}")]
+    CompletionEvent(#[source] io::Error),
+    #[error("vhost-user socket {path}: cannot listen: {source}")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
     #[error("vhost-user socket {path}: {msg}")]
     Serve { path: PathBuf, msg: String },
     #[error("cannot create the completion eventfd: {0}")]
@@ -316,7 +326,7 @@ pub fn serve_forever(vm: Arc<Vm>, socket: PathBuf) -> Result<(), Error> {
                     EventSet::IN,
                     u64::from(COMPLETION_EVENT),
                 )
-                .map_err(|e| Error::Daemon(format!("completion event: {e}")))?;
+                .map_err(Error::CompletionEvent)?;
         }
         log::info!("vm{}: listening on {}", vm.id(), socket.display());
         let result = serve_one(&mut daemon, &socket, &vm, &conn, &link);
@@ -343,9 +353,9 @@ fn serve_one(
     link: &Arc<Link>,
 ) -> Result<(), Error> {
     let mut listener =
-        vhost::vhost_user::Listener::new(socket, true).map_err(|e| Error::Serve {
+        vhost::vhost_user::Listener::new(socket, true).map_err(|source| Error::Listen {
             path: socket.to_path_buf(),
-            msg: e.to_string(),
+            source,
         })?;
     let err = |e: vhost_user_backend::Error| Error::Serve {
         path: socket.to_path_buf(),

@@ -51,7 +51,7 @@ impl Db {
             backend_channel: true,
             ..Default::default()
         };
-        SimGuest::connect_retry(&self.dir.path().join(format!("vm{id}.sock")), opts, T)
+        SimGuest::connect_retry(&vgpu::config::vm_socket(self.dir.path(), id), opts, T)
             .expect("connect")
     }
 }

@@ -572,8 +572,7 @@ fn show_vm(out: &mut dyn Write, vm: &VmRecord, socket_dir: &Path) -> io::Result<
         ("gpu_mem_quota_mib", vm.gpu_mem_quota_mib.to_string()),
         (
             "socket",
-            socket_dir
-                .join(format!("vm{}.sock", vm.vm_id))
+            crate::config::vm_socket(socket_dir, vm.vm_id)
                 .display()
                 .to_string(),
         ),
@@ -649,7 +648,7 @@ fn set_vm_id(
         if !io::stdin().is_terminal() {
             return Err(Error::NeedsConfirmation(what));
         }
-        let sock = |id: u32| cli.socket_dir.join(format!("vm{id}.sock"));
+        let sock = |id: u32| crate::config::vm_socket(&cli.socket_dir, id);
         eprintln!("VM {} ({})", current.uuid, current.label());
         eprintln!(
             "  current: vm_id {}  socket {}",

@@ -71,7 +71,7 @@ fn check_socket_dir(dir: &Path) -> Result<&str, Error> {
 
 /// The arguments for `vm`. `memory: None` prints [`RAM_PLACEHOLDER`].
 /// `xen`: no memfd memory backend (Xen guest RAM reaches the daemon through
-/// XEN_MMAP foreign mappings, see DESIGN.md).
+/// XEN_MMAP foreign mappings, see xen/README.md).
 pub fn qemu_args(
     vm: &VmRecord,
     socket_dir: &Path,
@@ -95,7 +95,10 @@ pub fn qemu_args(
     }
     push(
         "-chardev",
-        format!("socket,id=vgpu{id},path={dir}/vm{id}.sock"),
+        format!(
+            "socket,id=vgpu{id},path={}",
+            crate::config::vm_socket(Path::new(dir), id).display()
+        ),
     );
     push(
         "-device",

@@ -104,7 +104,7 @@ pub enum ExecutorChoice {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("CUDA executor requested but not available: {0}")]
-    CudaUnavailable(String),
+    CudaUnavailable(#[source] cuda::Error),
 }
 
 /// Builds the executor for GPU `gpu_index`, with the default CUDA settings.
@@ -128,12 +128,12 @@ pub fn create_with(
         ExecutorChoice::Cpu => Ok(Box::new(CpuExecutor::new(gpu_index, exec_limit))),
         ExecutorChoice::Cuda => CudaExecutor::new(gpu_index, exec_limit)
             .map(|e| Box::new(Isolated::new(e, config)) as Box<dyn Executor>)
-            .map_err(|e| Error::CudaUnavailable(e.to_string())),
+            .map_err(Error::CudaUnavailable),
         ExecutorChoice::Auto => match CudaExecutor::new(gpu_index, exec_limit) {
             Ok(e) => Ok(Box::new(Isolated::new(e, config))),
             Err(e) => {
                 log::info!(
-                    "gpu {gpu_index}: CUDA executor not available ({e}), falling back to the CPU executor"
+                    "gpu{gpu_index}: CUDA executor not available ({e}), falling back to the CPU executor"
                 );
                 Ok(Box::new(CpuExecutor::new(gpu_index, exec_limit)))
             }

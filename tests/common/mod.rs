@@ -34,7 +34,7 @@ impl DaemonProc {
         let mut cmd = Command::new(daemon_binary());
         cmd.arg("--executor").arg(executor);
         for (id, pool, prio) in vms {
-            let sock = dir.path().join(format!("vm{id}.sock"));
+            let sock = vgpu::config::vm_socket(dir.path(), *id);
             cmd.arg("--vm").arg(format!(
                 "id={id},pool={pool},priority={prio},socket={}",
                 sock.display()
@@ -51,7 +51,7 @@ impl DaemonProc {
     }
 
     pub fn socket(&self, id: u32) -> PathBuf {
-        self.dir.path().join(format!("vm{id}.sock"))
+        vgpu::config::vm_socket(self.dir.path(), id)
     }
 
     pub fn guest(&self, id: u32) -> SimGuest {

@@ -1,5 +1,5 @@
 #!/bin/bash
-# SPDX-License-Identifier: GPL-2.0
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 #
 # Fetch the Debian guest kernel, its headers and a static busybox into a
 # cache outside the repository, and print shell assignments describing them:

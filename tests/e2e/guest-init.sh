@@ -1,5 +1,5 @@
 #!/bin/sh
-# SPDX-License-Identifier: GPL-2.0
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 #
 # /init of the e2e test initramfs. Loads the virtio stack and virtio_vgpu.ko,
 # then serves commands that the host writes to the serial console, one per

@@ -1,5 +1,5 @@
 #!/bin/bash
-# SPDX-License-Identifier: GPL-2.0
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 #
 # Pack the e2e initramfs: busybox, the virtio modules of the Debian guest
 # kernel, virtio_vgpu.ko, vgpu-client and guest-init.sh as /init.

@@ -1,5 +1,5 @@
 #!/bin/bash
-# SPDX-License-Identifier: GPL-2.0
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 #
 # End-to-end test: the vgpu daemon on the host, three Debian guests under QEMU
 # with the guest module and client, sharing one GPU queue.

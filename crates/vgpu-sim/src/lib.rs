@@ -297,14 +297,6 @@ impl SimGuest {
         DATA_BASE + (i * self.opts.slot_size) as u64
     }
 
-    pub fn slots(&self) -> usize {
-        (self.opts.mem_size - DATA_BASE as usize) / self.opts.slot_size
-    }
-
-    pub fn free_descriptors(&self) -> usize {
-        self.free.len()
-    }
-
     pub fn write(&self, addr: u64, bytes: &[u8]) -> Result<()> {
         self.mem
             .write_slice(bytes, GuestAddress(addr))

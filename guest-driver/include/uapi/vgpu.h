@@ -62,7 +62,7 @@ struct vgpu_resp_hdr {
 #define VGPU_OP_SAXPY_F32	0x0102	/* payload: le32 n, f32 a, f32 x[n], f32 y[n]; out: f32 a*x+y [n] */
 #define VGPU_OP_SGEMM_F32	0x0103	/* payload: le32 m, n, k, f32 A[m*k], f32 B[k*n] (row-major); out: f32 C[m*n] */
 
-/* CUDA remoting (docs/cuda-remoting.md): handles are per VM, le64. */
+/* CUDA remoting (docs/protocol.md, "CUDA remoting"): handles are per VM, le64. */
 #define VGPU_OP_MEM_ALLOC	0x0201	/* payload: le64 size; out: le64 handle */
 #define VGPU_OP_MEM_FREE	0x0202	/* payload: le64 handle */
 #define VGPU_OP_MEMCPY_HTOD	0x0203	/* payload: le64 handle, le64 offset, bytes */

@@ -44,7 +44,7 @@ fn main() -> Result<(), BoxError> {
             vm_id: id,
             pool: PoolId::DEFAULT,
             priority: Priority::Medium,
-            socket: dir.join(format!("vm{id}.sock")),
+            socket: vgpu::config::vm_socket(&dir, id),
             max_queued: Some(cli.window.max(1)),
         })
         .collect();

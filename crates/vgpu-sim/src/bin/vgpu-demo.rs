@@ -64,7 +64,7 @@ fn run(file: FileConfig, rounds: u32) -> Result<(), BoxError> {
             vm_id: id,
             pool: PoolId::new(pool)?,
             priority,
-            socket: dir.join(format!("vm{id}.sock")),
+            socket: vgpu::config::vm_socket(&dir, id),
             max_queued: None,
         })
     })

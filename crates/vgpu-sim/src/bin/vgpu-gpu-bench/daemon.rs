@@ -45,7 +45,7 @@ pub fn run(o: &Opts) -> Res<()> {
             vm_id: id,
             pool: PoolId::DEFAULT,
             priority: Priority::Medium,
-            socket: dir.join(format!("vm{id}.sock")),
+            socket: vgpu::config::vm_socket(&dir, id),
             max_queued: Some(o.window.max(1)),
         })
         .collect();

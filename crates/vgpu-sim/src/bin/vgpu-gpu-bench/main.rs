@@ -32,10 +32,15 @@ use vgpu_sim::workload::{self as common, Guest, Rng};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// The `p`-th percentile (0.0..=1.0) of durations, through the project's
+/// one percentile definition (`vgpu::stats::percentile`).
 fn pct(v: &mut [Duration], p: f64) -> Duration {
-    v.sort();
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i.min(v.len() - 1)]
+    let mut ns: Vec<u64> = v
+        .iter()
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .collect();
+    ns.sort_unstable();
+    Duration::from_nanos(vgpu::stats::percentile(&ns, (p * 100.0).round() as usize))
 }
 
 fn us(d: Duration) -> f64 {
