@@ -45,6 +45,7 @@ pub struct FileConfig {
     pub gpu_mem_quota_mib: Option<u64>,
     pub policy: Option<String>,
     pub aging_step_ms: Option<u64>,
+    pub poll_us: Option<u64>,
     pub socket_dir: Option<PathBuf>,
     pub pool_gpu: Option<BTreeMap<String, u32>>,
 }
@@ -80,6 +81,7 @@ impl FileConfig {
             gpu_mem_quota_mib: other.gpu_mem_quota_mib.or(self.gpu_mem_quota_mib),
             policy: other.policy.or(self.policy),
             aging_step_ms: other.aging_step_ms.or(self.aging_step_ms),
+            poll_us: other.poll_us.or(self.poll_us),
             socket_dir: other.socket_dir.or(self.socket_dir),
             pool_gpu: match (self.pool_gpu, other.pool_gpu) {
                 (Some(mut a), Some(b)) => {
@@ -201,6 +203,8 @@ pub struct DaemonConfig {
     /// Device memory a VM's CUDA remoting may hold, in bytes.
     pub gpu_mem_quota: u64,
     pub policy: Policy,
+    /// How long a VM's ring thread keeps polling after its last progress.
+    pub poll: Duration,
     pub pool_gpu: BTreeMap<PoolId, u32>,
     pub socket_dir: PathBuf,
     pub vms: Vec<VmSpec>,
@@ -254,6 +258,7 @@ impl DaemonConfig {
             max_queued,
             gpu_mem_quota: quota_mib.saturating_mul(1 << 20),
             policy,
+            poll: Duration::from_micros(required(file.poll_us, "poll_us")?),
             pool_gpu,
             socket_dir: required(file.socket_dir, "socket_dir")?,
             vms,

@@ -260,6 +260,7 @@ impl Inner {
             gpu,
             self.arrivals.clone(),
             self.stopping.clone(),
+            self.cfg.poll,
         );
         if let Some(dir) = w.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| Error::SocketDir {

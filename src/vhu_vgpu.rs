@@ -286,11 +286,11 @@ impl VhostUserBackend for VgpuBackend {
             mem: self.mem.clone(),
         };
         match device_event {
-            REQUEST_QUEUE => self.vm.pump(&ring, &self.link),
+            REQUEST_QUEUE => self.vm.serve(&ring, &self.link),
             COMPLETION_EVENT => {
                 // Non-blocking: a wake-up already consumed reads EAGAIN.
                 let _ = self.conn.completions.read();
-                self.vm.reap(&ring, &self.link);
+                self.vm.serve(&ring, &self.link);
             }
             other => return Err(Error::UnexpectedEvent(other).into()),
         }

@@ -94,6 +94,8 @@ struct Finished {
 #[derive(Default)]
 struct Inbox {
     closed: bool,
+    /// The ring thread is polling: finished chains need no wake-up.
+    polling: bool,
     finished: Vec<Finished>,
 }
 
@@ -141,6 +143,8 @@ pub struct Vm {
     drain_lock: Mutex<()>,
     done: AtomicU64,
     waits: Mutex<WaitSamples>,
+    /// How long the ring thread polls after its last progress (0: never).
+    poll: Duration,
 }
 
 impl Vm {
@@ -149,6 +153,7 @@ impl Vm {
         gpu: Arc<GpuQueue>,
         arrivals: Arc<ArrivalCounter>,
         stopping: Arc<AtomicBool>,
+        poll: Duration,
     ) -> Arc<Vm> {
         Arc::new(Vm {
             settings: Mutex::new(settings),
@@ -164,6 +169,7 @@ impl Vm {
             drain_lock: Mutex::new(()),
             done: AtomicU64::new(0),
             waits: Mutex::default(),
+            poll,
         })
     }
 
@@ -320,10 +326,46 @@ impl Vm {
         }
     }
 
+    /// The ring thread's work after an event: pump the ring or reap the
+    /// finished chains, then keep polling both for up to the poll window
+    /// after the last progress, so that a busy VM's requests and
+    /// completions need no wake-up (each costs several microseconds). Idle,
+    /// the thread sleeps on its eventfds as before.
+    pub fn serve<R: Ring>(self: &Arc<Self>, ring: &R, link: &Arc<Link>) {
+        let mut progress = self.pump(ring, link) + self.reap(ring, link);
+        if self.poll.is_zero() {
+            return;
+        }
+        lock(&link.inbox).polling = true;
+        let mut last = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            if progress > 0 {
+                last = Instant::now();
+            } else if last.elapsed() >= self.poll {
+                break;
+            }
+            // Two cores may be shared by many threads: spin briefly, then
+            // let others run between looks.
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(16) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+            progress = self.reap(ring, link) + self.pump(ring, link);
+        }
+        lock(&link.inbox).polling = false;
+        // A chain finished between the last look and the flag going down
+        // found `polling` set and woke nobody: take it now.
+        self.reap(ring, link);
+    }
+
     /// Takes chains off the ring while the VM is under its cap; refused
     /// chains are answered at once, valid ones go to the scheduler. Runs on
-    /// the VM's ring thread.
-    pub fn pump<R: Ring>(self: &Arc<Self>, ring: &R, link: &Arc<Link>) {
+    /// the VM's ring thread; returns how many chains it took.
+    pub fn pump<R: Ring>(self: &Arc<Self>, ring: &R, link: &Arc<Link>) -> usize {
+        let mut total = 0usize;
         let mut answered = false;
         let mut empty_rounds = 0;
         loop {
@@ -347,6 +389,7 @@ impl Vm {
                     break;
                 };
                 took += 1;
+                total += 1;
                 answered |= self.take(ring, taken, &settings, link);
             }
             if blocked {
@@ -364,15 +407,16 @@ impl Vm {
         if answered {
             ring.notify();
         }
+        total
     }
 
     /// Returns the chains the GPU finished to the ring, notifies the guest
     /// once, and resumes a pump that stopped at the cap. Runs on the VM's
-    /// ring thread when the link's frontend was woken.
-    pub fn reap<R: Ring>(self: &Arc<Self>, ring: &R, link: &Arc<Link>) {
+    /// ring thread; returns how many chains went back.
+    pub fn reap<R: Ring>(self: &Arc<Self>, ring: &R, link: &Arc<Link>) -> usize {
         let finished = std::mem::take(&mut lock(&link.inbox).finished);
         if finished.is_empty() {
-            return;
+            return 0;
         }
         for f in &finished {
             ring.add_used(f.head, f.used);
@@ -384,6 +428,7 @@ impl Vm {
         if self.at_cap.swap(false, Ordering::AcqRel) {
             self.pump(ring, link);
         }
+        finished.len()
     }
 
     /// Returns true when the chain was answered without scheduling.
@@ -466,16 +511,16 @@ impl Completion for ChainCompletion {
             return;
         }
         let used = chain::write_response(&self.resp, &hdr);
-        let first = inbox.finished.is_empty();
+        // One wake-up per batch of finished chains the ring thread has not
+        // yet collected, and none while it polls.
+        let wake = inbox.finished.is_empty() && !inbox.polling;
         inbox.finished.push(Finished {
             head: self.head,
             used,
             wait_ns: hdr.queue_ns,
         });
         drop(inbox);
-        // One wake-up per batch of finished chains the ring thread has not
-        // yet collected.
-        if first {
+        if wake {
             self.link.frontend.wake();
         }
     }
@@ -621,6 +666,7 @@ mod tests {
             gpu.clone(),
             Arc::new(ArrivalCounter::default()),
             Arc::new(AtomicBool::new(false)),
+            Duration::ZERO,
         );
         let (tx, rx) = mpsc::channel();
         let config_changes = Arc::new(AtomicUsize::new(0));

@@ -44,6 +44,9 @@ struct Cli {
     /// Requests a VM may have outstanding before its chains wait in the ring.
     #[arg(long)]
     max_queued: Option<usize>,
+    /// Microseconds a VM's ring thread polls after its last progress (0: off).
+    #[arg(long, value_name = "US")]
+    poll_us: Option<u64>,
     /// Anti-starvation: a waiting request gains a priority level every MS.
     #[arg(long, value_name = "MS")]
     aging_ms: Option<u64>,
@@ -93,6 +96,7 @@ fn file_config(cli: &Cli) -> Result<FileConfig, Box<dyn std::error::Error>> {
         gpu_mem_quota_mib: None,
         policy: cli.aging_ms.map(|_| "aging".to_string()),
         aging_step_ms: cli.aging_ms,
+        poll_us: cli.poll_us,
         socket_dir: cli.socket_dir.clone(),
         pool_gpu,
     }))
