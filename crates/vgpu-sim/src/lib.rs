@@ -3,6 +3,7 @@
 //! guest driver do together, in one process. The integration tests, the
 //! benchmark and `--demo` drive the real daemon through it.
 
+pub mod legacy;
 pub mod workload;
 
 use std::fs::File;
