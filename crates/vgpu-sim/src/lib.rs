@@ -4,6 +4,7 @@
 //! benchmark and `--demo` drive the real daemon through it.
 
 pub mod legacy;
+pub mod report;
 pub mod workload;
 
 use std::fs::File;
