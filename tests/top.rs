@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -154,7 +154,7 @@ impl Drop for Daemon {
     }
 }
 
-fn top_command(dir: &Path, exit_file: &PathBuf) -> String {
+fn top_command(dir: &Path, exit_file: &Path) -> String {
     format!(
         "{} --socket-dir {} top --interval-ms 200; echo TOP-EXIT=$? > {}; sleep 60",
         admin_bin(),

@@ -101,12 +101,16 @@ struct GpuRow {
     busy: f64,
 }
 
+/// When the last status came, with each VM's `done` and each GPU's
+/// (`dispatched`, `busy_ns`) then.
+type Sample = (Instant, BTreeMap<u32, u64>, BTreeMap<u32, (u64, u64)>);
+
 /// The figures on screen, and what the next refresh compares with.
 struct View {
     vms: Vec<VmRow>,
     gpus: Vec<GpuRow>,
     error: Option<String>,
-    last: Option<(Instant, BTreeMap<u32, u64>, BTreeMap<u32, (u64, u64)>)>,
+    last: Option<Sample>,
 }
 
 impl View {
