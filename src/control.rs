@@ -7,7 +7,9 @@
 //! ```text
 //! {"op":"reload"}  -> {"ok":true}
 //! {"op":"status"}  -> {"ok":true,"vms":[{"vm_id":1,"connected":true,"queued":0,
-//!                      "in_flight":0,"done":123,"wait_p50_ns":0,"wait_p99_ns":0}]}
+//!                      "in_flight":0,"done":123,"wait_p50_ns":0,"wait_p99_ns":0,
+//!                      "pool":"A","priority":"high","gpu":0,"errors":0,...}],
+//!                      "gpus":[{"gpu":0,"executor":"cpu","queued":0,"busy_ns":0,...}]}
 //! any failure      -> {"ok":false,"error":"..."}
 //! ```
 
@@ -80,6 +82,47 @@ pub struct VmStatus {
     /// Queue wait (ring to dispatch), median and 99th percentile.
     pub wait_p50_ns: u64,
     pub wait_p99_ns: u64,
+    // Added for `vgpu-admin top` and the metrics; absent in older daemons'
+    // replies, hence the defaults.
+    /// Pool letter and priority name (`low`/`medium`/`high`).
+    #[serde(default)]
+    pub pool: String,
+    #[serde(default)]
+    pub priority: String,
+    /// The GPU the VM's pool maps to.
+    #[serde(default)]
+    pub gpu: u32,
+    /// Requests answered with a status other than OK (refused chains included).
+    #[serde(default)]
+    pub errors: u64,
+    /// Times the VM reached its cap and its chains waited in the ring.
+    #[serde(default)]
+    pub backpressure: u64,
+    #[serde(default)]
+    pub max_queued: u64,
+    /// Guest RAM of the current memory table (0 when not connected).
+    #[serde(default)]
+    pub guest_mem_bytes: u64,
+    #[serde(default)]
+    pub gpu_mem_quota_bytes: u64,
+}
+
+/// Live figures of one GPU (its queue and worker).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuStatus {
+    pub gpu: u32,
+    /// What the executor runs on (GET_INFO's name).
+    #[serde(default)]
+    pub executor: String,
+    /// Requests waiting in the queue.
+    #[serde(default)]
+    pub queued: u64,
+    /// Requests dispatched since the worker started.
+    #[serde(default)]
+    pub dispatched: u64,
+    /// Time spent executing, since the worker started.
+    #[serde(default)]
+    pub busy_ns: u64,
 }
 
 /// A reply line. `vms` is present in answers to `status`.
@@ -90,6 +133,9 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vms: Option<Vec<VmStatus>>,
+    /// Present in answers to `status` from daemons that know it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<Vec<GpuStatus>>,
 }
 
 impl Response {
@@ -100,10 +146,11 @@ impl Response {
         }
     }
 
-    pub fn status(vms: Vec<VmStatus>) -> Self {
+    pub fn status(vms: Vec<VmStatus>, gpus: Vec<GpuStatus>) -> Self {
         Response {
             ok: true,
             vms: Some(vms),
+            gpus: Some(gpus),
             ..Response::default()
         }
     }
@@ -113,6 +160,7 @@ impl Response {
             ok: false,
             error: Some(msg.into()),
             vms: None,
+            gpus: None,
         }
     }
 
@@ -191,6 +239,9 @@ pub trait Handler: Send + Sync + 'static {
     /// Re-reads the configuration; the error is the one line the client shows.
     fn reload(&self) -> Result<(), String>;
     fn status(&self) -> Vec<VmStatus>;
+    fn gpus(&self) -> Vec<GpuStatus> {
+        Vec::new()
+    }
 }
 
 /// Listens on `path` (created with mode 0600: the socket file never exists
@@ -248,7 +299,7 @@ fn serve_conn(conn: UnixStream, handler: &dyn Handler) {
                 Ok(()) => Response::ok(),
                 Err(e) => Response::error(e),
             },
-            Ok(Request::Status) => Response::status(handler.status()),
+            Ok(Request::Status) => Response::status(handler.status(), handler.gpus()),
             Err(e) => Response::error(format!("bad request: {e}")),
         };
         if writer.write_all(resp.to_line().as_bytes()).is_err() {

@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use crate::admin::store::{self, Store};
 use crate::config::{self, DaemonConfig, VmSpec};
-use crate::control::{self, VmStatus};
+use crate::control::{self, GpuStatus, VmStatus};
 use crate::executor;
+use crate::metrics::{self, Metrics};
 use crate::protocol::PoolId;
 use crate::scheduler::{self, ArrivalCounter, GpuQueue};
 use crate::sync::lock;
@@ -33,6 +34,8 @@ pub enum Error {
     Store(#[from] store::Error),
     #[error(transparent)]
     Control(#[from] control::Error),
+    #[error(transparent)]
+    Metrics(#[from] metrics::Error),
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
     #[error("cannot prepare socket directory {path}: {source}")]
@@ -64,6 +67,7 @@ struct Inner {
     vms: Mutex<BTreeMap<u32, ServedVm>>,
     store: Option<Mutex<Store>>,
     socket_dir: Option<PathBuf>,
+    metrics: Arc<Metrics>,
 }
 
 struct ServedVm {
@@ -106,6 +110,7 @@ impl Daemon {
             vms: Mutex::new(BTreeMap::new()),
             store,
             socket_dir,
+            metrics: Arc::new(Metrics::new()),
         });
         match source {
             VmSource::Static(specs) => {
@@ -137,6 +142,22 @@ impl Daemon {
         self.inner.status()
     }
 
+    pub fn gpus(&self) -> Vec<GpuStatus> {
+        self.inner.gpus()
+    }
+
+    /// Serves the metrics over HTTP on `addr` (see src/metrics.rs) and
+    /// starts recording them; returns the address bound.
+    pub fn serve_metrics(
+        &self,
+        addr: std::net::SocketAddr,
+        allow_remote: bool,
+    ) -> Result<std::net::SocketAddr, Error> {
+        metrics::check_addr(addr, allow_remote)?;
+        let handler: Arc<dyn control::Handler> = self.inner.clone();
+        Ok(metrics::serve(addr, self.inner.metrics.clone(), handler)?)
+    }
+
     /// Stops taking chains, finishes the running requests, answers the queued
     /// ones CANCELLED, and removes the sockets.
     pub fn shutdown(&self) {
@@ -160,6 +181,10 @@ impl control::Handler for Inner {
 
     fn status(&self) -> Vec<VmStatus> {
         Inner::status(self)
+    }
+
+    fn gpus(&self) -> Vec<GpuStatus> {
+        Inner::gpus(self)
     }
 }
 
@@ -261,6 +286,7 @@ impl Inner {
             self.arrivals.clone(),
             self.stopping.clone(),
             self.cfg.poll,
+            self.metrics.clone(),
         );
         if let Some(dir) = w.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| Error::SocketDir {
@@ -293,6 +319,10 @@ impl Inner {
 
     fn status(&self) -> Vec<VmStatus> {
         lock(&self.vms).values().map(|s| s.vm.stats()).collect()
+    }
+
+    fn gpus(&self) -> Vec<GpuStatus> {
+        lock(&self.gpus).values().map(|g| g.status()).collect()
     }
 
     /// The control socket (see src/control.rs).

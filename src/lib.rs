@@ -10,6 +10,7 @@ pub mod control;
 pub mod daemon;
 pub mod executor;
 pub mod guest;
+pub mod metrics;
 pub mod protocol;
 pub mod scheduler;
 pub mod stats;

@@ -211,6 +211,11 @@ pub struct GpuQueue {
     wake: Condvar,
     exec_limit: Duration,
     worker: Mutex<Option<JoinHandle<()>>>,
+    /// What the executor runs on, once started; dispatch count and busy
+    /// time, for `status` and the metrics.
+    executor_name: Mutex<String>,
+    dispatched: AtomicU64,
+    busy_ns: AtomicU64,
 }
 
 impl GpuQueue {
@@ -235,6 +240,9 @@ impl GpuQueue {
             wake: Condvar::new(),
             exec_limit,
             worker: Mutex::new(None),
+            executor_name: Mutex::default(),
+            dispatched: AtomicU64::new(0),
+            busy_ns: AtomicU64::new(0),
         });
         let worker_gpu = gpu.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -242,7 +250,9 @@ impl GpuQueue {
             .name(format!("vgpu-gpu{index}"))
             .spawn(move || match make() {
                 Ok(executor) => {
-                    log::info!("gpu{index}: {}", executor.info().name);
+                    let name = executor.info().name;
+                    log::info!("gpu{index}: {name}");
+                    *lock(&worker_gpu.executor_name) = name;
                     let _ = ready_tx.send(Ok(()));
                     worker_gpu.run(executor)
                 }
@@ -264,6 +274,21 @@ impl GpuQueue {
         }
         *lock(&gpu.worker) = Some(handle);
         Ok(gpu)
+    }
+
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Live figures of the GPU.
+    pub fn status(&self) -> crate::control::GpuStatus {
+        crate::control::GpuStatus {
+            gpu: self.index,
+            executor: lock(&self.executor_name).clone(),
+            queued: self.shared().queue.len() as u64,
+            dispatched: self.dispatched.load(Ordering::Relaxed),
+            busy_ns: self.busy_ns.load(Ordering::Relaxed),
+        }
     }
 
     fn shared(&self) -> MutexGuard<'_, Shared> {
@@ -378,6 +403,9 @@ impl GpuQueue {
             }
         };
         let exec = start.elapsed();
+        self.busy_ns.fetch_add(duration_ns(exec), Ordering::Relaxed);
+        self.dispatched
+            .fetch_add(jobs.len() as u64, Ordering::Relaxed);
         if results.len() != jobs.len() {
             log::error!(
                 "gpu{}: executor returned {} results for a batch of {}",

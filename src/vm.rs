@@ -18,7 +18,8 @@ use crate::chain::{self, Parsed};
 use crate::control::VmStatus;
 use crate::executor::Tenant;
 use crate::guest::{GuestBufs, GuestMem};
-use crate::protocol::{DeviceConfig, PoolId, Priority, RespHdr};
+use crate::metrics::{Metrics, VmLabels};
+use crate::protocol::{DeviceConfig, Opcode, PoolId, Priority, RespHdr, Status};
 use crate::scheduler::{ArrivalCounter, Completion, Control, GpuQueue, Job};
 use crate::stats::WaitSamples;
 use crate::sync::lock;
@@ -88,7 +89,8 @@ pub trait Frontend: Send + Sync {
 struct Finished {
     head: u16,
     used: u32,
-    wait_ns: u64,
+    opcode: Opcode,
+    resp: RespHdr,
 }
 
 #[derive(Default)]
@@ -142,9 +144,14 @@ pub struct Vm {
     drained: Condvar,
     drain_lock: Mutex<()>,
     done: AtomicU64,
+    /// Answers other than OK, refused chains included.
+    errors: AtomicU64,
+    /// Times a pump stopped at the cap.
+    backpressure: AtomicU64,
     waits: Mutex<WaitSamples>,
     /// How long the ring thread polls after its last progress (0: never).
     poll: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl Vm {
@@ -154,6 +161,7 @@ impl Vm {
         arrivals: Arc<ArrivalCounter>,
         stopping: Arc<AtomicBool>,
         poll: Duration,
+        metrics: Arc<Metrics>,
     ) -> Arc<Vm> {
         Arc::new(Vm {
             settings: Mutex::new(settings),
@@ -168,8 +176,11 @@ impl Vm {
             drained: Condvar::new(),
             drain_lock: Mutex::new(()),
             done: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            backpressure: AtomicU64::new(0),
             waits: Mutex::default(),
             poll,
+            metrics,
         })
     }
 
@@ -183,6 +194,12 @@ impl Vm {
 
     pub fn gpu(&self) -> Arc<GpuQueue> {
         lock(&self.gpu).clone()
+    }
+
+    /// The labels of the VM's metrics, as its settings are now.
+    fn labels(&self) -> VmLabels {
+        let s = self.settings();
+        VmLabels::new(s.vm_id, s.pool, s.priority, self.gpu().index())
     }
 
     fn link(&self) -> Option<Arc<Link>> {
@@ -266,7 +283,7 @@ impl Vm {
             }
         }
         for f in link.close() {
-            self.settle(f.wait_ns);
+            self.settle(&f);
         }
         let gpu = self.gpu();
         let n = gpu.cancel_vm(self.id());
@@ -313,16 +330,30 @@ impl Vm {
             let w = lock(&self.waits);
             (w.percentile(50), w.percentile(99))
         };
-        let queued = self.gpu().queued_for(self.id()) as u64;
+        let s = self.settings();
+        let gpu = self.gpu();
+        let queued = gpu.queued_for(s.vm_id) as u64;
         let outstanding = self.outstanding.load(Ordering::Acquire) as u64;
+        let guest_mem_bytes = lock(&self.mem).as_ref().map_or(0, |m| {
+            use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+            m.iter().map(|r| r.len()).sum()
+        });
         VmStatus {
-            vm_id: self.id(),
+            vm_id: s.vm_id,
             connected: self.is_connected(),
             queued,
             in_flight: outstanding.saturating_sub(queued),
             done: self.done.load(Ordering::Relaxed),
             wait_p50_ns,
             wait_p99_ns,
+            pool: s.pool.to_string(),
+            priority: s.priority.as_str().to_string(),
+            gpu: gpu.index(),
+            errors: self.errors.load(Ordering::Relaxed),
+            backpressure: self.backpressure.load(Ordering::Relaxed),
+            max_queued: s.max_queued as u64,
+            guest_mem_bytes,
+            gpu_mem_quota_bytes: s.gpu_mem_quota,
         }
     }
 
@@ -381,7 +412,12 @@ impl Vm {
                 if self.outstanding.load(Ordering::Acquire) >= settings.max_queued {
                     // Back-pressure: the rest waits in the ring; the next
                     // reap (on this thread) pumps again.
-                    self.at_cap.store(true, Ordering::Release);
+                    if !self.at_cap.swap(true, Ordering::AcqRel) {
+                        self.backpressure.fetch_add(1, Ordering::Relaxed);
+                        if self.metrics.is_enabled() {
+                            self.metrics.backpressure(&self.labels());
+                        }
+                    }
                     blocked = true;
                     break;
                 }
@@ -423,7 +459,7 @@ impl Vm {
         }
         ring.notify();
         for f in &finished {
-            self.settle(f.wait_ns);
+            self.settle(f);
         }
         if self.at_cap.swap(false, Ordering::AcqRel) {
             self.pump(ring, link);
@@ -444,6 +480,7 @@ impl Vm {
         match (outcome, resp) {
             (Ok(req), Some(resp)) => {
                 self.outstanding.fetch_add(1, Ordering::AcqRel);
+                let opcode = req.opcode;
                 self.gpu().submit(Job {
                     tenant: s.tenant(),
                     priority: s.priority,
@@ -454,18 +491,28 @@ impl Vm {
                         vm: self.clone(),
                         link: link.clone(),
                         head: taken.head,
+                        opcode,
                         resp,
                     }),
                 });
                 false
             }
             (outcome, resp) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
                 let used = match (outcome, &resp) {
                     (Err((err, tag)), Some(resp)) => {
                         log::debug!("vm{}: chain {} refused: {err}", s.vm_id, taken.head);
-                        chain::write_response(resp, &Parsed::refusal(err, tag))
+                        let hdr = Parsed::refusal(err, tag);
+                        if self.metrics.is_enabled() {
+                            self.metrics.refused(&self.labels(), None, hdr.status);
+                        }
+                        chain::write_response(resp, &hdr)
                     }
                     _ => {
+                        if self.metrics.is_enabled() {
+                            let bad = Status::BadRequest as u32;
+                            self.metrics.refused(&self.labels(), None, bad);
+                        }
                         log::debug!(
                             "vm{}: chain {} has no room for a response",
                             s.vm_id,
@@ -482,9 +529,17 @@ impl Vm {
 
     /// Accounts for one chain that is back in the ring, or whose frontend
     /// has gone.
-    fn settle(&self, wait_ns: u64) {
+    fn settle(&self, f: &Finished) {
         self.done.fetch_add(1, Ordering::Relaxed);
-        lock(&self.waits).push(wait_ns);
+        if f.resp.status != Status::Ok as u32 {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.metrics.is_enabled() {
+            let r = &f.resp;
+            self.metrics
+                .request(&self.labels(), f.opcode, r.status, r.queue_ns, r.exec_ns);
+        }
+        lock(&self.waits).push(f.resp.queue_ns);
         let before = self.outstanding.fetch_sub(1, Ordering::AcqRel);
         if before == 1 {
             let _g = lock(&self.drain_lock);
@@ -499,6 +554,7 @@ struct ChainCompletion {
     vm: Arc<Vm>,
     link: Arc<Link>,
     head: u16,
+    opcode: Opcode,
     resp: GuestBufs,
 }
 
@@ -507,7 +563,12 @@ impl Completion for ChainCompletion {
         let mut inbox = lock(&self.link.inbox);
         if inbox.closed {
             drop(inbox);
-            self.vm.settle(hdr.queue_ns);
+            self.vm.settle(&Finished {
+                head: self.head,
+                used: 0,
+                opcode: self.opcode,
+                resp: hdr,
+            });
             return;
         }
         let used = chain::write_response(&self.resp, &hdr);
@@ -517,7 +578,8 @@ impl Completion for ChainCompletion {
         inbox.finished.push(Finished {
             head: self.head,
             used,
-            wait_ns: hdr.queue_ns,
+            opcode: self.opcode,
+            resp: hdr,
         });
         drop(inbox);
         if wake {
@@ -667,6 +729,7 @@ mod tests {
             Arc::new(ArrivalCounter::default()),
             Arc::new(AtomicBool::new(false)),
             Duration::ZERO,
+            Arc::new(Metrics::new()),
         );
         let (tx, rx) = mpsc::channel();
         let config_changes = Arc::new(AtomicUsize::new(0));

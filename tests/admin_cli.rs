@@ -429,7 +429,10 @@ fn json_outputs_parse() {
     assert_eq!(status["vms"][0]["vm_id"], 42);
     assert_eq!(status["vms"][0]["live"], Json::Null);
     let q = env.json(&["qemu-args", "web-1", "--json", "--xcp-ng"]);
-    assert_eq!(q["args"][5], "vgpu-stub,vgpu=vgpu42,pool_id=B,priority=2,vm_id=42");
+    assert_eq!(
+        q["args"][5],
+        "vgpu-stub,vgpu=vgpu42,pool_id=B,priority=2,vm_id=42"
+    );
     assert!(q["xe_command"]
         .as_str()
         .unwrap()

@@ -4,6 +4,7 @@
 use std::io::{self, BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{error::ErrorKind, Parser, Subcommand};
 use serde::Serialize;
@@ -135,6 +136,22 @@ pub enum Command {
     },
     /// Remove a VM from the database.
     RemoveVm { vm: VmRef },
+    /// A live view of every VM and GPU from the daemon's control socket
+    /// (q, Esc or Ctrl-C quit; s/S sort; r reverse).
+    Top {
+        /// Refresh interval in milliseconds.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+        interval_ms: u64,
+        /// Column to sort the VMs by.
+        #[arg(long, value_enum, default_value = "vm")]
+        sort: super::top::SortKey,
+        #[arg(long)]
+        reverse: bool,
+        /// Print one plain table and exit (also what happens when standard
+        /// output is not a terminal).
+        #[arg(long)]
+        once: bool,
+    },
     /// Pools, VMs and, when the daemon runs, live figures per VM.
     Status {
         #[arg(long)]
@@ -249,6 +266,23 @@ impl Cli {
 
 /// Runs the command; output for people or JSON goes to `out`.
 pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), Error> {
+    if let Command::Top {
+        interval_ms,
+        sort,
+        reverse,
+        once,
+    } = &cli.command
+    {
+        // Needs the daemon only, not the database.
+        let o = super::top::Options {
+            control: cli.control_path(),
+            interval: Duration::from_millis(*interval_ms),
+            sort: *sort,
+            reverse: *reverse,
+            once: *once,
+        };
+        return super::top::run(o, out).map_err(Error::Output);
+    }
     let mut store = Store::open(&cli.db)?;
     let changed = match &cli.command {
         Command::Init => {
@@ -357,6 +391,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), Error> {
             writeln!(out, "removed {} (vm_id {})", vm.label(), vm.vm_id)?;
             true
         }
+        Command::Top { .. } => false, // handled above
         Command::Status { json } => {
             status(&store, out, &cli.control_path(), *json)?;
             false

@@ -4,3 +4,4 @@ pub mod cli;
 pub mod qemu;
 pub mod scan;
 pub mod store;
+pub mod top;

@@ -61,6 +61,14 @@ struct Cli {
     /// TOML file overriding the embedded defaults (config/vgpu.toml).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Serve Prometheus/OpenMetrics at http://ADDR/metrics (off unless
+    /// given; port 0 picks one, logged). Loopback only, unless
+    /// --metrics-allow-remote.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Allow --metrics-addr on an address other machines can reach.
+    #[arg(long, requires = "metrics_addr")]
+    metrics_allow_remote: bool,
 }
 
 fn main() -> ExitCode {
@@ -149,8 +157,22 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         VmSource::Static(vms)
     };
+    if let Some(addr) = cli.metrics_addr {
+        // Refuse before anything listens.
+        vgpu::metrics::check_addr(addr, cli.metrics_allow_remote)?;
+    }
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
     let daemon = Daemon::start_with(&cfg, source)?;
+    if let Some(addr) = cli.metrics_addr {
+        match daemon.serve_metrics(addr, cli.metrics_allow_remote) {
+            // The test harness and scripts read the bound port from here.
+            Ok(bound) => println!("metrics: http://{bound}/metrics"),
+            Err(e) => {
+                daemon.shutdown();
+                return Err(e.into());
+            }
+        }
+    }
     if let Some(sig) = signals.forever().next() {
         log::info!("signal {sig}: stopping");
     }

@@ -3,6 +3,8 @@
 //! guest driver do together, in one process. The integration tests, the
 //! benchmark and `--demo` drive the real daemon through it.
 
+pub mod legacy;
+pub mod report;
 pub mod workload;
 
 use std::fs::File;
