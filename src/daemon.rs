@@ -383,3 +383,72 @@ fn retire(served: ServedVm) {
             let _ = UnixStream::connect(&served.socket);
         });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::store::{NewVm, VmRef};
+    use crate::config::{FileConfig, VmDefaults};
+    use crate::protocol::Priority;
+
+    fn config() -> DaemonConfig {
+        let cpu = FileConfig::parse("executor = \"cpu\"", std::path::Path::new("t.toml")).unwrap();
+        DaemonConfig::resolve(FileConfig::embedded().unwrap().merge(cpu), Vec::new()).unwrap()
+    }
+
+    fn settings_of(d: &Daemon, id: u32) -> Option<VmSettings> {
+        d.vms()
+            .into_iter()
+            .find(|v| v.id() == id)
+            .map(|v| v.settings())
+    }
+
+    /// The served VMs follow the database: a new VM gets its socket, a
+    /// changed one is updated in place, a removed one is retired.
+    #[test]
+    fn reload_reconciles_with_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("vgpu.db");
+        let mut store = Store::open(&db).unwrap();
+        let defaults = VmDefaults::embedded().unwrap();
+        let uuid = |n: u32| format!("00000000-0000-4000-8000-{n:012}").parse().unwrap();
+        for (n, prio) in [(1, Priority::High), (2, Priority::Low)] {
+            let mut v = NewVm::new(uuid(n), PoolId::DEFAULT, prio, &defaults);
+            v.vm_id = Some(n);
+            store.register_vm(&v).unwrap();
+        }
+        let source = VmSource::Database {
+            db: db.clone(),
+            socket_dir: dir.path().to_path_buf(),
+        };
+        let d = Daemon::start_with(&config(), source).unwrap();
+        assert_eq!(settings_of(&d, 1).unwrap().priority, Priority::High);
+        let sock2 = config::vm_socket(dir.path(), 2);
+        let t = std::time::Instant::now();
+        while !sock2.exists() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(sock2.exists(), "vm2's socket");
+        let vm1 = d.vms().into_iter().find(|v| v.id() == 1).unwrap();
+
+        store.set_priority(&VmRef::VmId(1), Priority::Low).unwrap();
+        store.remove_vm(&VmRef::VmId(2)).unwrap();
+        d.reload().unwrap();
+        let now = settings_of(&d, 1).unwrap();
+        assert_eq!(now.priority, Priority::Low);
+        // Updated in place, not replaced.
+        assert!(d.vms().iter().any(|v| Arc::ptr_eq(v, &vm1)));
+        assert!(settings_of(&d, 2).is_none());
+        let t = std::time::Instant::now();
+        while sock2.exists() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!sock2.exists(), "a removed VM's socket goes");
+        d.shutdown();
+    }
+
+    #[test]
+    fn fixed_vms_need_at_least_one() {
+        assert!(matches!(Daemon::start(&config()), Err(Error::NoVms)));
+    }
+}

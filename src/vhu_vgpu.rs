@@ -380,3 +380,31 @@ fn serve_one(
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn connection_wakes_hangs_up_and_closes() {
+        let conn = Connection::new(7, Path::new("/nonexistent/vm7.sock")).unwrap();
+        // Nothing pending: the eventfd reads EAGAIN (it is non-blocking).
+        assert!(conn.completions.read().is_err());
+        conn.wake();
+        conn.wake();
+        assert_eq!(conn.completions.read().unwrap(), 2);
+        // No channel: a config change is a logged no-op, not an error.
+        conn.config_changed();
+        let hung = Arc::new(AtomicUsize::new(0));
+        let h = hung.clone();
+        *lock(&conn.hangup) = Some(Box::new(move || {
+            h.fetch_add(1, Ordering::Relaxed);
+        }));
+        conn.hang_up();
+        assert_eq!(hung.load(Ordering::Relaxed), 1);
+        conn.close();
+        conn.hang_up();
+        assert_eq!(hung.load(Ordering::Relaxed), 1, "closed: no hang-up handle");
+    }
+}
