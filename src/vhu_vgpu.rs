@@ -307,6 +307,9 @@ pub fn serve_forever(vm: Arc<Vm>, socket: PathBuf) -> Result<(), Error> {
             log::info!("vm{}: removed, socket closed", vm.id());
             return Ok(());
         }
+        if vm.is_stopping() {
+            return Ok(());
+        }
         let mem = GuestMemoryAtomic::new(GuestMem::default());
         let conn = Arc::new(Connection::new(vm.id(), &socket)?);
         let link = Link::new(conn.clone());
@@ -334,6 +337,8 @@ pub fn serve_forever(vm: Arc<Vm>, socket: PathBuf) -> Result<(), Error> {
         conn.close();
         match result {
             Ok(()) => log::info!("vm{}: frontend disconnected", vm.id()),
+            // The daemon removed the socket on its way out.
+            Err(_) if vm.is_stopping() => return Ok(()),
             Err(e) => {
                 log::warn!("vm{}: connection ended: {e}", vm.id());
                 // A socket we cannot bind would spin: give up on this VM.

@@ -253,6 +253,11 @@ impl Vm {
         self.retired.load(Ordering::Acquire)
     }
 
+    /// The daemon is stopping.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
     pub fn is_connected(&self) -> bool {
         lock(&self.link).is_some()
     }
