@@ -48,7 +48,7 @@ done
 xen-init-dom0 || say "xen-init-dom0 failed"
 mkdir -p /var/log/xen/console
 xenconsoled --pid-file=/run/xenconsoled.pid || say "xenconsoled failed"
-say "xen tools up: $(xl info 2>/dev/null | grep -E '^(xen_version|virt_caps)' | tr -s ' ' | tr '\n' ' ')"
+say "xen tools up: $(timeout 60 xl info 2>/dev/null | grep -E '^(xen_version|virt_caps)' | tr -s ' ' | tr '\n' ' ')"
 
 bash /vgpu/dom0-test.sh
 say "dom0-test.sh exited $?"
