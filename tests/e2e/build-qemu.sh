@@ -2,7 +2,10 @@
 # SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 #
 # Build QEMU 10.0.2 (Debian's orig tarball) with the patches in qemu-patches/
-# and print the absolute path of qemu-system-x86_64 as the last line of stdout:
+# and print the absolute path of qemu-system-x86_64 as the last line of stdout.
+# One binary has the KVM, TCG and Xen accelerators: the KVM/TCG end-to-end
+# test (tests/e2e) and the Xen one (tests/e2e-xen, as the HVM device model in
+# Dom0) use the same build.
 #
 #   QEMU=$(tests/e2e/build-qemu.sh | tail -1)
 #
@@ -80,7 +83,9 @@ installed() {
 
 BASE_PKGS=(gcc libc6-dev make pkg-config ninja-build libglib2.0-dev libfdt-dev
            python3 python3-venv patch xz-utils binutils util-linux
-           seabios qemu-system-data)
+           seabios qemu-system-data libxen-dev)
+# libxen-dev: bookworm's is Xen 4.17, the Xen of the e2e-xen Dom0 and of
+# XCP-ng 8.2/8.3; QEMU needs the Dom0's Xen version or a compatible one.
 # QEMU 10.0 needs meson >= 1.5; bookworm has 1.0, bookworm-backports 1.7.
 BPO_PKGS=(meson python3-pycotap)
 
@@ -187,8 +192,9 @@ t0=$(date +%s)
 (cd "$SRC/build" && ../configure \
     --target-list=x86_64-softmmu \
     --without-default-features \
-    --enable-kvm --enable-tcg --enable-vhost-user \
+    --enable-kvm --enable-tcg --enable-xen --enable-vhost-user \
     --disable-download --disable-install-blobs \
+    --disable-xen-pci-passthrough \
     --python=/usr/bin/python3) >&2
 t1=$(date +%s)
 log "ninja -j$JOBS qemu-system-x86_64 (takes a few minutes)"
@@ -208,6 +214,9 @@ strip "$tmp" || log "strip failed; keeping the unstripped binary"
     (cd "$REPO" && sha256sum qemu-patches/*.patch tests/e2e/build-qemu.sh)
 } >"$OUT/BUILD-INFO"
 "$tmp" --version >&2 || die "the built binary does not run"
+for accel in kvm tcg xen; do
+    "$tmp" -accel help | grep -qx "$accel" || die "the built binary lacks the $accel accelerator"
+done
 mv "$tmp" "$BIN"
 
 if [ "${VGPU_QEMU_KEEP_BUILD:-0}" = 1 ]; then
