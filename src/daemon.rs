@@ -126,6 +126,14 @@ impl Daemon {
         Ok(Daemon { inner })
     }
 
+    /// The socket paths of the VMs being served.
+    pub fn socket_paths(&self) -> Vec<PathBuf> {
+        lock(&self.inner.vms)
+            .values()
+            .map(|s| s.socket.clone())
+            .collect()
+    }
+
     pub fn vms(&self) -> Vec<Arc<Vm>> {
         lock(&self.inner.vms)
             .values()

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -163,6 +164,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
     let daemon = Daemon::start_with(&cfg, source)?;
+    // Type=notify units: ready once every VM socket listens.
+    match vgpu::sd_notify::ready_when_listening(&daemon.socket_paths(), Duration::from_secs(30)) {
+        Ok(true) => log::info!("told systemd: READY=1"),
+        Ok(false) => {}
+        Err(e) => log::warn!("READY=1 not sent: {e}"),
+    }
     if let Some(addr) = cli.metrics_addr {
         match daemon.serve_metrics(addr, cli.metrics_allow_remote) {
             // The test harness and scripts read the bound port from here.
