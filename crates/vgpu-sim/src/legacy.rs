@@ -202,19 +202,20 @@ fn run(root: &Path, poll: Duration, stop: &AtomicBool, log: &Mutex<Vec<Processed
         for q in queue.drain(..) {
             let result = q.req.num1.wrapping_add(q.req.num2);
             let resp = vm_dir(root, q.req.vm_id).join("response.txt");
+            // Logged before the client can see the answer, so that whoever
+            // read a response finds it in `processed()`.
+            let Ok(mut l) = log.lock() else { continue };
             if let Err(e) = write_synced(&resp, &format!("{result}\n")) {
                 log::warn!("legacy mediator: {}: {e}", resp.display());
                 continue;
             }
             seq += 1;
-            if let Ok(mut l) = log.lock() {
-                l.push(Processed {
-                    req: q.req,
-                    result,
-                    seq,
-                    timestamp: q.timestamp,
-                });
-            }
+            l.push(Processed {
+                req: q.req,
+                result,
+                seq,
+                timestamp: q.timestamp,
+            });
         }
         // sleep(1), in slices so that stop() does not wait a whole second.
         let until = Instant::now() + poll;
