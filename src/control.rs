@@ -123,6 +123,9 @@ pub struct GpuStatus {
     /// Time spent executing, since the worker started.
     #[serde(default)]
     pub busy_ns: u64,
+    /// CUDA worker starts and faults, registered guest memory.
+    #[serde(default, flatten)]
+    pub counters: crate::executor::ExecutorCounters,
 }
 
 /// A reply line. `vms` is present in answers to `status`.

@@ -159,9 +159,20 @@ pub struct Metrics {
     gpu_queued: Family<GpuLabels, Gauge>,
     gpu_busy: Family<GpuLabels, Counter<f64, AtomicU64>>,
     gpu_dispatched: Family<GpuLabels, Counter>,
-    /// Last busy_ns and dispatched seen per GPU (the counters advance by the
-    /// difference).
-    gpu_seen: Mutex<BTreeMap<u32, (u64, u64)>>,
+    gpu_worker_starts: Family<GpuLabels, Counter>,
+    gpu_worker_faults: Family<GpuLabels, Counter>,
+    gpu_registered: Family<GpuLabels, Gauge>,
+    /// Last totals seen per GPU (the counters advance by the difference).
+    gpu_seen: Mutex<BTreeMap<u32, GpuTotals>>,
+}
+
+/// The running totals of one GPU last published as counters.
+#[derive(Debug, Clone, Copy, Default)]
+struct GpuTotals {
+    busy_ns: u64,
+    dispatched: u64,
+    worker_starts: u64,
+    worker_faults: u64,
 }
 
 impl Default for Metrics {
@@ -187,6 +198,9 @@ impl Metrics {
             gpu_queued: Family::default(),
             gpu_busy: Family::default(),
             gpu_dispatched: Family::default(),
+            gpu_worker_starts: Family::default(),
+            gpu_worker_faults: Family::default(),
+            gpu_registered: Family::default(),
             gpu_seen: Mutex::default(),
         };
         let r = &mut m.registry;
@@ -254,6 +268,22 @@ impl Metrics {
             "gpu_dispatched",
             "Requests dispatched on the GPU",
             m.gpu_dispatched.clone(),
+        );
+        r.register(
+            "gpu_worker_starts",
+            "CUDA worker processes started (a VM's first remoting call, after a fault)",
+            m.gpu_worker_starts.clone(),
+        );
+        r.register(
+            "gpu_worker_faults",
+            "Remoting calls that ended their CUDA worker (fault or timeout)",
+            m.gpu_worker_faults.clone(),
+        );
+        r.register_with_unit(
+            "gpu_registered_guest_memory",
+            "Guest memory registered with the CUDA driver for zero-copy DMA",
+            Unit::Bytes,
+            m.gpu_registered.clone(),
         );
         m
     }
@@ -344,6 +374,7 @@ impl Metrics {
             queued,
             busy_ns,
             dispatched,
+            counters,
             ..
         } in handler.gpus()
         {
@@ -351,14 +382,31 @@ impl Metrics {
             self.gpu_queued
                 .get_or_create(&l)
                 .set(i64::try_from(queued).unwrap_or(i64::MAX));
-            let (last_busy, last_n) = seen.get(&gpu).copied().unwrap_or((0, 0));
+            self.gpu_registered
+                .get_or_create(&l)
+                .set(i64::try_from(counters.registered_bytes).unwrap_or(i64::MAX));
+            let last = seen.get(&gpu).copied().unwrap_or_default();
             self.gpu_busy
                 .get_or_create(&l)
-                .inc_by(busy_ns.saturating_sub(last_busy) as f64 / 1e9);
+                .inc_by(busy_ns.saturating_sub(last.busy_ns) as f64 / 1e9);
             self.gpu_dispatched
                 .get_or_create(&l)
-                .inc_by(dispatched.saturating_sub(last_n));
-            seen.insert(gpu, (busy_ns.max(last_busy), dispatched.max(last_n)));
+                .inc_by(dispatched.saturating_sub(last.dispatched));
+            self.gpu_worker_starts
+                .get_or_create(&l)
+                .inc_by(counters.worker_starts.saturating_sub(last.worker_starts));
+            self.gpu_worker_faults
+                .get_or_create(&l)
+                .inc_by(counters.worker_faults.saturating_sub(last.worker_faults));
+            seen.insert(
+                gpu,
+                GpuTotals {
+                    busy_ns: busy_ns.max(last.busy_ns),
+                    dispatched: dispatched.max(last.dispatched),
+                    worker_starts: counters.worker_starts.max(last.worker_starts),
+                    worker_faults: counters.worker_faults.max(last.worker_faults),
+                },
+            );
         }
     }
 
@@ -493,6 +541,11 @@ mod tests {
                 queued: 2,
                 busy_ns: 1_500_000_000,
                 dispatched: 10,
+                counters: crate::executor::ExecutorCounters {
+                    worker_starts: 2,
+                    worker_faults: 1,
+                    registered_bytes: 4096,
+                },
                 ..GpuStatus::default()
             }]
         }
@@ -547,5 +600,12 @@ mod tests {
             text.contains(r#"vgpu_gpu_dispatched_total{gpu="0"} 10"#),
             "{text}"
         );
+        for line in [
+            r#"vgpu_gpu_worker_starts_total{gpu="0"} 2"#,
+            r#"vgpu_gpu_worker_faults_total{gpu="0"} 1"#,
+            r#"vgpu_gpu_registered_guest_memory_bytes{gpu="0"} 4096"#,
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

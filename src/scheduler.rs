@@ -216,6 +216,8 @@ pub struct GpuQueue {
     executor_name: Mutex<String>,
     dispatched: AtomicU64,
     busy_ns: AtomicU64,
+    /// The executor's running totals, published after each piece of work.
+    counters: Mutex<crate::executor::ExecutorCounters>,
 }
 
 impl GpuQueue {
@@ -243,6 +245,7 @@ impl GpuQueue {
             executor_name: Mutex::default(),
             dispatched: AtomicU64::new(0),
             busy_ns: AtomicU64::new(0),
+            counters: Mutex::default(),
         });
         let worker_gpu = gpu.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -288,6 +291,7 @@ impl GpuQueue {
             queued: self.shared().queue.len() as u64,
             dispatched: self.dispatched.load(Ordering::Relaxed),
             busy_ns: self.busy_ns.load(Ordering::Relaxed),
+            counters: *lock(&self.counters),
         }
     }
 
@@ -386,6 +390,7 @@ impl GpuQueue {
                 Some(Err(Control::ReleaseVm { vm_id })) => executor.release_vm(vm_id),
                 Some(Ok(jobs)) => self.dispatch(executor.as_mut(), jobs, &mut dispatch_seq),
             }
+            *lock(&self.counters) = executor.counters();
         }
     }
 

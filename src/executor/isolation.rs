@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use super::cuda::{CudaExecutor, CudaStats, RemotingExecutor};
 use super::worker::{self, VmWorker, WORKER_BIN};
-use super::{Executor, Request, Tenant};
+use super::{Executor, ExecutorCounters, Request, Tenant};
 use crate::bytes::{Reader, Writer};
 use crate::guest::GuestMem;
 use crate::protocol::{DeviceInfo, Status};
@@ -206,5 +206,13 @@ impl<E: Executor> Executor for Isolated<E> {
 
     fn map_guest_memory(&mut self, vm_id: u32, mem: &Arc<GuestMem>) {
         self.inner.map_guest_memory(vm_id, mem)
+    }
+
+    fn counters(&self) -> ExecutorCounters {
+        ExecutorCounters {
+            worker_starts: self.started,
+            worker_faults: self.faulted,
+            ..self.inner.counters()
+        }
     }
 }

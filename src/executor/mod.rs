@@ -82,6 +82,23 @@ pub trait Executor: Send {
     /// does nothing. Requests whose buffers lie in another (older) table still
     /// work, through a staging copy.
     fn map_guest_memory(&mut self, _vm_id: u32, _mem: &Arc<GuestMem>) {}
+
+    /// Running totals for status and metrics.
+    fn counters(&self) -> ExecutorCounters {
+        ExecutorCounters::default()
+    }
+}
+
+/// Running totals of an executor, published by its GPU's worker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct ExecutorCounters {
+    /// CUDA worker processes started (first remoting call, after a fault).
+    pub worker_starts: u64,
+    /// Remoting calls that ended their worker (fault or timeout).
+    pub worker_faults: u64,
+    /// Guest memory registered with the driver for zero-copy DMA, bytes.
+    pub registered_bytes: u64,
 }
 
 /// True when work that started at `start` ran past `limit`: nothing preempts

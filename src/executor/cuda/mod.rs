@@ -28,7 +28,7 @@ use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 
-use super::{ops, past_limit, Executor, Request, Tenant};
+use super::{ops, past_limit, Executor, ExecutorCounters, Request, Tenant};
 use crate::bytes::{Reader, Writer};
 use crate::guest::GuestMem;
 use crate::protocol::{DeviceInfo, ExecutorKind, Opcode, Status};
@@ -286,6 +286,13 @@ impl Executor for CudaExecutor {
 
     fn map_guest_memory(&mut self, vm_id: u32, mem: &Arc<GuestMem>) {
         self.map_memory(vm_id, mem);
+    }
+
+    fn counters(&self) -> ExecutorCounters {
+        ExecutorCounters {
+            registered_bytes: self.stats.registered_bytes,
+            ..ExecutorCounters::default()
+        }
     }
 }
 
