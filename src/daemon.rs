@@ -173,6 +173,13 @@ impl Daemon {
         for gpu in lock(&self.inner.gpus).values() {
             gpu.shutdown();
         }
+        // Every request taken is answered: the ring threads return what the
+        // GPUs finished or cancelled before the process goes.
+        for served in lock(&self.inner.vms).values() {
+            if !served.vm.drain_within(SHUTDOWN_DRAIN) {
+                log::warn!("vm{}: requests still unanswered at exit", served.vm.id());
+            }
+        }
         for served in lock(&self.inner.vms).values() {
             let _ = std::fs::remove_file(&served.socket);
         }
@@ -376,6 +383,11 @@ impl Inner {
         Ok(())
     }
 }
+
+/// How long a stopping daemon waits for the ring threads to return what the
+/// GPUs finished (they take microseconds; a frontend that stopped reading
+/// its ring does not hold the exit up for longer).
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
 
 /// How often the database is checked for changes nobody announced.
 const DB_POLL: Duration = Duration::from_millis(500);

@@ -320,14 +320,26 @@ impl Vm {
     }
 
     fn wait_drained(&self) {
+        while !self.drain_within(Duration::from_secs(3600)) {}
+    }
+
+    /// Waits until every chain taken is back in the ring (or settled), for
+    /// at most `within`; true when it is.
+    pub fn drain_within(&self, within: Duration) -> bool {
+        let end = Instant::now() + within;
         let mut g = lock(&self.drain_lock);
         while self.outstanding.load(Ordering::Acquire) > 0 {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
             g = self
                 .drained
-                .wait_timeout(g, Duration::from_millis(100))
+                .wait_timeout(g, left.min(Duration::from_millis(100)))
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
         }
+        true
     }
 
     pub fn stats(&self) -> VmStatus {
