@@ -28,6 +28,8 @@ pub enum Error {
     UnknownOpcode(u16),
     #[error("payload_len {claimed} exceeds the {available} readable bytes after the header")]
     PayloadPastEnd { claimed: u32, available: usize },
+    #[error("chain has more than {0} descriptors (the queue size)")]
+    TooManyDescriptors(usize),
 }
 
 impl Error {
@@ -60,13 +62,33 @@ impl Parsed {
     }
 }
 
+/// Most descriptors a chain may have when the ring does not say: the
+/// largest queue the device accepts.
+pub const MAX_CHAIN_DESCS: usize = crate::vhu_vgpu::MAX_QUEUE_SIZE;
+
 /// Validates a chain's descriptors and splits them into header, payload,
-/// response header and output.
+/// response header and output; at most [`MAX_CHAIN_DESCS`] descriptors.
 pub fn parse(descs: impl Iterator<Item = Descriptor>, mem: &Arc<GuestMem>) -> Parsed {
+    parse_bounded(descs, mem, MAX_CHAIN_DESCS)
+}
+
+/// Same as [`parse`], refusing a chain of more than `max_descs` descriptors
+/// (the queue size: a driver must not build a longer chain, virtio 1.2
+/// 2.7.5.3.1). The walk stops at the first descriptor past the bound, so an
+/// indirect table of 65,535 entries costs no more than a queue's worth.
+pub fn parse_bounded(
+    descs: impl Iterator<Item = Descriptor>,
+    mem: &Arc<GuestMem>,
+    max_descs: usize,
+) -> Parsed {
     let mut readable = GuestBufs::new(mem.clone());
     let mut writable = GuestBufs::new(mem.clone());
     let mut layout_error = None;
-    for d in descs {
+    for (i, d) in descs.enumerate() {
+        if i >= max_descs {
+            layout_error = Some(Error::TooManyDescriptors(max_descs));
+            break;
+        }
         let target = if d.is_write_only() {
             &mut writable
         } else if writable.is_empty() {
@@ -295,6 +317,27 @@ mod tests {
         assert!(run(&mem, &[desc(DATA, 24, 0), desc(DATA + 0x1000, 39, W)])
             .resp
             .is_none());
+    }
+
+    #[test]
+    fn a_chain_longer_than_the_bound_is_refused_without_walking_it() {
+        let mem = test_memory(0x40_0000);
+        mem.write_slice(&request(0x0001, &[]), GuestAddress(DATA))
+            .unwrap();
+        let mut descs = vec![desc(DATA, 24, 0)];
+        descs.extend((0..9).map(|i| desc(DATA + 0x100 + i, 1, 0)));
+        descs.push(desc(DATA + 0x1000, 40, W));
+        let q = MockSplitQueue::new(mem.as_ref(), 256);
+        let chain = q.build_desc_chain(&descs).unwrap();
+        let p = parse_bounded(chain, &mem, 8);
+        assert_eq!(p.outcome.unwrap_err().0, Error::TooManyDescriptors(8));
+        // Within the bound it parses.
+        let chain = q.build_desc_chain(&descs).unwrap();
+        assert!(parse_bounded(chain, &mem, 11).outcome.is_ok());
+        // An endless iterator stops at the bound.
+        let endless = std::iter::repeat(Descriptor::new(DATA, 1, 0, 0));
+        let p = parse_bounded(endless, &mem, 1024);
+        assert_eq!(p.outcome.unwrap_err().0, Error::TooManyDescriptors(1024));
     }
 
     #[test]
