@@ -159,10 +159,27 @@ fn validate(h: &ReqHdr, readable: &GuestBufs, writable: &GuestBufs) -> Result<Re
     })
 }
 
-/// Writes the response header and returns the used length of the chain.
+/// Largest output a response may announce: the used length of a chain
+/// (`40 + output_len`) is a u32.
+pub const MAX_OUTPUT: u32 = u32::MAX - RESP_HDR_SIZE as u32;
+
+/// Writes the response header and returns the used length of the chain. An
+/// `output_len` past [`MAX_OUTPUT`] (which no executor should claim) turns
+/// into TOO_LARGE with no output rather than a used length that wraps.
 pub fn write_response(resp: &GuestBufs, hdr: &RespHdr) -> u32 {
+    let (hdr, used) = match (RESP_HDR_SIZE as u32).checked_add(hdr.output_len) {
+        Some(used) => (*hdr, used),
+        None => {
+            let refused = RespHdr {
+                status: Status::TooLarge as u32,
+                output_len: 0,
+                ..*hdr
+            };
+            (refused, RESP_HDR_SIZE as u32)
+        }
+    };
     match resp.write_at(0, &hdr.encode()) {
-        Ok(()) => RESP_HDR_SIZE as u32 + hdr.output_len,
+        Ok(()) => used,
         Err(_) => 0,
     }
 }
@@ -357,6 +374,32 @@ mod tests {
         );
         assert!(p.outcome.is_ok());
         assert_eq!(p.resp.unwrap().len(), 40);
+    }
+
+    #[test]
+    fn an_output_len_near_4_gib_does_not_overflow_the_used_length() {
+        let mem = test_memory(0x40_0000);
+        let mut b = GuestBufs::new(mem.clone());
+        b.push(GuestAddress(DATA), 40).unwrap();
+        let hdr = RespHdr {
+            status: 0,
+            output_len: u32::MAX - 8,
+            tag: 5,
+            ..Default::default()
+        };
+        assert_eq!(write_response(&b, &hdr), RESP_HDR_SIZE as u32);
+        let mut raw = [0u8; 40];
+        b.read_at(0, &mut raw).unwrap();
+        let got = RespHdr::decode(&raw).unwrap();
+        assert_eq!(
+            (got.status, got.output_len, got.tag),
+            (Status::TooLarge as u32, 0, 5)
+        );
+        let max = RespHdr {
+            output_len: MAX_OUTPUT,
+            ..hdr
+        };
+        assert_eq!(write_response(&b, &max), u32::MAX);
     }
 
     #[test]
