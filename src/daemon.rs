@@ -165,6 +165,18 @@ impl Daemon {
         for gpu in lock(&self.inner.gpus).values() {
             gpu.shutdown();
         }
+        // Every request is answered now, but the answers wait in the VMs'
+        // links until their ring threads put them in the used rings: give
+        // them that time before the process exits (bounded, a stuck frontend
+        // must not keep the daemon alive).
+        for served in lock(&self.inner.vms).values() {
+            if !served
+                .vm
+                .wait_drained_for(std::time::Duration::from_secs(5))
+            {
+                log::warn!("vm{}: requests still not returned at exit", served.vm.id());
+            }
+        }
         for served in lock(&self.inner.vms).values() {
             let _ = std::fs::remove_file(&served.socket);
         }

@@ -374,6 +374,24 @@ impl Vm {
         self.wait_drained();
     }
 
+    /// Waits until every chain taken is back in the ring (or settled), at
+    /// most `max`; false when some are not.
+    pub fn wait_drained_for(&self, max: Duration) -> bool {
+        let until = Instant::now() + max;
+        let mut g = lock(&self.drain_lock);
+        while self.outstanding.load(Ordering::Acquire) > 0 {
+            let Some(left) = until.checked_duration_since(Instant::now()) else {
+                return false;
+            };
+            g = self
+                .drained
+                .wait_timeout(g, left.min(Duration::from_millis(100)))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        true
+    }
+
     fn wait_drained(&self) {
         let mut g = lock(&self.drain_lock);
         while self.outstanding.load(Ordering::Acquire) > 0 {
