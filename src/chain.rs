@@ -28,6 +28,8 @@ pub enum Error {
     UnknownOpcode(u16),
     #[error("payload_len {claimed} exceeds the {available} readable bytes after the header")]
     PayloadPastEnd { claimed: u32, available: usize },
+    #[error("chain has more than {0} descriptors (the queue size)")]
+    TooManyDescriptors(usize),
 }
 
 impl Error {
@@ -60,13 +62,33 @@ impl Parsed {
     }
 }
 
+/// Most descriptors a chain may have when the ring does not say: the
+/// largest queue the device accepts.
+pub const MAX_CHAIN_DESCS: usize = crate::vhu_vgpu::MAX_QUEUE_SIZE;
+
 /// Validates a chain's descriptors and splits them into header, payload,
-/// response header and output.
+/// response header and output; at most [`MAX_CHAIN_DESCS`] descriptors.
 pub fn parse(descs: impl Iterator<Item = Descriptor>, mem: &Arc<GuestMem>) -> Parsed {
+    parse_bounded(descs, mem, MAX_CHAIN_DESCS)
+}
+
+/// Same as [`parse`], refusing a chain of more than `max_descs` descriptors
+/// (the queue size: a driver must not build a longer chain, virtio 1.2
+/// 2.7.5.3.1). The walk stops at the first descriptor past the bound, so an
+/// indirect table of 65,535 entries costs no more than a queue's worth.
+pub fn parse_bounded(
+    descs: impl Iterator<Item = Descriptor>,
+    mem: &Arc<GuestMem>,
+    max_descs: usize,
+) -> Parsed {
     let mut readable = GuestBufs::new(mem.clone());
     let mut writable = GuestBufs::new(mem.clone());
     let mut layout_error = None;
-    for d in descs {
+    for (i, d) in descs.enumerate() {
+        if i >= max_descs {
+            layout_error = Some(Error::TooManyDescriptors(max_descs));
+            break;
+        }
         let target = if d.is_write_only() {
             &mut writable
         } else if writable.is_empty() {
@@ -137,10 +159,27 @@ fn validate(h: &ReqHdr, readable: &GuestBufs, writable: &GuestBufs) -> Result<Re
     })
 }
 
-/// Writes the response header and returns the used length of the chain.
+/// Largest output a response may announce: the used length of a chain
+/// (`40 + output_len`) is a u32.
+pub const MAX_OUTPUT: u32 = u32::MAX - RESP_HDR_SIZE as u32;
+
+/// Writes the response header and returns the used length of the chain. An
+/// `output_len` past [`MAX_OUTPUT`] (which no executor should claim) turns
+/// into TOO_LARGE with no output rather than a used length that wraps.
 pub fn write_response(resp: &GuestBufs, hdr: &RespHdr) -> u32 {
+    let (hdr, used) = match (RESP_HDR_SIZE as u32).checked_add(hdr.output_len) {
+        Some(used) => (*hdr, used),
+        None => {
+            let refused = RespHdr {
+                status: Status::TooLarge as u32,
+                output_len: 0,
+                ..*hdr
+            };
+            (refused, RESP_HDR_SIZE as u32)
+        }
+    };
     match resp.write_at(0, &hdr.encode()) {
-        Ok(()) => RESP_HDR_SIZE as u32 + hdr.output_len,
+        Ok(()) => used,
         Err(_) => 0,
     }
 }
@@ -298,6 +337,27 @@ mod tests {
     }
 
     #[test]
+    fn a_chain_longer_than_the_bound_is_refused_without_walking_it() {
+        let mem = test_memory(0x40_0000);
+        mem.write_slice(&request(0x0001, &[]), GuestAddress(DATA))
+            .unwrap();
+        let mut descs = vec![desc(DATA, 24, 0)];
+        descs.extend((0..9).map(|i| desc(DATA + 0x100 + i, 1, 0)));
+        descs.push(desc(DATA + 0x1000, 40, W));
+        let q = MockSplitQueue::new(mem.as_ref(), 256);
+        let chain = q.build_desc_chain(&descs).unwrap();
+        let p = parse_bounded(chain, &mem, 8);
+        assert_eq!(p.outcome.unwrap_err().0, Error::TooManyDescriptors(8));
+        // Within the bound it parses.
+        let chain = q.build_desc_chain(&descs).unwrap();
+        assert!(parse_bounded(chain, &mem, 11).outcome.is_ok());
+        // An endless iterator stops at the bound.
+        let endless = std::iter::repeat(Descriptor::new(DATA, 1, 0, 0));
+        let p = parse_bounded(endless, &mem, 1024);
+        assert_eq!(p.outcome.unwrap_err().0, Error::TooManyDescriptors(1024));
+    }
+
+    #[test]
     fn indirect_and_zero_length_descriptors() {
         let mem = test_memory(0x40_0000);
         let ping = request(0x0001, &[]);
@@ -314,6 +374,32 @@ mod tests {
         );
         assert!(p.outcome.is_ok());
         assert_eq!(p.resp.unwrap().len(), 40);
+    }
+
+    #[test]
+    fn an_output_len_near_4_gib_does_not_overflow_the_used_length() {
+        let mem = test_memory(0x40_0000);
+        let mut b = GuestBufs::new(mem.clone());
+        b.push(GuestAddress(DATA), 40).unwrap();
+        let hdr = RespHdr {
+            status: 0,
+            output_len: u32::MAX - 8,
+            tag: 5,
+            ..Default::default()
+        };
+        assert_eq!(write_response(&b, &hdr), RESP_HDR_SIZE as u32);
+        let mut raw = [0u8; 40];
+        b.read_at(0, &mut raw).unwrap();
+        let got = RespHdr::decode(&raw).unwrap();
+        assert_eq!(
+            (got.status, got.output_len, got.tag),
+            (Status::TooLarge as u32, 0, 5)
+        );
+        let max = RespHdr {
+            output_len: MAX_OUTPUT,
+            ..hdr
+        };
+        assert_eq!(write_response(&b, &max), u32::MAX);
     }
 
     #[test]

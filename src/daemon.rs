@@ -229,8 +229,11 @@ impl Inner {
             return Ok(g.clone());
         }
         let (choice, limit) = (self.cfg.executor, self.cfg.exec_limit);
-        let make = move || executor::create(choice, index, limit);
-        let gpu = GpuQueue::start(index, make, self.cfg.policy, limit)?;
+        // Supervised: after a panic the worker builds a new executor.
+        let make = move || {
+            Some(executor::create(choice, index, limit).map_err(crate::scheduler::Error::Executor))
+        };
+        let gpu = GpuQueue::start_restartable(index, make, self.cfg.policy, limit)?;
         gpus.insert(index, gpu.clone());
         Ok(gpu)
     }

@@ -8,7 +8,7 @@
 //! up to [`MAX_BATCH`], and hands them to the executor together. The order
 //! and the dispatch sequence numbers are those of one-by-one dispatch.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -25,6 +25,8 @@ pub enum Error {
     Executor(#[from] crate::executor::Error),
     #[error("the worker of GPU {0} died while starting")]
     WorkerDied(u32),
+    #[error("the executor of GPU {0} cannot be rebuilt from a one-shot factory")]
+    NoRestart(u32),
     #[error("cannot start the worker thread of GPU {gpu}: {source}")]
     Spawn {
         gpu: u32,
@@ -76,8 +78,13 @@ pub struct Job {
 impl Job {
     /// Answers a job that never ran.
     pub fn cancel(self) {
+        self.fail(Status::Cancelled)
+    }
+
+    /// Answers a job that never ran with `status`.
+    pub fn fail(self, status: Status) {
         self.done.complete(RespHdr {
-            status: Status::Cancelled as u32,
+            status: status as u32,
             tag: self.req.tag,
             queue_ns: elapsed_ns(self.taken_at),
             ..Default::default()
@@ -93,24 +100,23 @@ pub enum Control {
     ReleaseVm { vm_id: u32 },
 }
 
-/// The queue of one GPU: three FIFOs, one per priority.
-pub struct RunQueue {
-    fifos: [VecDeque<Job>; 3],
-    policy: Policy,
+/// One priority level: a FIFO per VM (by arrival) and the round-robin
+/// order of the VMs that have jobs queued at this level.
+#[derive(Default)]
+struct Level {
+    vms: HashMap<u32, VecDeque<Job>>,
+    /// VMs with jobs here; the front one is served next.
+    order: VecDeque<u32>,
+    len: usize,
 }
 
-impl RunQueue {
-    pub fn new(policy: Policy) -> Self {
-        RunQueue {
-            fifos: Default::default(),
-            policy,
+impl Level {
+    fn push(&mut self, job: Job) {
+        let vm = job.tenant.vm_id;
+        let fifo = self.vms.entry(vm).or_default();
+        if fifo.is_empty() {
+            self.order.push_back(vm);
         }
-    }
-
-    /// Queues a job behind those that arrived before it (a job moved from
-    /// another queue may be older than the tail).
-    pub fn push(&mut self, job: Job) {
-        let fifo = &mut self.fifos[job.priority as usize];
         match fifo.back() {
             Some(last) if last.arrival > job.arrival => {
                 let at = fifo.partition_point(|j| j.arrival < job.arrival);
@@ -118,51 +124,147 @@ impl RunQueue {
             }
             _ => fifo.push_back(job),
         }
+        self.len += 1;
+    }
+
+    fn head(&self, vm: u32) -> Option<&Job> {
+        self.vms.get(&vm).and_then(VecDeque::front)
+    }
+
+    /// The VM whose turn it is.
+    fn front(&self) -> Option<&Job> {
+        self.order.front().and_then(|&vm| self.head(vm))
+    }
+
+    /// The oldest job of the level (each VM's head is its oldest).
+    fn oldest(&self) -> Option<&Job> {
+        self.order
+            .iter()
+            .filter_map(|&vm| self.head(vm))
+            .min_by_key(|j| j.arrival)
+    }
+
+    /// Takes the head of `vm`; the VM goes to the back of the round.
+    fn pop(&mut self, vm: u32) -> Option<Job> {
+        let fifo = self.vms.get_mut(&vm)?;
+        let job = fifo.pop_front()?;
+        self.len -= 1;
+        let more = !fifo.is_empty();
+        if !more {
+            self.vms.remove(&vm);
+        }
+        if let Some(at) = self.order.iter().position(|&v| v == vm) {
+            self.order.remove(at);
+        }
+        if more {
+            self.order.push_back(vm);
+        }
+        Some(job)
+    }
+
+    fn take_vm(&mut self, vm: u32) -> Vec<Job> {
+        self.order.retain(|&v| v != vm);
+        let gone: Vec<Job> = self.vms.remove(&vm).map(Vec::from).unwrap_or_default();
+        self.len -= gone.len();
+        gone
+    }
+
+    fn drain(&mut self) -> Vec<Job> {
+        let mut out = Vec::with_capacity(self.len);
+        for vm in std::mem::take(&mut self.order) {
+            out.extend(self.vms.remove(&vm).into_iter().flatten());
+        }
+        self.len = 0;
+        out
+    }
+}
+
+/// The queue of one GPU: per priority, a FIFO per VM served round robin
+/// (one request per turn), so that within a priority a VM with many queued
+/// requests delays a peer by at most one request per turn
+/// (docs/scheduling.md). Between priorities, strict (or aging).
+pub struct RunQueue {
+    levels: [Level; 3],
+    policy: Policy,
+}
+
+impl RunQueue {
+    pub fn new(policy: Policy) -> Self {
+        RunQueue {
+            levels: Default::default(),
+            policy,
+        }
+    }
+
+    /// Queues a job behind the VM's jobs that arrived before it (a job
+    /// moved from another queue may be older than the VM's tail).
+    pub fn push(&mut self, job: Job) {
+        self.levels[job.priority as usize].push(job);
     }
 
     pub fn count_vm(&self, vm_id: u32) -> usize {
-        self.fifos
+        self.levels
             .iter()
-            .flatten()
-            .filter(|j| j.tenant.vm_id == vm_id)
-            .count()
+            .filter_map(|l| l.vms.get(&vm_id))
+            .map(VecDeque::len)
+            .sum()
     }
 
     pub fn len(&self) -> usize {
-        self.fifos.iter().map(VecDeque::len).sum()
+        self.levels.iter().map(|l| l.len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.fifos.iter().all(VecDeque::is_empty)
+        self.len() == 0
     }
 
-    /// Takes the next job to dispatch. Within a priority the FIFO head is the
-    /// oldest, so only the three heads compete.
+    /// Takes the next job to dispatch.
     pub fn pop(&mut self, now: Instant) -> Option<Job> {
         self.pop_if(now, |_| true)
     }
 
-    /// Takes the next job to dispatch only if `pred` accepts it; otherwise
-    /// leaves the queue as it is.
-    pub fn pop_if(&mut self, now: Instant, pred: impl FnOnce(&Job) -> bool) -> Option<Job> {
-        let mut best: Option<(usize, u32, u64)> = None;
-        for (level, fifo) in self.fifos.iter().enumerate() {
-            let Some(head) = fifo.front() else { continue };
-            let effective = self.effective_priority(head, now);
-            let better = match best {
-                None => true,
-                Some((_, p, arrival)) => {
-                    effective > p || (effective == p && head.arrival < arrival)
+    /// The job a level offers: the head of the VM whose turn it is; under
+    /// aging, the level's oldest job instead when it has aged further (so
+    /// that the aging bound holds whatever the round's order).
+    fn candidate(&self, level: &Level, now: Instant) -> Option<(u32, u32, u64)> {
+        let front = level.front()?;
+        let mut pick = (
+            front.tenant.vm_id,
+            self.effective_priority(front, now),
+            front.arrival,
+        );
+        if matches!(self.policy, Policy::Aging { .. }) {
+            if let Some(old) = level.oldest() {
+                let eff = self.effective_priority(old, now);
+                if eff > pick.1 {
+                    pick = (old.tenant.vm_id, eff, old.arrival);
                 }
-            };
-            if better {
-                best = Some((level, effective, head.arrival));
             }
         }
-        let (level, _, _) = best?;
-        let fifo = &mut self.fifos[level];
-        if fifo.front().is_some_and(pred) {
-            fifo.pop_front()
+        Some(pick)
+    }
+
+    /// Takes the next job to dispatch only if `pred` accepts it; otherwise
+    /// leaves the queue as it is. Each level offers one candidate; the
+    /// highest effective priority wins, ties go to the earlier arrival.
+    pub fn pop_if(&mut self, now: Instant, pred: impl FnOnce(&Job) -> bool) -> Option<Job> {
+        let mut best: Option<(usize, u32, u32, u64)> = None;
+        for (index, level) in self.levels.iter().enumerate() {
+            let Some((vm, effective, arrival)) = self.candidate(level, now) else {
+                continue;
+            };
+            let better = match best {
+                None => true,
+                Some((_, _, p, a)) => effective > p || (effective == p && arrival < a),
+            };
+            if better {
+                best = Some((index, vm, effective, arrival));
+            }
+        }
+        let (index, vm, _, _) = best?;
+        let level = &mut self.levels[index];
+        if level.head(vm).is_some_and(pred) {
+            level.pop(vm)
         } else {
             None
         }
@@ -182,18 +284,17 @@ impl RunQueue {
 
     /// Removes every queued job of one VM.
     pub fn take_vm(&mut self, vm_id: u32) -> Vec<Job> {
-        let mut out = Vec::new();
-        for fifo in &mut self.fifos {
-            let (gone, kept): (VecDeque<Job>, VecDeque<Job>) =
-                fifo.drain(..).partition(|j| j.tenant.vm_id == vm_id);
-            *fifo = kept;
-            out.extend(gone);
-        }
+        let mut out: Vec<Job> = self
+            .levels
+            .iter_mut()
+            .flat_map(|l| l.take_vm(vm_id))
+            .collect();
+        out.sort_by_key(|j| j.arrival);
         out
     }
 
     pub fn drain_all(&mut self) -> Vec<Job> {
-        self.fifos.iter_mut().flat_map(|f| f.drain(..)).collect()
+        self.levels.iter_mut().flat_map(Level::drain).collect()
     }
 }
 
@@ -218,11 +319,14 @@ pub struct GpuQueue {
     busy_ns: AtomicU64,
     /// The executor's running totals, published after each piece of work.
     counters: Mutex<crate::executor::ExecutorCounters>,
+    restarts: AtomicU64,
 }
 
 impl GpuQueue {
     /// Starts the GPU's worker, which builds its executor with `make` on its
-    /// own thread (CUDA contexts belong to the thread that drives them).
+    /// own thread (CUDA contexts belong to the thread that drives them). A
+    /// one-shot factory: after a panic of the executor the queue answers
+    /// DEVICE_ERROR (see [`GpuQueue::start_restartable`]).
     pub fn start<F>(
         index: u32,
         make: F,
@@ -231,6 +335,30 @@ impl GpuQueue {
     ) -> Result<Arc<GpuQueue>, Error>
     where
         F: FnOnce() -> Result<Box<dyn Executor>, crate::executor::Error> + Send + 'static,
+    {
+        let mut once = Some(make);
+        GpuQueue::start_restartable(
+            index,
+            move || once.take().map(|make| make().map_err(Error::Executor)),
+            policy,
+            exec_limit,
+        )
+    }
+
+    /// Starts the GPU's worker with a factory it may call again: the worker
+    /// is supervised. When the executor panics, the panic is caught and
+    /// logged, the running job(s) and every queued job are answered
+    /// DEVICE_ERROR, and the worker builds a new executor with `make` (and
+    /// hands it the VMs' memory tables again). `make` returning `None` means
+    /// it cannot build another.
+    pub fn start_restartable<F>(
+        index: u32,
+        mut make: F,
+        policy: Policy,
+        exec_limit: Duration,
+    ) -> Result<Arc<GpuQueue>, Error>
+    where
+        F: FnMut() -> Option<Result<Box<dyn Executor>, Error>> + Send + 'static,
     {
         let gpu = Arc::new(GpuQueue {
             index,
@@ -246,21 +374,25 @@ impl GpuQueue {
             dispatched: AtomicU64::new(0),
             busy_ns: AtomicU64::new(0),
             counters: Mutex::default(),
+            restarts: AtomicU64::new(0),
         });
         let worker_gpu = gpu.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = std::thread::Builder::new()
             .name(format!("vgpu-gpu{index}"))
             .spawn(move || match make() {
-                Ok(executor) => {
+                Some(Ok(executor)) => {
                     let name = executor.info().name;
                     log::info!("gpu{index}: {name}");
                     *lock(&worker_gpu.executor_name) = name;
                     let _ = ready_tx.send(Ok(()));
-                    worker_gpu.run(executor)
+                    worker_gpu.supervise(executor, &mut make)
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     let _ = ready_tx.send(Err(e));
+                }
+                None => {
+                    let _ = ready_tx.send(Err(Error::NoRestart(index)));
                 }
             })
             .map_err(|source| Error::Spawn { gpu: index, source })?;
@@ -268,7 +400,7 @@ impl GpuQueue {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 let _ = handle.join();
-                return Err(Error::Executor(e));
+                return Err(e);
             }
             Err(_) => {
                 let _ = handle.join();
@@ -352,8 +484,17 @@ impl GpuQueue {
         }
     }
 
-    fn run(&self, mut executor: Box<dyn Executor>) {
+    /// The worker's loop, supervised: `executor` is `None` after a panic
+    /// when no new one could be built; jobs are then answered DEVICE_ERROR
+    /// and every job retries building one.
+    fn supervise<F>(&self, executor: Box<dyn Executor>, make: &mut F)
+    where
+        F: FnMut() -> Option<Result<Box<dyn Executor>, Error>>,
+    {
+        let mut executor = Some(executor);
         let mut dispatch_seq = 0u64;
+        // The VMs' memory tables, handed again to a rebuilt executor.
+        let mut tables: HashMap<u32, Arc<GuestMem>> = HashMap::new();
         loop {
             let work = {
                 let mut s = self.shared();
@@ -363,12 +504,12 @@ impl GpuQueue {
                     }
                     if let Some(job) = s.queue.pop(Instant::now()) {
                         let mut jobs = vec![job];
-                        if executor.batchable(&jobs[0].req) {
+                        if let Some(ex) = executor.as_ref().filter(|e| e.batchable(&jobs[0].req)) {
                             // The queue's next choices, while they are
                             // batchable; a control message ends the batch.
                             let now = Instant::now();
                             while jobs.len() < MAX_BATCH && s.control.is_empty() {
-                                match s.queue.pop_if(now, |j| executor.batchable(&j.req)) {
+                                match s.queue.pop_if(now, |j| ex.batchable(&j.req)) {
                                     Some(j) => jobs.push(j),
                                     None => break,
                                 }
@@ -382,36 +523,117 @@ impl GpuQueue {
                     s = self.wake.wait(s).unwrap_or_else(|p| p.into_inner());
                 }
             };
-            match work {
-                None => return,
-                Some(Err(Control::MapMemory { vm_id, mem })) => {
-                    executor.map_guest_memory(vm_id, &mem)
-                }
-                Some(Err(Control::ReleaseVm { vm_id })) => executor.release_vm(vm_id),
-                Some(Ok(jobs)) => self.dispatch(executor.as_mut(), jobs, &mut dispatch_seq),
+            if executor.is_none() {
+                executor = self.rebuild(make, &tables);
             }
-            *lock(&self.counters) = executor.counters();
+            let panicked = match (work, executor.as_mut()) {
+                (None, _) => return,
+                (Some(Err(Control::MapMemory { vm_id, mem })), ex) => {
+                    tables.insert(vm_id, mem.clone());
+                    ex.is_some_and(|ex| {
+                        catch(self.index, || ex.map_guest_memory(vm_id, &mem)).is_none()
+                    })
+                }
+                (Some(Err(Control::ReleaseVm { vm_id })), ex) => {
+                    tables.remove(&vm_id);
+                    ex.is_some_and(|ex| catch(self.index, || ex.release_vm(vm_id)).is_none())
+                }
+                (Some(Ok(jobs)), Some(ex)) => !self.dispatch(ex.as_mut(), jobs, &mut dispatch_seq),
+                (Some(Ok(jobs)), None) => {
+                    for job in jobs {
+                        job.fail(Status::DeviceError);
+                    }
+                    false
+                }
+            };
+            if panicked {
+                // The executor's state is unknown: everything queued is
+                // answered, and a new executor takes over.
+                if let Some(old) = executor.take() {
+                    // Its drop may fail too: contained like the rest.
+                    catch(self.index, move || drop(old));
+                }
+                let queued = self.shared().queue.drain_all();
+                if !queued.is_empty() {
+                    log::error!(
+                        "gpu{}: {} queued request(s) answered DEVICE_ERROR",
+                        self.index,
+                        queued.len()
+                    );
+                }
+                for job in queued {
+                    job.fail(Status::DeviceError);
+                }
+                executor = self.rebuild(make, &tables);
+            }
+            if let Some(ex) = executor.as_ref() {
+                *lock(&self.counters) = ex.counters();
+            }
         }
+    }
+
+    fn rebuild<F>(
+        &self,
+        make: &mut F,
+        tables: &HashMap<u32, Arc<GuestMem>>,
+    ) -> Option<Box<dyn Executor>>
+    where
+        F: FnMut() -> Option<Result<Box<dyn Executor>, Error>>,
+    {
+        match catch(self.index, make) {
+            Some(Some(Ok(mut ex))) => {
+                self.restarts.fetch_add(1, Ordering::Relaxed);
+                log::warn!("gpu{}: executor restarted", self.index);
+                for (&vm_id, mem) in tables {
+                    catch(self.index, || ex.map_guest_memory(vm_id, mem))?;
+                }
+                Some(ex)
+            }
+            Some(Some(Err(e))) => {
+                log::error!("gpu{}: cannot restart the executor: {e}", self.index);
+                None
+            }
+            Some(None) => {
+                log::error!("gpu{}: the executor cannot be restarted", self.index);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// How many times the executor was rebuilt after a panic.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
     }
 
     /// Runs `jobs` (one, or a batch in dispatch order) and completes each.
     /// In a batch every job's `exec_ns` is the time of the whole batch, from
     /// handing it to the executor until the executor returned.
-    fn dispatch(&self, executor: &mut dyn Executor, jobs: Vec<Job>, dispatch_seq: &mut u64) {
+    /// Returns false when the executor panicked (its jobs are then
+    /// answered DEVICE_ERROR).
+    fn dispatch(
+        &self,
+        executor: &mut dyn Executor,
+        jobs: Vec<Job>,
+        dispatch_seq: &mut u64,
+    ) -> bool {
         let start = Instant::now();
-        let results = match jobs.as_slice() {
-            [job] => vec![executor.execute(job.tenant, &job.req, self.exec_limit)],
+        let limit = self.exec_limit;
+        let results = catch(self.index, || match jobs.as_slice() {
+            [job] => vec![executor.execute(job.tenant, &job.req, limit)],
             _ => {
                 let batch: Vec<(Tenant, &Request)> =
                     jobs.iter().map(|j| (j.tenant, &j.req)).collect();
-                executor.execute_batch(&batch, self.exec_limit)
+                executor.execute_batch(&batch, limit)
             }
-        };
+        });
+        let alive = results.is_some();
+        let results = results.unwrap_or_default();
         let exec = start.elapsed();
         self.busy_ns.fetch_add(duration_ns(exec), Ordering::Relaxed);
         self.dispatched
             .fetch_add(jobs.len() as u64, Ordering::Relaxed);
-        if results.len() != jobs.len() {
+        if alive && results.len() != jobs.len() {
             log::error!(
                 "gpu{}: executor returned {} results for a batch of {}",
                 self.index,
@@ -424,6 +646,7 @@ impl GpuQueue {
             let result = results.get(i).copied().unwrap_or(Err(Status::DeviceError));
             self.complete(job, result, start, exec, *dispatch_seq);
         }
+        alive
     }
 
     fn complete(
@@ -452,6 +675,22 @@ impl GpuQueue {
     }
 }
 
+/// Runs `f`, catching a panic (logged): `None` when it panicked.
+fn catch<T>(gpu: u32, f: impl FnOnce() -> T) -> Option<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => Some(v),
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            log::error!("gpu{gpu}: the executor panicked: {what}");
+            None
+        }
+    }
+}
+
 fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -473,10 +712,14 @@ mod tests {
     }
 
     fn job(priority: Priority, arrival: u64, taken_at: Instant) -> Job {
+        job_of(arrival as u32, priority, arrival, taken_at)
+    }
+
+    fn job_of(vm_id: u32, priority: Priority, arrival: u64, taken_at: Instant) -> Job {
         let mem = test_memory(0x1000);
         Job {
             tenant: Tenant {
-                vm_id: arrival as u32,
+                vm_id,
                 gpu_mem_quota: 0,
             },
             priority,
@@ -493,31 +736,105 @@ mod tests {
     }
 
     proptest! {
-        /// Random arrivals of random priorities, interleaved with dispatches:
-        /// each dispatch takes the highest priority present, and the earliest
-        /// arrival within it.
+        /// Random arrivals of random priorities from a few VMs, interleaved
+        /// with dispatches: each dispatch takes the highest priority present;
+        /// within it, the VM whose turn it is in the level's round (a VM
+        /// joins the round at the back when it has nothing queued at that
+        /// level, and goes to the back after each dispatch), and that VM's
+        /// earliest arrival.
         #[test]
-        fn dispatch_is_priority_then_arrival(ops in prop::collection::vec(prop::option::of(0u32..3), 1..200)) {
+        fn dispatch_is_priority_then_round_robin_by_vm_then_arrival(
+            ops in prop::collection::vec(prop::option::of((0u32..3, 0u32..4)), 1..200)
+        ) {
             let mut q = RunQueue::new(Policy::Strict);
-            let mut present: Vec<(u32, u64)> = Vec::new();
+            // (priority, vm, arrival) queued, and each level's round.
+            let mut present: Vec<(u32, u32, u64)> = Vec::new();
+            let mut rounds: [VecDeque<u32>; 3] = Default::default();
             let now = Instant::now();
             for (arrival, op) in ops.into_iter().enumerate() {
                 let arrival = arrival as u64;
                 match op {
-                    Some(p) => {
-                        q.push(job(Priority::from_u32(p).unwrap(), arrival, now));
-                        present.push((p, arrival));
+                    Some((p, vm)) => {
+                        if !present.iter().any(|&(pp, v, _)| pp == p && v == vm) {
+                            rounds[p as usize].push_back(vm);
+                        }
+                        q.push(job_of(vm, Priority::from_u32(p).unwrap(), arrival, now));
+                        present.push((p, vm, arrival));
                     }
                     None => {
-                        let want = present.iter().copied().max_by_key(|&(p, a)| (p, std::cmp::Reverse(a)));
-                        let got = q.pop(now).map(|j| (j.priority as u32, j.arrival));
+                        let want = present.iter().map(|&(p, _, _)| p).max().map(|p| {
+                            let vm = rounds[p as usize].pop_front().unwrap();
+                            let a = present
+                                .iter()
+                                .filter(|&&(pp, v, _)| pp == p && v == vm)
+                                .map(|&(_, _, a)| a)
+                                .min()
+                                .unwrap();
+                            present.retain(|&x| x != (p, vm, a));
+                            if present.iter().any(|&(pp, v, _)| pp == p && v == vm) {
+                                rounds[p as usize].push_back(vm);
+                            }
+                            (p, vm, a)
+                        });
+                        let got = q
+                            .pop(now)
+                            .map(|j| (j.priority as u32, j.tenant.vm_id, j.arrival));
                         prop_assert_eq!(got, want);
-                        present.retain(|&x| Some(x) != want);
                     }
                 }
                 prop_assert_eq!(q.len(), present.len());
             }
         }
+    }
+
+    #[test]
+    fn a_vm_with_many_queued_cannot_delay_a_peer_of_its_priority() {
+        let now = Instant::now();
+        let mut q = RunQueue::new(Policy::Strict);
+        // VM 1 queues 64 long requests, then VM 2 one.
+        for a in 0..64 {
+            q.push(job_of(1, Priority::Medium, a, now));
+        }
+        q.push(job_of(2, Priority::Medium, 64, now));
+        let order: Vec<(u32, u64)> = std::iter::from_fn(|| q.pop(now))
+            .map(|j| (j.tenant.vm_id, j.arrival))
+            .take(3)
+            .collect();
+        assert_eq!(order, vec![(1, 0), (2, 64), (1, 1)]);
+        // Strict between levels stays: a high request still goes first.
+        let mut q = RunQueue::new(Policy::Strict);
+        q.push(job_of(1, Priority::Medium, 0, now));
+        q.push(job_of(2, Priority::High, 1, now));
+        assert_eq!(q.pop(now).unwrap().tenant.vm_id, 2);
+    }
+
+    #[test]
+    fn aging_lets_no_flood_of_low_requests_compete_as_high_within_200_ms() {
+        let step = Duration::from_millis(100);
+        let now = Instant::now();
+        let mut q = RunQueue::new(Policy::Aging { step });
+        // 1,000 low requests from 10 VMs, all waiting just under 2 steps.
+        let almost = step * 2 - Duration::from_nanos(1);
+        for a in 0..1000u64 {
+            q.push(job_of((a % 10) as u32, Priority::Low, a, now - almost));
+        }
+        q.push(job_of(99, Priority::High, 1000, now));
+        // They compete as medium at most: the newer high request wins.
+        assert_eq!(q.pop(now).unwrap().tenant.vm_id, 99);
+        // Another high request, newer still, also wins within 200 ms.
+        q.push(job_of(98, Priority::High, 1001, now));
+        assert_eq!(q.pop(now).unwrap().tenant.vm_id, 98);
+        // At 200 ms they compete as high, and the older goes first.
+        q.push(job_of(97, Priority::High, 1002, now));
+        let later = now + Duration::from_nanos(1);
+        assert_eq!(q.pop(later).unwrap().arrival, 0);
+        // The aged request of the level is found whatever the round's order.
+        let mut q = RunQueue::new(Policy::Aging { step });
+        // VM 1 is first in the round; VM 2's request is older and aged.
+        q.push(job_of(1, Priority::Low, 1, now));
+        q.push(job_of(2, Priority::Low, 0, now - step * 2));
+        q.push(job_of(3, Priority::High, 2, now));
+        assert_eq!(q.pop(now).unwrap().tenant.vm_id, 2);
     }
 
     #[test]
@@ -652,6 +969,80 @@ mod tests {
         assert_eq!(sizes, vec![1, MAX_BATCH, 4, 1, 6]);
         let flat: Vec<u64> = batches.iter().flatten().copied().collect();
         assert_eq!(flat, order);
+    }
+
+    /// Panics on tag 666 once `go` says so; everything else is OK.
+    struct Panicky {
+        go: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl Executor for Panicky {
+        fn info(&self) -> crate::protocol::DeviceInfo {
+            crate::executor::CpuExecutor::new(0, Duration::from_secs(1)).info()
+        }
+        fn execute(&mut self, _t: Tenant, req: &Request, _l: Duration) -> Result<u32, Status> {
+            if req.tag == 666 {
+                let _ = self.go.recv();
+                panic!("injected executor panic");
+            }
+            Ok(0)
+        }
+    }
+
+    #[test]
+    fn a_panicking_executor_is_restarted_and_everything_is_answered() {
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let go_rx = Arc::new(Mutex::new(Some(go_rx)));
+        let builds = Arc::new(AtomicU64::new(0));
+        let b = builds.clone();
+        let gpu = GpuQueue::start_restartable(
+            0,
+            move || {
+                b.fetch_add(1, Ordering::Relaxed);
+                // The first executor gets the trigger; later ones never panic.
+                let go = lock(&go_rx)
+                    .take()
+                    .unwrap_or_else(|| std::sync::mpsc::channel().1);
+                Some(Ok(Box::new(Panicky { go }) as Box<dyn Executor>))
+            },
+            Policy::Strict,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<RespHdr>();
+        struct Tx(std::sync::mpsc::Sender<RespHdr>);
+        impl Completion for Tx {
+            fn complete(self: Box<Self>, resp: RespHdr) {
+                let _ = self.0.send(resp);
+            }
+        }
+        let submit = |tag: u64| {
+            let mut j = job(Priority::Medium, tag, Instant::now());
+            j.req.tag = tag;
+            j.done = Box::new(Tx(tx.clone()));
+            gpu.submit(j);
+        };
+        submit(666);
+        for tag in 1..=3 {
+            submit(tag);
+        }
+        go_tx.send(()).unwrap();
+        let mut got: Vec<(u64, u32)> = (0..4)
+            .map(|_| {
+                let r = rx.recv_timeout(Duration::from_secs(30)).expect("answered");
+                (r.tag, r.status)
+            })
+            .collect();
+        got.sort();
+        let dev = Status::DeviceError as u32;
+        assert_eq!(got, vec![(1, dev), (2, dev), (3, dev), (666, dev)]);
+        // A new executor serves what comes next.
+        submit(7);
+        let r = rx.recv_timeout(Duration::from_secs(30)).expect("answered");
+        assert_eq!((r.tag, r.status), (7, Status::Ok as u32));
+        assert_eq!(builds.load(Ordering::Relaxed), 2);
+        assert_eq!(gpu.restarts(), 1);
+        gpu.shutdown();
     }
 
     #[test]

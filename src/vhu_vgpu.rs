@@ -80,18 +80,24 @@ pub struct VhostRing {
 impl Ring for VhostRing {
     fn pop(&self) -> Option<TakenChain> {
         let mem = self.mem.memory().into_inner();
-        let chain = {
+        let (chain, size) = {
             let mut state = self.vring.get_mut();
             // A stopped or reset queue has nothing to give (and popping it logs errors).
             if !state.get_queue().ready() {
                 return None;
             }
-            state.get_queue_mut().pop_descriptor_chain(mem.clone())?
+            let size = usize::from(state.get_queue().size());
+            (
+                state.get_queue_mut().pop_descriptor_chain(mem.clone())?,
+                size,
+            )
         };
         let head = chain.head_index();
+        // An indirect table may claim 65,535 entries: no chain is walked
+        // past the queue size.
         Some(TakenChain {
             head,
-            parsed: chain::parse(chain, &mem),
+            parsed: chain::parse_bounded(chain, &mem, size.max(1)),
         })
     }
 

@@ -24,6 +24,63 @@ use crate::scheduler::{ArrivalCounter, Completion, Control, GpuQueue, Job};
 use crate::stats::WaitSamples;
 use crate::sync::lock;
 
+/// Most chains (valid or refused) one pump takes before it yields back to
+/// the ring thread's event loop: a refused chain costs the ring thread as
+/// much as a valid one, so refusals are charged to this budget too.
+/// docs/scheduling.md has the bound.
+pub const PUMP_BUDGET: usize = 64;
+
+/// At most one line per this interval about a VM's refused chains; the rest
+/// are counted and summed up in the next line.
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Rate limit for what a bad ring writes to the log.
+#[derive(Debug)]
+pub struct LogLimit {
+    window_start: Option<Instant>,
+    suppressed: u64,
+}
+
+/// What to do with one event under a [`LogLimit`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum LogDecision {
+    /// Log it; `suppressed` lines were dropped since the last one.
+    Log { suppressed: u64 },
+    /// Drop it (counted).
+    Drop,
+}
+
+impl LogLimit {
+    pub const fn new() -> LogLimit {
+        LogLimit {
+            window_start: None,
+            suppressed: 0,
+        }
+    }
+
+    /// One event at `now`: the first of each interval is logged.
+    pub fn check(&mut self, now: Instant) -> LogDecision {
+        match self.window_start {
+            Some(start) if now.saturating_duration_since(start) < REFUSAL_LOG_INTERVAL => {
+                self.suppressed += 1;
+                LogDecision::Drop
+            }
+            _ => {
+                self.window_start = Some(now);
+                LogDecision::Log {
+                    suppressed: std::mem::take(&mut self.suppressed),
+                }
+            }
+        }
+    }
+}
+
+impl Default for LogLimit {
+    fn default() -> Self {
+        LogLimit::new()
+    }
+}
+
 /// What the host assigned to a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmSettings {
@@ -149,6 +206,8 @@ pub struct Vm {
     /// Times a pump stopped at the cap.
     backpressure: AtomicU64,
     waits: Mutex<WaitSamples>,
+    /// What the VM's refused chains may write to the log.
+    refusal_log: Mutex<LogLimit>,
     /// How long the ring thread polls after its last progress (0: never).
     poll: Duration,
     metrics: Arc<Metrics>,
@@ -179,6 +238,7 @@ impl Vm {
             errors: AtomicU64::new(0),
             backpressure: AtomicU64::new(0),
             waits: Mutex::default(),
+            refusal_log: Mutex::default(),
             poll,
             metrics,
         })
@@ -379,9 +439,14 @@ impl Vm {
     /// after the last progress, so that a busy VM's requests and
     /// completions need no wake-up (each costs several microseconds). Idle,
     /// the thread sleeps on its eventfds as before.
+    ///
+    /// A pump that spends its budget ([`PUMP_BUDGET`]) has woken the ring
+    /// thread again and `serve` returns at once, so that the event loop
+    /// (completions, the frontend's exit) runs between budgets.
     pub fn serve<R: Ring>(self: &Arc<Self>, ring: &R, link: &Arc<Link>) {
-        let mut progress = self.pump(ring, link) + self.reap(ring, link);
-        if self.poll.is_zero() {
+        let pumped = self.pump(ring, link);
+        let mut progress = pumped + self.reap(ring, link);
+        if self.poll.is_zero() || pumped >= PUMP_BUDGET {
             return;
         }
         lock(&link.inbox).polling = true;
@@ -401,7 +466,12 @@ impl Vm {
             } else {
                 std::hint::spin_loop();
             }
-            progress = self.reap(ring, link) + self.pump(ring, link);
+            let reaped = self.reap(ring, link);
+            let pumped = self.pump(ring, link);
+            progress = reaped + pumped;
+            if pumped >= PUMP_BUDGET {
+                break;
+            }
         }
         lock(&link.inbox).polling = false;
         // A chain finished between the last look and the flag going down
@@ -410,8 +480,11 @@ impl Vm {
     }
 
     /// Takes chains off the ring while the VM is under its cap; refused
-    /// chains are answered at once, valid ones go to the scheduler. Runs on
-    /// the VM's ring thread; returns how many chains it took.
+    /// chains are answered at once, valid ones go to the scheduler. Takes at
+    /// most [`PUMP_BUDGET`] chains, refused ones included; at the budget it
+    /// wakes the ring thread (the rest is taken on the next turn of its
+    /// event loop). Runs on the VM's ring thread; returns how many chains it
+    /// took.
     pub fn pump<R: Ring>(self: &Arc<Self>, ring: &R, link: &Arc<Link>) -> usize {
         let mut total = 0usize;
         let mut answered = false;
@@ -422,6 +495,12 @@ impl Vm {
             let mut took = 0usize;
             loop {
                 if self.stopping.load(Ordering::Acquire) || self.is_retired() {
+                    blocked = true;
+                    break;
+                }
+                if total >= PUMP_BUDGET {
+                    // Yield: the event loop calls serve again.
+                    link.frontend.wake();
                     blocked = true;
                     break;
                 }
@@ -518,7 +597,7 @@ impl Vm {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 let used = match (outcome, &resp) {
                     (Err((err, tag)), Some(resp)) => {
-                        log::debug!("vm{}: chain {} refused: {err}", s.vm_id, taken.head);
+                        self.log_refusal(format_args!("chain {} refused: {err}", taken.head));
                         let hdr = Parsed::refusal(err, tag);
                         if self.metrics.is_enabled() {
                             self.metrics.refused(&self.labels(), None, hdr.status);
@@ -530,16 +609,30 @@ impl Vm {
                             let bad = Status::BadRequest as u32;
                             self.metrics.refused(&self.labels(), None, bad);
                         }
-                        log::debug!(
-                            "vm{}: chain {} has no room for a response",
-                            s.vm_id,
+                        self.log_refusal(format_args!(
+                            "chain {} has no room for a response",
                             taken.head
-                        );
+                        ));
                         0
                     }
                 };
                 ring.add_used(taken.head, used);
                 true
+            }
+        }
+    }
+
+    /// Logs a refused chain, at most once per [`REFUSAL_LOG_INTERVAL`] per
+    /// VM: a ring full of garbage must not fill the host's log.
+    fn log_refusal(&self, what: std::fmt::Arguments<'_>) {
+        if let LogDecision::Log { suppressed } = lock(&self.refusal_log).check(Instant::now()) {
+            if suppressed > 0 {
+                log::warn!(
+                    "vm{}: {what} ({suppressed} more refused chain(s) not logged)",
+                    self.id()
+                );
+            } else {
+                log::warn!("vm{}: {what}", self.id());
             }
         }
     }
@@ -856,6 +949,44 @@ mod tests {
         assert!(ring.used.lock().unwrap().is_empty());
         assert_eq!(f.vm.stats().done, 1);
         f.gpu.shutdown();
+    }
+
+    #[test]
+    fn a_pump_takes_at_most_its_budget_of_refused_chains_then_wakes_its_thread() {
+        let f = fixture(2);
+        let n = PUMP_BUDGET as u16 * 2 + 5;
+        let ring = MockRing::new(usize::from(n));
+        for head in 0..n {
+            ring.offer_hdr(head, ReqHdr::new(0x7777, u64::from(head), 0), &[]);
+        }
+        assert_eq!(f.vm.pump(&ring, &f.link), PUMP_BUDGET);
+        assert_eq!(ring.used.lock().unwrap().len(), PUMP_BUDGET);
+        // It asked its ring thread for another turn.
+        f.wakes.recv_timeout(Duration::from_secs(10)).unwrap();
+        f.vm.serve(&ring, &f.link);
+        f.wakes.recv_timeout(Duration::from_secs(10)).unwrap();
+        f.vm.serve(&ring, &f.link);
+        assert_eq!(ring.used.lock().unwrap().len(), usize::from(n));
+        assert!(ring.avail.lock().unwrap().is_empty());
+        f.gpu.shutdown();
+    }
+
+    #[test]
+    fn refusals_are_logged_at_most_once_per_interval() {
+        let mut l = LogLimit::new();
+        let t0 = Instant::now();
+        assert_eq!(l.check(t0), LogDecision::Log { suppressed: 0 });
+        for i in 1..1000u32 {
+            assert_eq!(
+                l.check(t0 + Duration::from_micros(u64::from(i))),
+                LogDecision::Drop
+            );
+        }
+        assert_eq!(
+            l.check(t0 + REFUSAL_LOG_INTERVAL),
+            LogDecision::Log { suppressed: 999 }
+        );
+        assert_eq!(l.check(t0 + REFUSAL_LOG_INTERVAL), LogDecision::Drop);
     }
 
     #[test]

@@ -665,3 +665,113 @@ fn works_without_event_idx() {
         assert_eq!(g.wait_all(&heads, T).unwrap().len(), 8);
     }
 }
+
+/// Issue 11, stall through the completion path: two VMs on one GPU,
+/// `--max-queued 2`; the low VM has two BUSY_WAITs of 300 ms queued and
+/// floods its ring with chains that are expensive to refuse (one indirect
+/// descriptor each, to a table of 65,535 one-byte descriptors). The high
+/// VM's PING is answered, and the low VM's own finished BUSY_WAITs come
+/// back, while the flood still goes on (before its last chain is consumed).
+/// No timing threshold: the flood ends when both have been seen, or after
+/// `VGPU_TEST_FLOOD_CHAINS` chains (default 200,000), which fails the test.
+#[test]
+fn a_flood_of_expensive_malformed_chains_stalls_nobody() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let d = DaemonProc::start(&[(1, "A", "low"), (2, "A", "high")], &["--max-queued", "2"]);
+    let flood_max: u64 = std::env::var("VGPU_TEST_FLOOD_CHAINS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let ping_answered = Arc::new(AtomicBool::new(false));
+    let flood_started = Arc::new(AtomicBool::new(false));
+    let mut high = d.guest(2);
+    let sock = d.socket(1);
+    let (answered, started) = (ping_answered.clone(), flood_started.clone());
+    let low = std::thread::spawn(move || {
+        let opts = SimOptions {
+            queue_size: 1024,
+            ..Default::default()
+        };
+        let mut g = vgpu_sim::SimGuest::connect_retry(&sock, opts, T).unwrap();
+        const ENTRIES: u32 = 65_535;
+        let table = vgpu_sim::DATA_BASE + (8 << 20);
+        let mut raw = Vec::with_capacity(16 * ENTRIES as usize);
+        for i in 0..ENTRIES {
+            let addr = vgpu_sim::DATA_BASE + 0x10_0000 + u64::from(i % 4096);
+            let flags: u16 = if i + 1 < ENTRIES { 1 } else { 0 }; // NEXT
+            raw.extend_from_slice(&addr.to_le_bytes());
+            raw.extend_from_slice(&1u32.to_le_bytes());
+            raw.extend_from_slice(&flags.to_le_bytes());
+            raw.extend_from_slice(&((i + 1) as u16).to_le_bytes());
+        }
+        g.write(table, &raw).unwrap();
+        let busy = ReqHdr::new(Opcode::BusyWait as u16, 1, 8);
+        let payload = busy_payload(Duration::from_millis(300));
+        // Heads of the BUSY_WAITs not yet back (a head is reused once back).
+        let mut busy_heads: Vec<u16> = (0..2)
+            .map(|slot| g.submit(slot, &busy, &payload, 0).unwrap())
+            .collect();
+        let mut busy_back_during_flood = 0;
+        let (mut added, mut consumed) = (0u64, 0u64);
+        let mut ping_during_flood = false;
+        let mut limit = flood_max;
+        while consumed < limit || !busy_heads.is_empty() {
+            while added < limit && g.free_descriptors() > 0 {
+                g.add_indirect_table(table, ENTRIES).unwrap();
+                added += 1;
+            }
+            g.kick().unwrap();
+            let used = match g.wait_used(Duration::from_millis(20)) {
+                Ok(u) => u,
+                Err(vgpu_sim::Error::Timeout(_)) => Vec::new(),
+                Err(e) => panic!("low VM: {e}"),
+            };
+            for u in used {
+                match busy_heads.iter().position(|&h| h == u.head) {
+                    // Back while flood chains are still to be consumed?
+                    Some(at) => {
+                        busy_heads.remove(at);
+                        if consumed < flood_max {
+                            busy_back_during_flood += 1;
+                        }
+                    }
+                    None => {
+                        consumed += 1;
+                        started.store(true, Ordering::Release);
+                    }
+                }
+            }
+            if !ping_during_flood && answered.load(Ordering::Acquire) {
+                ping_during_flood = consumed < flood_max;
+            }
+            // Both seen: stop the flood, drain what is in the ring.
+            if ping_during_flood && busy_back_during_flood == 2 {
+                limit = added;
+            }
+        }
+        (
+            ping_during_flood,
+            busy_back_during_flood,
+            consumed,
+            ping(&mut g),
+        )
+    });
+    while !flood_started.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let h = ping(&mut high);
+    ping_answered.store(true, Ordering::Release);
+    assert_eq!(status(&h), Status::Ok);
+    let (ping_during_flood, busy_back, consumed, low_ping) = low.join().unwrap();
+    assert!(
+        ping_during_flood,
+        "the high VM's PING was answered only after the flood ({consumed} chains)"
+    );
+    assert_eq!(
+        busy_back, 2,
+        "the low VM's finished BUSY_WAITs came back only after the flood ({consumed} chains)"
+    );
+    assert_eq!(status(&low_ping), Status::Ok);
+}

@@ -358,6 +358,21 @@ impl SimGuest {
         Ok(self.publish(vec![head]))
     }
 
+    /// Puts a chain on the avail ring as one indirect descriptor pointing at
+    /// a table of `entries` descriptors already written at `table` (a table
+    /// may be shared by many chains: the device only reads it).
+    pub fn add_indirect_table(&mut self, table: u64, entries: u32) -> Result<u16> {
+        let head = self.free.pop().ok_or(Error::RingFull)?;
+        let d = Desc::r(table, entries.saturating_mul(16));
+        self.write_desc(head, &d, None, VRING_DESC_F_INDIRECT as u16)?;
+        Ok(self.publish(vec![head]))
+    }
+
+    /// Free descriptors in the ring's table.
+    pub fn free_descriptors(&self) -> usize {
+        self.free.len()
+    }
+
     fn publish(&mut self, idx: Vec<u16>) -> u16 {
         let head = idx[0];
         let n = self.opts.queue_size;
