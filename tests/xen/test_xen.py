@@ -357,8 +357,8 @@ def hook_pre_start_sets_args_and_waits_for_socket():
         args = e.load()["vms"][UUID]["platform"]["device-model-args"]
         sd = e.env["VGPU_SOCKET_DIR"]
         assert args == ("-chardev socket,id=vgpu{0},path={1}/vm{0}.sock "
-                        "-device vhost-user-vgpu-pci,chardev=vgpu{0} "
-                        "-device vgpu-stub,pool_id=B,priority=2,vm_id={0}").format(vm_id, sd), args
+                        "-device vhost-user-vgpu-pci,id=vgpu{0},chardev=vgpu{0} "
+                        "-device vgpu-stub,vgpu=vgpu{0},pool_id=B,priority=2,vm_id={0}").format(vm_id, sd), args
         # Unchanged on the next start: no second vm-param-set.
         n = sum(1 for c in e.load()["calls"] if c[:2] == ["xe", "vm-param-set"])
         r = e.hook("vm-pre-start", "-vmuuid", UUID, "-reason", "start")

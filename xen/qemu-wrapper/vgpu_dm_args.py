@@ -13,8 +13,8 @@ an argv list for QEMU, safely:
 * only the argument shapes vgpu needs are accepted, all or nothing:
 
     -chardev socket,id=vgpuN,path=<socket dir>/vmN.sock[,reconnect=S]
-    -device vhost-user-vgpu-pci,chardev=vgpuN[,vectors=V][,addr=0xSS]
-    -device vgpu-stub,pool_id=X,priority=P,vm_id=N[,addr=0xSS]
+    -device vhost-user-vgpu-pci[,id=vgpuN],chardev=vgpuN[,vectors=V][,addr=0xSS]
+    -device vgpu-stub[,vgpu=vgpuN],pool_id=X,priority=P,vm_id=N[,addr=0xSS]
 
   with N the same VM id everywhere, X one letter A-Z, P 0..2, the socket
   in one of SOCKET_DIRS, at most one vgpu per VM;
@@ -116,6 +116,8 @@ def parse(value, socket_dirs=SOCKET_DIRS):
     seen = {"chardev": 0, "vhost-user-vgpu-pci": 0, "vgpu-stub": 0}
     vm_ids = set()
     used_chardevs = []
+    device_ids = []  # id= of vhost-user-vgpu-pci
+    linked = []  # vgpu= of vgpu-stub
     argv = []
     for opt, val in zip(tokens[0::2], tokens[1::2]):
         if opt == "-chardev":
@@ -140,16 +142,23 @@ def parse(value, socket_dirs=SOCKET_DIRS):
             driver, _, rest = val.partition(",")
             opts = _options(rest, driver or "device") if rest else {}
             if driver == "vhost-user-vgpu-pci":
-                _only(opts, ("chardev", "vectors", "addr"), driver)
+                _only(opts, ("id", "chardev", "vectors", "addr"), driver)
                 if "chardev" not in opts:
                     raise Refused("%s: no chardev" % driver)
                 used_chardevs.append(opts["chardev"])
+                if "id" in opts:
+                    # The stub links to the device by this id (vgpu=).
+                    if opts["id"] != opts["chardev"]:
+                        raise Refused("%s: id '%s' is not its chardev's" % (driver, opts["id"]))
+                    device_ids.append(opts["id"])
                 if "vectors" in opts:
                     _number(opts["vectors"], 1, 32, driver + " vectors")
                 if "addr" in opts:
                     _slot(opts["addr"], driver)
             elif driver == "vgpu-stub":
-                _only(opts, ("pool_id", "priority", "vm_id", "addr"), driver)
+                _only(opts, ("vgpu", "pool_id", "priority", "vm_id", "addr"), driver)
+                if "vgpu" in opts:
+                    linked.append(opts["vgpu"])
                 for k in ("pool_id", "priority", "vm_id"):
                     if k not in opts:
                         raise Refused("%s: no %s" % (driver, k))
@@ -169,6 +178,9 @@ def parse(value, socket_dirs=SOCKET_DIRS):
     for what, count in seen.items():
         if count > 1:
             raise Refused("%s given %d times; one vgpu per VM" % (what, count))
+    for d in linked:
+        if d not in device_ids:
+            raise Refused("vgpu-stub: vgpu '%s' is not a vhost-user-vgpu-pci id given here" % d)
     for c in used_chardevs:
         if c not in chardevs:
             raise Refused("vhost-user-vgpu-pci: chardev '%s' is not a vgpu socket defined here" % c)
