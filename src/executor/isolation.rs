@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use super::cuda::{CudaExecutor, CudaStats, RemotingExecutor};
 use super::worker::{self, VmWorker, WORKER_BIN};
-use super::{Executor, Request, Tenant};
+use super::{Executor, Registrar, Registration, Request, Tenant};
 use crate::bytes::{Reader, Writer};
 use crate::guest::GuestMem;
 use crate::protocol::{DeviceInfo, Status};
@@ -206,5 +206,17 @@ impl<E: Executor> Executor for Isolated<E> {
 
     fn map_guest_memory(&mut self, vm_id: u32, mem: &Arc<GuestMem>) {
         self.inner.map_guest_memory(vm_id, mem)
+    }
+
+    fn registrar(&self) -> Option<Arc<dyn Registrar>> {
+        self.inner.registrar()
+    }
+
+    fn attach_memory(&mut self, vm_id: u32, reg: Registration) -> Option<Registration> {
+        self.inner.attach_memory(vm_id, reg)
+    }
+
+    fn detach_memory(&mut self, vm_id: u32) -> Option<Registration> {
+        self.inner.detach_memory(vm_id)
     }
 }
