@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,24 +14,6 @@ use vgpu_sim::{SimGuest, SimOptions};
 const UUID1: &str = "11111111-1111-4111-8111-111111111111";
 const UUID2: &str = "22222222-2222-4222-8222-222222222222";
 const UUID3: &str = "33333333-3333-4333-8333-333333333333";
-
-fn admin(db: &Path, dir: &Path, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_vgpu-admin"))
-        .arg("--db")
-        .arg(db)
-        .arg("--socket-dir")
-        .arg(dir)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run vgpu-admin");
-    assert!(
-        out.status.success(),
-        "vgpu-admin {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 struct Db {
     child: Child,

@@ -18,21 +18,7 @@ fn admin_bin() -> &'static str {
 }
 
 fn admin(dir: &Path, args: &[&str]) -> Output {
-    let out = Command::new(admin_bin())
-        .arg("--db")
-        .arg(dir.join("vgpu.db"))
-        .arg("--socket-dir")
-        .arg(dir)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run vgpu-admin");
-    assert!(
-        out.status.success(),
-        "vgpu-admin {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    common::admin(&dir.join("vgpu.db"), dir, args)
 }
 
 /// A tmux server of our own (its own socket), killed when dropped.

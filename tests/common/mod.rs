@@ -118,3 +118,23 @@ pub fn ping(g: &mut SimGuest) -> RespHdr {
 }
 
 pub const T: Duration = Duration::from_secs(30);
+
+/// Runs `vgpu-admin` on database `db` and socket directory `dir`; it must
+/// succeed.
+pub fn admin(db: &Path, dir: &Path, args: &[&str]) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_vgpu-admin"))
+        .arg("--db")
+        .arg(db)
+        .arg("--socket-dir")
+        .arg(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vgpu-admin");
+    assert!(
+        out.status.success(),
+        "vgpu-admin {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
