@@ -34,6 +34,48 @@ pub enum Error {
     Protocol(#[from] protocol::Error),
 }
 
+/// Whether a VM's guest memory is registered with the CUDA driver (all of
+/// it pinned, copies DMA straight from guest pages) or left pageable (copies
+/// staged through the executor's pinned buffer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Register {
+    /// Register (pin) the whole guest RAM for zero-copy DMA.
+    All,
+    /// Register nothing: every copy is staged; nothing of the VM is pinned.
+    Staging,
+}
+
+impl Register {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Register::All => "all",
+            Register::Staging => "staging",
+        }
+    }
+
+    pub fn registers(self) -> bool {
+        self == Register::All
+    }
+}
+
+impl std::fmt::Display for Register {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Register {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "all" => Ok(Register::All),
+            "staging" => Ok(Register::Staging),
+            other => Err(format!("register '{other}' is not all or staging")),
+        }
+    }
+}
+
 /// The keys of config/vgpu.toml; in a file that overrides the defaults,
 /// every key is optional.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -43,6 +85,7 @@ pub struct FileConfig {
     pub exec_limit_ms: Option<u64>,
     pub max_queued: Option<usize>,
     pub gpu_mem_quota_mib: Option<u64>,
+    pub register: Option<Register>,
     pub policy: Option<String>,
     pub aging_step_ms: Option<u64>,
     pub poll_us: Option<u64>,
@@ -79,6 +122,7 @@ impl FileConfig {
             exec_limit_ms: other.exec_limit_ms.or(self.exec_limit_ms),
             max_queued: other.max_queued.or(self.max_queued),
             gpu_mem_quota_mib: other.gpu_mem_quota_mib.or(self.gpu_mem_quota_mib),
+            register: other.register.or(self.register),
             policy: other.policy.or(self.policy),
             aging_step_ms: other.aging_step_ms.or(self.aging_step_ms),
             poll_us: other.poll_us.or(self.poll_us),
@@ -100,6 +144,7 @@ impl FileConfig {
 pub struct VmDefaults {
     pub max_queued: usize,
     pub gpu_mem_quota_mib: u64,
+    pub register: Register,
 }
 
 impl VmDefaults {
@@ -109,6 +154,7 @@ impl VmDefaults {
         Ok(VmDefaults {
             max_queued: required(f.max_queued, "max_queued")?,
             gpu_mem_quota_mib: required(f.gpu_mem_quota_mib, "gpu_mem_quota_mib")?,
+            register: required(f.register, "register")?,
         })
     }
 }
@@ -125,17 +171,19 @@ pub struct VmSpec {
     pub priority: Priority,
     pub socket: PathBuf,
     pub max_queued: Option<usize>,
+    pub register: Option<Register>,
 }
 
 impl FromStr for VmSpec {
     type Err = Error;
-    /// `id=1,pool=A,priority=high,socket=/run/vgpu/vm1.sock[,max-queued=64]`
+    /// `id=1,pool=A,priority=high,socket=/run/vgpu/vm1.sock[,max-queued=64][,register=all|staging]`
     fn from_str(spec: &str) -> Result<Self, Error> {
         let bad = |msg: String| Error::VmSpec {
             spec: spec.to_string(),
             msg,
         };
         let (mut id, mut pool, mut prio, mut socket, mut maxq) = (None, None, None, None, None);
+        let mut register = None;
         for part in spec.split(',').filter(|p| !p.is_empty()) {
             let (k, v) = part
                 .split_once('=')
@@ -150,6 +198,7 @@ impl FromStr for VmSpec {
                 "max-queued" | "max_queued" => {
                     maxq = Some(parse_max_queued(v).map_err(bad)?);
                 }
+                "register" => register = Some(v.parse::<Register>().map_err(bad)?),
                 other => return Err(bad(format!("unknown key '{other}'"))),
             }
         }
@@ -159,6 +208,7 @@ impl FromStr for VmSpec {
             priority: prio.unwrap_or(Priority::Medium),
             socket: socket.ok_or_else(|| bad("missing socket=".into()))?,
             max_queued: maxq,
+            register,
         })
     }
 }
@@ -202,6 +252,8 @@ pub struct DaemonConfig {
     pub max_queued: usize,
     /// Device memory a VM's CUDA remoting may hold, in bytes.
     pub gpu_mem_quota: u64,
+    /// Registration of a VM's guest memory, for VMs that do not set it.
+    pub register: Register,
     pub policy: Policy,
     /// How long a VM's ring thread keeps polling after its last progress.
     pub poll: Duration,
@@ -257,6 +309,7 @@ impl DaemonConfig {
             ),
             max_queued,
             gpu_mem_quota: quota_mib.saturating_mul(1 << 20),
+            register: required(file.register, "register")?,
             policy,
             poll: Duration::from_micros(required(file.poll_us, "poll_us")?),
             pool_gpu,

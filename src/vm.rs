@@ -91,6 +91,8 @@ pub struct VmSettings {
     pub max_queued: usize,
     /// Device memory the VM's CUDA remoting may hold, in bytes.
     pub gpu_mem_quota: u64,
+    /// Whether its guest memory is registered for DMA, or staged.
+    pub register: crate::config::Register,
 }
 
 impl VmSettings {
@@ -282,6 +284,15 @@ impl Vm {
                 gpu.control(Control::MapMemory {
                     vm_id: settings.vm_id,
                     mem,
+                    register: settings.register.registers(),
+                });
+            }
+        } else if old.register != settings.register {
+            if let Some(mem) = lock(&self.mem).clone() {
+                gpu.control(Control::MapMemory {
+                    vm_id: settings.vm_id,
+                    mem,
+                    register: settings.register.registers(),
                 });
             }
         }
@@ -364,9 +375,11 @@ impl Vm {
 
     pub fn map_memory(&self, mem: Arc<GuestMem>) {
         *lock(&self.mem) = Some(mem.clone());
+        let register = self.settings().register.registers();
         self.gpu().control(Control::MapMemory {
             vm_id: self.id(),
             mem,
+            register,
         });
     }
 
@@ -821,6 +834,7 @@ mod tests {
             priority: Priority::Medium,
             max_queued,
             gpu_mem_quota: 0,
+            register: crate::config::Register::All,
         }
     }
 

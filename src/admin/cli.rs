@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::qemu;
 use super::scan;
 use super::store::{self, Change, NewPool, NewVm, Store, VmChange, VmRecord, VmRef, VmUuid};
-use crate::config::VmDefaults;
+use crate::config::{Register, VmDefaults};
 use crate::control::{self, VmStatus};
 use crate::protocol::{PoolId, Priority};
 
@@ -133,6 +133,11 @@ pub enum Command {
         max_queued: Option<u32>,
         #[arg(long)]
         gpu_mem_quota_mib: Option<u64>,
+        /// Registration of the VM's guest memory with the CUDA driver: `all`
+        /// pins the whole guest RAM for zero-copy DMA, `staging` pins
+        /// nothing and stages every copy (docs/gpu.md). Applies at once.
+        #[arg(long, value_enum)]
+        register: Option<Register>,
     },
     /// Remove a VM from the database.
     RemoveVm { vm: VmRef },
@@ -369,6 +374,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), Error> {
             priority,
             max_queued,
             gpu_mem_quota_mib,
+            register,
         } => {
             let change = VmChange {
                 vm_id: None,
@@ -381,6 +387,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), Error> {
                 priority: *priority,
                 max_queued: *max_queued,
                 gpu_mem_quota_mib: *gpu_mem_quota_mib,
+                register: *register,
             };
             let c = store.update_vm(vm, &change)?;
             print_change(out, &c)?;
@@ -605,6 +612,7 @@ fn show_vm(out: &mut dyn Write, vm: &VmRecord, socket_dir: &Path) -> io::Result<
         ),
         ("max_queued", vm.max_queued.to_string()),
         ("gpu_mem_quota_mib", vm.gpu_mem_quota_mib.to_string()),
+        ("register", vm.register.to_string()),
         (
             "socket",
             crate::config::vm_socket(socket_dir, vm.vm_id)
@@ -644,6 +652,7 @@ fn print_change(out: &mut dyn Write, c: &Change<VmRecord>) -> io::Result<()> {
         b.gpu_mem_quota_mib.to_string(),
         a.gpu_mem_quota_mib.to_string(),
     );
+    diff("register", b.register.to_string(), a.register.to_string());
     if parts.is_empty() {
         parts.push("unchanged".into());
     }

@@ -139,6 +139,7 @@ mod tests {
             priority: Priority::High,
             max_queued: 64,
             gpu_mem_quota_mib: 4096,
+            register: crate::config::Register::All,
             gpu_index: 0,
             created_at: String::new(),
             updated_at: String::new(),

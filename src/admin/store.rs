@@ -14,11 +14,14 @@ use std::time::Duration;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior};
 use serde::Serialize;
 
-use crate::config::VmDefaults;
+use crate::config::{Register, VmDefaults};
 use crate::protocol::{DeviceConfig, PoolId, Priority};
 
 /// Migrations in order; migration `i` brings the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[include_str!("../../config/migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../config/migrations/0001_init.sql"),
+    include_str!("../../config/migrations/0002_register.sql"),
+];
 
 /// How long a connection waits for another writer before giving up.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -217,6 +220,9 @@ pub struct VmRecord {
     pub priority: Priority,
     pub max_queued: u32,
     pub gpu_mem_quota_mib: u64,
+    /// Registration of its guest memory: all (pinned, DMA) or staging.
+    #[serde(serialize_with = "ser_display")]
+    pub register: Register,
     /// GPU of the VM's pool.
     pub gpu_index: u32,
     pub created_at: String,
@@ -260,6 +266,7 @@ pub struct NewVm {
     pub priority: Priority,
     pub max_queued: u32,
     pub gpu_mem_quota_mib: u64,
+    pub register: Register,
 }
 
 impl NewVm {
@@ -273,6 +280,7 @@ impl NewVm {
             priority,
             max_queued: u32::try_from(defaults.max_queued).unwrap_or(u32::MAX),
             gpu_mem_quota_mib: defaults.gpu_mem_quota_mib,
+            register: defaults.register,
         }
     }
 }
@@ -287,6 +295,7 @@ pub struct VmChange {
     pub priority: Option<Priority>,
     pub max_queued: Option<u32>,
     pub gpu_mem_quota_mib: Option<u64>,
+    pub register: Option<Register>,
 }
 
 impl VmChange {
@@ -331,7 +340,7 @@ pub struct Change<T> {
 }
 
 const VM_SELECT: &str = "SELECT v.uuid, v.vm_id, v.name, v.pool_id, v.priority, v.max_queued, \
-     v.gpu_mem_quota_mib, p.gpu_index, v.created_at, v.updated_at \
+     v.gpu_mem_quota_mib, p.gpu_index, v.created_at, v.updated_at, v.register \
      FROM vms v JOIN pools p ON p.id = v.pool_id";
 
 const POOL_SELECT: &str = "SELECT p.id, p.name, p.gpu_index, p.description, \
@@ -368,6 +377,10 @@ fn vm_from_row(row: &Row) -> Result<VmRecord> {
         gpu_index: get_u32(row, 7, "gpu_index")?,
         created_at: row.get(8)?,
         updated_at: row.get(9)?,
+        register: {
+            let r: String = row.get(10)?;
+            r.parse().map_err(|_| corrupt("register", &r))?
+        },
     })
 }
 
@@ -639,8 +652,8 @@ impl Store {
             None => next_free_vm_id(&tx)?,
         };
         tx.execute(
-            "INSERT INTO vms (uuid, vm_id, name, pool_id, priority, max_queued, gpu_mem_quota_mib) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO vms (uuid, vm_id, name, pool_id, priority, max_queued, gpu_mem_quota_mib, \
+             register) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 new.uuid.as_str(),
                 vm_id,
@@ -648,7 +661,8 @@ impl Store {
                 new.pool.to_string(),
                 new.priority as u32,
                 new.max_queued,
-                quota
+                quota,
+                new.register.as_str()
             ],
         )?;
         let rec = find_vm_in(&tx, &VmRef::Uuid(new.uuid.clone()))?;
@@ -693,7 +707,8 @@ impl Store {
         tx.execute(
             &format!(
                 "UPDATE vms SET vm_id = ?1, name = ?2, pool_id = ?3, priority = ?4, \
-                 max_queued = ?5, gpu_mem_quota_mib = ?6, updated_at = {NOW} WHERE uuid = ?7"
+                 max_queued = ?5, gpu_mem_quota_mib = ?6, register = ?8, updated_at = {NOW} \
+                 WHERE uuid = ?7"
             ),
             params![
                 change.vm_id.unwrap_or(before.vm_id),
@@ -702,7 +717,8 @@ impl Store {
                 change.priority.unwrap_or(before.priority) as u32,
                 change.max_queued.unwrap_or(before.max_queued),
                 quota,
-                before.uuid.as_str()
+                before.uuid.as_str(),
+                change.register.unwrap_or(before.register).as_str()
             ],
         )?;
         let after = find_vm_in(&tx, &VmRef::Uuid(before.uuid.clone()))?;
@@ -801,6 +817,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().join("sub/dir/vgpu.db")).unwrap();
         (dir, store)
+    }
+
+    /// A database of schema 1 with a VM in it migrates to the current
+    /// schema, and the VM keeps registering its memory (register = all).
+    #[test]
+    fn migration_2_adds_register() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                &format!("INSERT INTO vms (uuid, vm_id) VALUES ('{U1}', 5)"),
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as u32);
+        let v = store.find_vm(&vm_ref("5")).unwrap();
+        assert_eq!(v.register, Register::All);
+        // The schema refuses anything but all and staging.
+        assert!(store
+            .conn
+            .execute("UPDATE vms SET register = 'some' WHERE vm_id = 5", [])
+            .is_err());
     }
 
     fn new_vm(uuid: &str) -> NewVm {
@@ -1034,6 +1077,18 @@ mod tests {
             .unwrap();
         assert_eq!(c.after.name.as_deref(), Some("web"));
         assert_eq!((c.after.max_queued, c.after.gpu_mem_quota_mib), (2, 1));
+        assert_eq!(c.after.register, Register::All);
+        let c = s
+            .update_vm(
+                &vm_ref("7"),
+                &VmChange {
+                    register: Some(Register::Staging),
+                    ..VmChange::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(c.after.register, Register::Staging);
+        assert_eq!(s.find_vm(&vm_ref("7")).unwrap().register, Register::Staging);
         // Keeping its own vm_id or name is not a conflict; taking another's is.
         s.set_vm_id(&vm_ref("web"), 7).unwrap();
         assert!(matches!(
@@ -1145,6 +1200,7 @@ mod tests {
                 d.gpu_mem_quota_mib
             )
         );
+        assert_eq!(v.register, d.register);
     }
 
     #[test]

@@ -103,6 +103,7 @@ fn file_config(cli: &Cli) -> Result<FileConfig, Box<dyn std::error::Error>> {
         exec_limit_ms: cli.exec_limit_ms,
         max_queued: cli.max_queued,
         gpu_mem_quota_mib: None,
+        register: None,
         policy: cli.aging_ms.map(|_| "aging".to_string()),
         aging_step_ms: cli.aging_ms,
         poll_us: cli.poll_us,
@@ -121,6 +122,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             priority: cli.priority,
             socket: socket.clone(),
             max_queued: None,
+            register: None,
         });
     }
     if vms.is_empty() {

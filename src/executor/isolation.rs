@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use super::cuda::{CudaExecutor, CudaStats, RemotingExecutor};
 use super::worker::{self, VmWorker, WORKER_BIN};
-use super::{Executor, ExecutorCounters, Request, Tenant};
+use super::{Executor, ExecutorCounters, Registrar, Registration, Request, Tenant};
 use crate::bytes::{Reader, Writer};
 use crate::guest::GuestMem;
 use crate::protocol::{DeviceInfo, Status};
@@ -214,5 +214,17 @@ impl<E: Executor> Executor for Isolated<E> {
             worker_faults: self.faulted,
             ..self.inner.counters()
         }
+    }
+
+    fn registrar(&self) -> Option<Arc<dyn Registrar>> {
+        self.inner.registrar()
+    }
+
+    fn attach_memory(&mut self, vm_id: u32, reg: Registration) -> Option<Registration> {
+        self.inner.attach_memory(vm_id, reg)
+    }
+
+    fn detach_memory(&mut self, vm_id: u32) -> Option<Registration> {
+        self.inner.detach_memory(vm_id)
     }
 }

@@ -21,8 +21,11 @@ use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys::{self, CUdeviceptr};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
+use cudarc::driver::CudaContext;
+
 use super::{bind, check, CudaExecutor};
 use crate::bytes::{Reader, Writer};
+use crate::executor::{Registrar, Registration};
 use crate::guest::GuestMem;
 use crate::protocol::Status;
 
@@ -133,8 +136,13 @@ impl Grow<Pinned> {
     }
 }
 
-/// A VM's guest memory as registered with the driver.
-struct Registration {
+/// A VM's guest memory as registered with the driver. Dropping it
+/// unregisters the memory (in the context it was registered in), on the
+/// thread that drops it.
+pub struct RegToken {
+    ctx: Arc<CudaContext>,
+    gpu: u32,
+    vm_id: u32,
     mem: Arc<GuestMem>,
     /// Host addresses (and lengths) that cuMemHostRegister accepted.
     regions: Vec<(usize, usize)>,
@@ -142,16 +150,92 @@ struct Registration {
     complete: bool,
 }
 
+impl RegToken {
+    /// Registers every region of `mem` in `ctx`, on the calling thread
+    /// (which it makes `ctx` current on). Pins the whole table.
+    pub fn register(ctx: &Arc<CudaContext>, gpu: u32, vm_id: u32, mem: &Arc<GuestMem>) -> Self {
+        let mut reg = RegToken {
+            ctx: ctx.clone(),
+            gpu,
+            vm_id,
+            mem: mem.clone(),
+            regions: Vec::new(),
+            complete: true,
+        };
+        if let Err(e) = bind(ctx) {
+            log::error!("gpu{gpu}: vm{vm_id}: cannot bind the context to register: {e}");
+            reg.complete = false;
+            return reg;
+        }
+        for region in mem.iter() {
+            let len = region.len() as usize;
+            let addr = match region.get_host_address(MemoryRegionAddress(0)) {
+                Ok(a) => a,
+                Err(e) => {
+                    log::warn!("vm{vm_id}: region without host address: {e}");
+                    reg.complete = false;
+                    continue;
+                }
+            };
+            // SAFETY: `addr..addr+len` is a live mapping held by `mem`, which
+            // the token keeps until it unregisters.
+            match check(unsafe { sys::cuMemHostRegister_v2(addr as *mut c_void, len, 0) }) {
+                Ok(()) => reg.regions.push((addr as usize, len)),
+                Err(e) => {
+                    log::warn!(
+                        "gpu{gpu}: vm{vm_id}: cuMemHostRegister of {len} bytes failed ({e}); staging its copies"
+                    );
+                    reg.complete = false;
+                }
+            }
+        }
+        log::info!(
+            "gpu{gpu}: vm{vm_id}: registered {} of {} guest memory regions ({} MiB)",
+            reg.regions.len(),
+            mem.num_regions(),
+            reg.bytes() >> 20
+        );
+        reg
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.regions.iter().map(|&(_, n)| n as u64).sum()
+    }
+}
+
+impl Drop for RegToken {
+    fn drop(&mut self) {
+        if self.regions.is_empty() {
+            return;
+        }
+        if let Err(e) = bind(&self.ctx) {
+            log::error!(
+                "gpu{}: vm{}: cannot bind the context to unregister: {e}",
+                self.gpu,
+                self.vm_id
+            );
+        }
+        for &(addr, _) in &self.regions {
+            // SAFETY: registered by `register` in this context; `self.mem`
+            // keeps the mapping alive until after this call, and the owner
+            // gave the token up only once no copy used it.
+            if let Err(e) = check(unsafe { sys::cuMemHostUnregister(addr as *mut c_void) }) {
+                log::warn!("vm{}: cuMemHostUnregister({addr:#x}): {e}", self.vm_id);
+            }
+        }
+    }
+}
+
 /// The registered memory tables of the VMs.
 #[derive(Default)]
 pub struct Registrations {
-    regs: HashMap<u32, Registration>,
+    regs: HashMap<u32, RegToken>,
     pub registered_bytes: u64,
 }
 
 impl Registrations {
     /// True when `bytes` (a guest view) lie in memory registered in full.
-    fn zero_copy(&self, vm_id: u32, mem: Option<&Arc<GuestMem>>) -> bool {
+    pub(super) fn zero_copy(&self, vm_id: u32, mem: Option<&Arc<GuestMem>>) -> bool {
         match (self.regs.get(&vm_id), mem) {
             (Some(r), Some(m)) => r.complete && Arc::ptr_eq(&r.mem, m),
             _ => false,
@@ -164,62 +248,39 @@ impl Registrations {
             .is_some_and(|r| Arc::ptr_eq(&r.mem, mem))
     }
 
-    /// Registers every region of `mem` (the context must be current).
-    fn register(&mut self, gpu: u32, vm_id: u32, mem: &Arc<GuestMem>) {
-        let mut reg = Registration {
-            mem: mem.clone(),
-            regions: Vec::new(),
-            complete: true,
-        };
-        for region in mem.iter() {
-            let len = region.len() as usize;
-            let addr = match region.get_host_address(MemoryRegionAddress(0)) {
-                Ok(a) => a,
-                Err(e) => {
-                    log::warn!("vm{vm_id}: region without host address: {e}");
-                    reg.complete = false;
-                    continue;
-                }
-            };
-            // SAFETY: `addr..addr+len` is a live mapping held by `mem`, which
-            // the registration keeps until it unregisters.
-            match check(unsafe { sys::cuMemHostRegister_v2(addr as *mut c_void, len, 0) }) {
-                Ok(()) => {
-                    reg.regions.push((addr as usize, len));
-                    self.registered_bytes += len as u64;
-                }
-                Err(e) => {
-                    log::warn!(
-                        "gpu{gpu}: vm{vm_id}: cuMemHostRegister of {len} bytes failed ({e}); staging its copies"
-                    );
-                    reg.complete = false;
-                }
-            }
+    /// Takes `reg` into use; returns the one it replaces.
+    pub fn insert(&mut self, vm_id: u32, reg: RegToken) -> Option<RegToken> {
+        self.registered_bytes += reg.bytes();
+        let old = self.regs.insert(vm_id, reg);
+        if let Some(o) = &old {
+            self.registered_bytes = self.registered_bytes.saturating_sub(o.bytes());
         }
-        log::info!(
-            "gpu{gpu}: vm{vm_id}: registered {} of {} guest memory regions",
-            reg.regions.len(),
-            mem.num_regions()
-        );
-        self.regs.insert(vm_id, reg);
+        old
     }
 
-    /// Unregisters the VM's table (the context must be current).
-    fn unregister(&mut self, vm_id: u32) {
-        if let Some(reg) = self.regs.remove(&vm_id) {
-            for (addr, len) in reg.regions {
-                // SAFETY: registered by `register`; `reg.mem` keeps the
-                // mapping alive until after this call.
-                if let Err(e) = check(unsafe { sys::cuMemHostUnregister(addr as *mut c_void) }) {
-                    log::warn!("vm{vm_id}: cuMemHostUnregister({addr:#x}): {e}");
-                }
-                self.registered_bytes = self.registered_bytes.saturating_sub(len as u64);
-            }
+    /// Stops using the VM's table and hands it back (not yet unregistered).
+    pub fn take(&mut self, vm_id: u32) -> Option<RegToken> {
+        let old = self.regs.remove(&vm_id);
+        if let Some(o) = &old {
+            self.registered_bytes = self.registered_bytes.saturating_sub(o.bytes());
         }
+        old
     }
 
     pub fn vms(&self) -> Vec<u32> {
         self.regs.keys().copied().collect()
+    }
+}
+
+/// Registers guest memory in the executor's context from another thread.
+pub struct CudaRegistrar {
+    pub ctx: Arc<CudaContext>,
+    pub gpu: u32,
+}
+
+impl Registrar for CudaRegistrar {
+    fn register(&self, vm_id: u32, mem: &Arc<GuestMem>) -> Registration {
+        Box::new(RegToken::register(&self.ctx, self.gpu, vm_id, mem))
     }
 }
 
@@ -229,26 +290,37 @@ impl CudaExecutor {
             return;
         }
         self.unmap_memory(vm_id);
-        if let Err(e) = bind(&self.ctx) {
-            log::error!(
-                "gpu{}: cannot bind context to register: {e}",
-                self.gpu_index
-            );
-            return;
-        }
-        self.regs.register(self.gpu_index, vm_id, mem);
+        let reg = RegToken::register(&self.ctx, self.gpu_index, vm_id, mem);
+        drop(self.regs.insert(vm_id, reg));
         self.stats.registered_bytes = self.regs.registered_bytes;
     }
 
+    /// Unregisters the VM's table here, on the calling thread.
     pub(super) fn unmap_memory(&mut self, vm_id: u32) {
-        if let Err(e) = bind(&self.ctx) {
-            log::error!(
-                "gpu{}: cannot bind context to unregister: {e}",
-                self.gpu_index
-            );
-        }
-        self.regs.unregister(vm_id);
+        drop(self.regs.take(vm_id));
         self.stats.registered_bytes = self.regs.registered_bytes;
+        // Unregistering binds the context on this thread: keep it current.
+        let _ = bind(&self.ctx);
+    }
+
+    /// Takes a registration made by [`CudaRegistrar`] into use.
+    pub(super) fn attach(&mut self, vm_id: u32, reg: Registration) -> Option<Registration> {
+        match reg.downcast::<RegToken>() {
+            Ok(tok) if Arc::ptr_eq(&tok.ctx, &self.ctx) => {
+                let old = self.regs.insert(vm_id, *tok);
+                self.stats.registered_bytes = self.regs.registered_bytes;
+                old.map(|o| Box::new(o) as Registration)
+            }
+            Ok(tok) => Some(tok as Registration),
+            Err(other) => Some(other),
+        }
+    }
+
+    /// Hands the VM's registration back, still registered.
+    pub(super) fn detach(&mut self, vm_id: u32) -> Option<Registration> {
+        let old = self.regs.take(vm_id);
+        self.stats.registered_bytes = self.regs.registered_bytes;
+        old.map(|o| Box::new(o) as Registration)
     }
 
     fn log_staging(&mut self, why: &str) {

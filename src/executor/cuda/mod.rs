@@ -28,7 +28,9 @@ use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 
-use super::{ops, past_limit, Executor, ExecutorCounters, Request, Tenant};
+use super::{
+    ops, past_limit, Executor, ExecutorCounters, Registrar, Registration, Request, Tenant,
+};
 use crate::bytes::{Reader, Writer};
 use crate::guest::GuestMem;
 use crate::protocol::{DeviceInfo, ExecutorKind, Opcode, Status};
@@ -39,7 +41,7 @@ pub use remoting::{RemotingExecutor, RemotingStats};
 
 use batch::Batch;
 use kernels::Kernels;
-use memory::{Device, Grow, Pinned, Registrations};
+use memory::{CudaRegistrar, Device, Grow, Pinned, Registrations};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -293,6 +295,21 @@ impl Executor for CudaExecutor {
             registered_bytes: self.stats.registered_bytes,
             ..ExecutorCounters::default()
         }
+    }
+
+    fn registrar(&self) -> Option<Arc<dyn Registrar>> {
+        Some(Arc::new(CudaRegistrar {
+            ctx: self.ctx.clone(),
+            gpu: self.gpu_index,
+        }))
+    }
+
+    fn attach_memory(&mut self, vm_id: u32, reg: Registration) -> Option<Registration> {
+        self.attach(vm_id, reg)
+    }
+
+    fn detach_memory(&mut self, vm_id: u32) -> Option<Registration> {
+        self.detach(vm_id)
     }
 }
 

@@ -184,6 +184,7 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
             priority: priority_of(id),
             socket: vgpu::config::vm_socket(&dir, id),
             max_queued: Some(p.window),
+            register: None,
         })
         .collect();
     let mut cfg = DaemonConfig::resolve(FileConfig::embedded()?, vms.clone())?;

@@ -47,6 +47,7 @@ pub fn run(o: &Opts) -> Res<()> {
             priority: Priority::Medium,
             socket: vgpu::config::vm_socket(&dir, id),
             max_queued: Some(o.window.max(1)),
+            register: None,
         })
         .collect();
     let file = FileConfig::embedded()?;
