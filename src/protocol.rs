@@ -186,6 +186,11 @@ macro_rules! wire_enum {
     };
 }
 
+/// SGEMM_F32: bit 31 of the payload's `m` word asks for TF32 tensor-core
+/// math (10-bit mantissa inputs, FP32 accumulation); without it the result
+/// is full FP32. The other 31 bits are m.
+pub const SGEMM_TF32: u32 = 1 << 31;
+
 wire_enum! {
     /// Request opcodes (docs/protocol.md).
     Opcode: u16, from_u16 {

@@ -645,3 +645,72 @@ fn faulting_kernel_only_hurts_its_vm() {
     ex.release_vm(1);
     ex.release_vm(2);
 }
+
+/// SGEMM through cuBLAS: FP32 matches the CPU within FP32 tolerance on the
+/// pipelined path (registered memory, several row blocks, ragged last
+/// block) and on the staged one; the TF32 flag gives TF32 accuracy; without
+/// cuBLAS the built-in kernel answers the same.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn sgemm_cublas_fp32_tf32_and_fallback() {
+    let mut ex = cuda();
+    assert!(
+        ex.uses_cublas(),
+        "libcublas is on the GPU machine: SGEMM must use it"
+    );
+    let mut g = Guest::new(256 << 20);
+    let mut staged = Guest::new(64 << 20);
+    ex.map_guest_memory(1, &g.mem);
+    let mut rng = Rng::seeded();
+    let worst = |got: &[f32], want: &[f32]| {
+        got.iter()
+            .zip(want)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let shapes = [(1, 1, 1), (3, 200, 17), (2100, 300, 257), (4097, 64, 96)];
+    for (i, (m, n, k)) in shapes.into_iter().enumerate() {
+        let (a, b) = (rng.f32s(m * k), rng.f32s(k * n));
+        let want = sgemm(m, n, k, &a, &b);
+        let payload = common::sgemm_payload(m, n, k, &a, &b);
+        let fp32_tol = 1e-5 * k as f32 + 1e-6;
+        // FP32, zero-copy (pipelined) and staged (another table).
+        for guest in [&mut g, &mut staged] {
+            let r = guest.request(1, Opcode::SgemmF32, &payload, 4 * m * n);
+            let got = f32s(&run(&mut ex, &r).unwrap());
+            let e = worst(&got, &want);
+            assert!(e <= fp32_tol, "FP32 {m}x{n}x{k}: {e} > {fp32_tol}");
+            guest.reset();
+        }
+        // TF32: inputs rounded to 10-bit mantissas.
+        let mut p = payload.clone();
+        p[..4].copy_from_slice(&(m as u32 | vgpu::protocol::SGEMM_TF32).to_le_bytes());
+        let r = g.request(1, Opcode::SgemmF32, &p, 4 * m * n);
+        let got = f32s(&run(&mut ex, &r).unwrap());
+        let e = worst(&got, &want);
+        let tf32_tol = 4e-3 * (k as f32).sqrt() + 1e-3;
+        assert!(e <= tf32_tol, "TF32 {m}x{n}x{k}: {e} > {tf32_tol}");
+        eprintln!("SGEMM {m}x{n}x{k}: TF32 max error {e:.2e}");
+        g.reset();
+        if i == 1 {
+            // A malformed TF32 request is refused like any other.
+            let r = g.request(1, Opcode::SgemmF32, &p[..p.len() - 1], 4 * m * n);
+            assert_eq!(ex.execute(r.tenant, &r, LIMIT), Err(Status::BadRequest));
+            g.reset();
+        }
+    }
+    let st = ex.stats();
+    assert!(st.zero_copy > 0 && st.staged > 0, "{st:?}");
+    // The fallback when libcublas is absent: the built-in kernel, FP32
+    // whatever the flag says.
+    ex.disable_cublas();
+    let (m, n, k) = (130, 257, 67);
+    let (a, b) = (rng.f32s(m * k), rng.f32s(k * n));
+    let want = sgemm(m, n, k, &a, &b);
+    let mut p = common::sgemm_payload(m, n, k, &a, &b);
+    p[..4].copy_from_slice(&(m as u32 | vgpu::protocol::SGEMM_TF32).to_le_bytes());
+    let r = g.request(1, Opcode::SgemmF32, &p, 4 * m * n);
+    let got = f32s(&run(&mut ex, &r).unwrap());
+    assert!(worst(&got, &want) <= 1e-5 * k as f32 + 1e-6);
+    ex.release_vm(1);
+}

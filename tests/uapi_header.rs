@@ -318,6 +318,11 @@ fn every_opcode_status_and_struct_matches() {
         }
     );
     want.push((
+        "VGPU_SGEMM_TF32".into(),
+        "VGPU_SGEMM_TF32".into(),
+        u64::from(vgpu::protocol::SGEMM_TF32),
+    ));
+    want.push((
         "VGPU_IOC_SUBMIT".into(),
         "VGPU_IOC_SUBMIT".into(),
         VGPU_IOC_SUBMIT as u64,

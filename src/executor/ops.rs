@@ -146,7 +146,7 @@ impl GemmDims {
 pub fn sgemm_shape(payload: Reader, out_cap: usize) -> Result<GemmDims, Status> {
     let h: SgemmWire = payload.read_obj(0)?;
     let (m, n, k) = (
-        u64::from(u32::from(h.m)),
+        u64::from(u32::from(h.m) & !crate::protocol::SGEMM_TF32),
         u64::from(u32::from(h.n)),
         u64::from(u32::from(h.k)),
     );
@@ -168,6 +168,13 @@ pub fn sgemm_shape(payload: Reader, out_cap: usize) -> Result<GemmDims, Status> 
         return Err(Status::TooLarge);
     }
     Ok(d)
+}
+
+/// True when an SGEMM_F32 payload asks for TF32 math (bit 31 of `m`,
+/// [`SGEMM_TF32`](crate::protocol::SGEMM_TF32)).
+pub fn sgemm_tf32(payload: Reader) -> Result<bool, Status> {
+    let h: SgemmWire = payload.read_obj(0)?;
+    Ok(u32::from(h.m) & crate::protocol::SGEMM_TF32 != 0)
 }
 
 /// Little-endian f32s of a byte slice (a trailing partial float is ignored).
@@ -297,6 +304,24 @@ mod tests {
         assert_eq!(
             sgemm_shape(&bufs(&mem, 0, &[1, 2]), &out(&mem, 0x8000, 60)),
             Err(Status::BadRequest)
+        );
+    }
+
+    #[test]
+    fn sgemm_tf32_flag() {
+        let mem = test_memory(1 << 20);
+        let mut p = gemm_payload(3, 5, 7, 0);
+        assert_eq!(
+            super::sgemm_tf32(Reader::Guest(&bufs(&mem, 0, &p))),
+            Ok(false)
+        );
+        p[3] |= 0x80; // bit 31 of m
+        let b = bufs(&mem, 0, &p);
+        assert_eq!(super::sgemm_tf32(Reader::Guest(&b)), Ok(true));
+        // The flag is not part of m.
+        assert_eq!(
+            sgemm_shape(&b, &out(&mem, 0x8000, 60)),
+            Ok(GemmDims { m: 3, n: 5, k: 7 })
         );
     }
 }

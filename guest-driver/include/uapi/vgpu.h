@@ -61,6 +61,10 @@ struct vgpu_resp_hdr {
 #define VGPU_OP_VECTOR_ADD_F32	0x0101	/* payload: le32 n, le32 0, f32 a[n], f32 b[n] */
 #define VGPU_OP_SAXPY_F32	0x0102	/* payload: le32 n, f32 a, f32 x[n], f32 y[n]; out: f32 a*x+y [n] */
 #define VGPU_OP_SGEMM_F32	0x0103	/* payload: le32 m, n, k, f32 A[m*k], f32 B[k*n] (row-major); out: f32 C[m*n] */
+/* SGEMM_F32: OR this into the m word to ask for TF32 tensor-core math
+ * (inputs rounded to a 10-bit mantissa, FP32 accumulation); without it the
+ * result is full FP32. The other 31 bits of the word are m. */
+#define VGPU_SGEMM_TF32		0x80000000u
 
 /* CUDA remoting (docs/protocol.md, "CUDA remoting"): handles are per VM, le64. */
 #define VGPU_OP_MEM_ALLOC	0x0201	/* payload: le64 size; out: le64 handle */

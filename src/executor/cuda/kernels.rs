@@ -11,6 +11,9 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::Ptx;
 
+use cudarc::cublas::result::CublasError;
+
+use super::blas::{copy_in_async, copy_out_async, Blas};
 use super::CudaExecutor;
 use crate::bytes::{Reader, Writer};
 use crate::executor::ops::{self, GemmDims};
@@ -147,6 +150,9 @@ impl CudaExecutor {
     }
 
     pub(super) fn sgemm(&mut self, vm: u32, req: &Request, d: GemmDims) -> Result<u32, Status> {
+        if self.blas.is_some() {
+            return self.sgemm_cublas(vm, req, d);
+        }
         let b_off = align_up(d.a_bytes());
         self.dev_in
             .ensure(b_off + d.b_bytes())
@@ -161,6 +167,89 @@ impl CudaExecutor {
         self.launch_sgemm(d, din, din + b_off as u64, dout)
             .map_err(|e| self.own_error(e))?;
         self.copy_out(vm, dout, &mut Writer::Guest(&req.output), d.c_bytes())
+    }
+
+    /// SGEMM through cuBLAS. Zero-copy requests pipeline their copies with
+    /// the multiplication (see `blas.rs`); staged ones copy, multiply and
+    /// copy back in turn.
+    fn sgemm_cublas(&mut self, vm: u32, req: &Request, d: GemmDims) -> Result<u32, Status> {
+        let tf32 = ops::sgemm_tf32(Reader::Guest(&req.payload))?;
+        let b_off = align_up(d.a_bytes());
+        self.dev_in
+            .ensure(b_off + d.b_bytes())
+            .map_err(|e| self.own_error(e))?;
+        self.dev_out
+            .ensure(d.c_bytes())
+            .map_err(|e| self.own_error(e))?;
+        let (da, dout) = (self.dev_in.addr(), self.dev_out.addr());
+        let db = da + b_off as u64;
+        let payload = Reader::Guest(&req.payload);
+        let zero_copy = self.regs.zero_copy(vm, Some(req.payload.memory()))
+            && self.regs.zero_copy(vm, Some(req.output.memory()));
+        let Some(blas) = self.blas.as_ref() else {
+            return Err(Status::DeviceError);
+        };
+        if !zero_copy {
+            self.copy_in(vm, payload, GemmDims::A_OFFSET, d.a_bytes(), da)?;
+            self.copy_in(vm, payload, d.b_offset(), d.b_bytes(), db)?;
+            let Some(blas) = self.blas.as_ref() else {
+                return Err(Status::DeviceError);
+            };
+            if let Err(e) = blas.gemm(&self.stream, d.m, d, da, db, dout, tf32) {
+                return Err(self.blas_error(e));
+            }
+            return self.copy_out(vm, dout, &mut Writer::Guest(&req.output), d.c_bytes());
+        }
+        let streams = [self.stream.clone(), blas.second.clone()];
+        let own = |e: Result<Status, DriverError>| match e {
+            Ok(st) => st,
+            Err(e) => self.own_error(e),
+        };
+        let mut out = Writer::Guest(&req.output);
+        // B first, on the first stream; the second waits for it.
+        copy_in_async(
+            payload,
+            d.b_offset(),
+            d.b_bytes(),
+            db,
+            streams[0].cu_stream(),
+        )
+        .map_err(own)?;
+        streams[1]
+            .join(&streams[0])
+            .map_err(|e| self.own_error(e))?;
+        for (i, (r0, rows)) in Blas::blocks(d.m).into_iter().enumerate() {
+            let s = &streams[i % 2];
+            let (a_off, c_off) = (4 * r0 * d.k, 4 * r0 * d.n);
+            let (a_len, c_len) = (4 * rows * d.k, 4 * rows * d.n);
+            let (pa, pc) = (da + a_off as u64, dout + c_off as u64);
+            copy_in_async(
+                payload,
+                GemmDims::A_OFFSET + a_off,
+                a_len,
+                pa,
+                s.cu_stream(),
+            )
+            .map_err(own)?;
+            blas.gemm(s, rows, d, pa, db, pc, tf32)
+                .map_err(|e| self.blas_error(e))?;
+            copy_out_async(pc, &mut out, c_off, c_len, s.cu_stream()).map_err(own)?;
+        }
+        for s in &streams {
+            s.synchronize().map_err(|e| self.own_error(e))?;
+        }
+        self.stats.zero_copy += 1;
+        u32::try_from(d.c_bytes()).map_err(|_| Status::TooLarge)
+    }
+
+    fn blas_error(&self, e: CublasError) -> Status {
+        log::error!("gpu{}: cuBLAS error: {e}", self.gpu_index);
+        // Leave nothing queued behind a failed call.
+        let _ = self.sync();
+        match e.0 {
+            cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED => Status::NoResources,
+            _ => Status::DeviceError,
+        }
     }
 
     /// Queues the SGEMM kernel on device pointers (also used by the bench).

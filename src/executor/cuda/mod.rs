@@ -16,6 +16,7 @@
 //! library exists, so a machine without libcuda gets an error, never a panic.
 
 mod batch;
+mod blas;
 mod kernels;
 mod memory;
 mod remoting;
@@ -36,6 +37,7 @@ use crate::guest::GuestMem;
 use crate::protocol::{DeviceInfo, ExecutorKind, Opcode, Status};
 
 pub use batch::{BATCH_PTX, BATCH_SLOTS};
+pub use blas::cublas_present;
 pub use kernels::KERNELS_PTX;
 pub use remoting::{RemotingExecutor, RemotingStats};
 
@@ -120,6 +122,8 @@ pub struct CudaExecutor {
     dev_out: Grow<Device>,
     staging: Grow<Pinned>,
     staging_logged: bool,
+    /// cuBLAS for SGEMM, when libcublas is present.
+    blas: Option<blas::Blas>,
     regs: Registrations,
     stats: CudaStats,
 }
@@ -153,9 +157,11 @@ impl CudaExecutor {
             dev_out: Grow::default(),
             staging: Grow::default(),
             staging_logged: false,
+            blas: None,
             regs: Registrations::default(),
             stats: CudaStats::default(),
         };
+        ex.blas = blas::Blas::new(gpu_index, &ex.ctx);
         ex.dev_in.ensure(1)?;
         ex.dev_out.ensure(1)?;
         log::info!(
@@ -168,6 +174,20 @@ impl CudaExecutor {
 
     pub fn stats(&self) -> CudaStats {
         self.stats
+    }
+
+    /// True when SGEMM runs through cuBLAS (libcublas present).
+    pub fn uses_cublas(&self) -> bool {
+        self.blas.is_some()
+    }
+
+    /// SGEMM through the built-in kernel from now on (the fallback when
+    /// libcublas is absent; for tests and the bench).
+    pub fn disable_cublas(&mut self) {
+        if bind(&self.ctx).is_ok() {
+            let _ = self.stream.synchronize();
+        }
+        self.blas = None;
     }
 
     /// The executor's own context (for benchmarks that compare against
@@ -320,6 +340,7 @@ impl Drop for CudaExecutor {
         }
         if bind(&self.ctx).is_ok() {
             let _ = self.stream.synchronize();
+            self.blas = None;
             self.dev_in.release();
             self.dev_out.release();
             self.staging.release();

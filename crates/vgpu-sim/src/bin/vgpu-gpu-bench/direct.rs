@@ -252,4 +252,111 @@ impl Direct {
             c: hc.as_slice()?.to_vec(),
         })
     }
+
+    /// cuBLAS SGEMM, m = n = k = `dim`, row-major as the executor computes
+    /// it (Cᵀ = Bᵀ·Aᵀ in column-major): what a user would pick instead.
+    /// With copies: A and B in, the multiplication, C out, one after the
+    /// other on one stream from pinned memory. Best of `reps`. `None` when
+    /// libcublas is absent.
+    pub fn cublas_sgemm(
+        &self,
+        dim: usize,
+        a: &[f32],
+        b: &[f32],
+        reps: usize,
+        tf32: bool,
+    ) -> Res<Option<Sgemm>> {
+        use cudarc::cublas::{result as blas, sys as bsys};
+        use std::ffi::c_void;
+        if !vgpu::executor::cuda::cublas_present() {
+            return Ok(None);
+        }
+        let stream = self.ctx.new_stream()?;
+        // SAFETY: filled before use / written by the copy out before read.
+        let mut ha = unsafe { self.ctx.alloc_pinned_with_flags::<f32>(a.len(), 0) }?;
+        let mut hb = unsafe { self.ctx.alloc_pinned_with_flags::<f32>(b.len(), 0) }?;
+        let mut hc = unsafe { self.ctx.alloc_pinned_with_flags::<f32>(dim * dim, 0) }?;
+        ha.as_mut_slice()?.copy_from_slice(a);
+        hb.as_mut_slice()?.copy_from_slice(b);
+        let mut da = stream.alloc_zeros::<f32>(a.len())?;
+        let mut db = stream.alloc_zeros::<f32>(b.len())?;
+        let dc = stream.alloc_zeros::<f32>(dim * dim)?;
+        stream.memcpy_htod(&ha, &mut da)?;
+        stream.memcpy_htod(&hb, &mut db)?;
+        let handle = blas::create_handle()?;
+        let (pa, pb, pc) = {
+            use cudarc::driver::DevicePtr;
+            let (pa, _ga) = da.device_ptr(&stream);
+            let (pb, _gb) = db.device_ptr(&stream);
+            let (pc, _gc) = dc.device_ptr(&stream);
+            (pa, pb, pc)
+        };
+        let compute = if tf32 {
+            bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+        } else {
+            bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        };
+        let d = dim as i32;
+        let gemm = || -> Res<()> {
+            let (alpha, beta) = (1f32, 0f32);
+            // SAFETY: the handle is alive, the buffers hold dim×dim floats
+            // each and live on `stream`, which the handle uses.
+            unsafe {
+                blas::set_stream(handle, stream.cu_stream() as bsys::cudaStream_t)?;
+                blas::gemm_ex(
+                    handle,
+                    bsys::cublasOperation_t::CUBLAS_OP_N,
+                    bsys::cublasOperation_t::CUBLAS_OP_N,
+                    d,
+                    d,
+                    d,
+                    &alpha as *const f32 as *const c_void,
+                    pb as *const c_void,
+                    bsys::cudaDataType::CUDA_R_32F,
+                    d,
+                    pa as *const c_void,
+                    bsys::cudaDataType::CUDA_R_32F,
+                    d,
+                    &beta as *const f32 as *const c_void,
+                    pc as *mut c_void,
+                    bsys::cudaDataType::CUDA_R_32F,
+                    d,
+                    compute,
+                    bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )?;
+            }
+            Ok(())
+        };
+        let mut run = |copies: bool| -> Res<()> {
+            if copies {
+                stream.memcpy_htod(&ha, &mut da)?;
+                stream.memcpy_htod(&hb, &mut db)?;
+            }
+            gemm()?;
+            if copies {
+                stream.memcpy_dtoh(&dc, &mut hc)?;
+            }
+            stream.synchronize()?;
+            Ok(())
+        };
+        run(true)?;
+        let mut best = |copies: bool| -> Res<Duration> {
+            let mut b = Duration::MAX;
+            for _ in 0..reps {
+                let t = Instant::now();
+                run(copies)?;
+                b = b.min(t.elapsed());
+            }
+            Ok(b)
+        };
+        let with_copies = best(true)?;
+        let kernel_only = best(false)?;
+        // SAFETY: created above, nothing queued any more.
+        unsafe { blas::destroy_handle(handle) }?;
+        Ok(Some(Sgemm {
+            with_copies,
+            kernel_only,
+            c: hc.as_slice()?.to_vec(),
+        }))
+    }
 }

@@ -226,28 +226,82 @@ fn executor_section(sgemm_n: usize, iters: usize) -> Res<()> {
         best.as_secs_f64() * 1e3,
         gflops(best)
     );
-    let direct_run = direct.sgemm(sgemm_n, &ma, &mb, reps)?;
-    for (what, t) in [
-        (
-            "cudarc, same kernel, pinned copies of A, B, C included",
-            direct_run.with_copies,
-        ),
-        (
-            "cudarc, same kernel only (device-resident A, B, C)",
-            direct_run.kernel_only,
-        ),
-    ] {
+    let mut out = vec![0u8; d.c_bytes()];
+    req.output.read_at(0, &mut out)?;
+    let exec_c = common::f32s(&out);
+    // The same request with the TF32 flag (bit 31 of m).
+    let mut tf32_payload = common::sgemm_payload(d.m, d.n, d.k, &ma, &mb);
+    tf32_payload[..4].copy_from_slice(&(d.m as u32 | vgpu::protocol::SGEMM_TF32).to_le_bytes());
+    g.reset();
+    let req = g.request(1, Opcode::SgemmF32, &tf32_payload, d.c_bytes());
+    status(ex.execute(req.tenant, &req, limit))?;
+    let mut v = time_n(reps, || {
+        status(ex.execute(req.tenant, &req, limit)).map(|_| ())
+    })?;
+    let best_tf32 = pct(&mut v, 0.0);
+    println!(
+        "{:<58} best {:8.2} ms   {:8.0} GFLOP/s",
+        "executor request, TF32 flag (copies included)",
+        best_tf32.as_secs_f64() * 1e3,
+        gflops(best_tf32)
+    );
+    let row = |what: &str, t: Duration| {
         println!(
             "{what:<58} best {:8.2} ms   {:8.0} GFLOP/s",
             t.as_secs_f64() * 1e3,
             gflops(t)
-        );
+        )
+    };
+    let cublas = direct.cublas_sgemm(sgemm_n, &ma, &mb, reps, false)?;
+    let cublas_tf32 = direct.cublas_sgemm(sgemm_n, &ma, &mb, reps, true)?;
+    match (&cublas, &cublas_tf32) {
+        (Some(f), Some(t)) => {
+            row(
+                "cuBLAS FP32, serial pinned copies of A, B, C",
+                f.with_copies,
+            );
+            row("cuBLAS FP32, kernel only (device-resident)", f.kernel_only);
+            row(
+                "cuBLAS TF32, serial pinned copies of A, B, C",
+                t.with_copies,
+            );
+            row("cuBLAS TF32, kernel only (device-resident)", t.kernel_only);
+            let r = f.with_copies.as_secs_f64() / best.as_secs_f64();
+            println!(
+                "  -> request FP32 / cuBLAS FP32 with serial copies: {:.1} % (target >= 110 %: {})",
+                r * 100.0,
+                if r >= 1.10 { "met" } else { "NOT met" }
+            );
+            println!(
+                "  -> request FP32 / cuBLAS FP32 kernel only: {:.1} %",
+                f.kernel_only.as_secs_f64() / best.as_secs_f64() * 100.0
+            );
+            println!(
+                "  -> request TF32 / cuBLAS TF32 with serial copies: {:.1} %, / kernel only: {:.1} %",
+                t.with_copies.as_secs_f64() / best_tf32.as_secs_f64() * 100.0,
+                t.kernel_only.as_secs_f64() / best_tf32.as_secs_f64() * 100.0
+            );
+        }
+        _ => println!("cuBLAS: libcublas not present, no baseline"),
     }
-    let mut out = vec![0u8; d.c_bytes()];
-    req.output.read_at(0, &mut out)?;
-    let exec_c = common::f32s(&out);
-    if exec_c != direct_run.c {
-        return Err("SGEMM executor and cudarc disagree".into());
+    let direct_run = direct.sgemm(sgemm_n, &ma, &mb, reps)?;
+    row(
+        "cudarc, built-in kernel, pinned copies of A, B, C included",
+        direct_run.with_copies,
+    );
+    row(
+        "cudarc, built-in kernel only (device-resident A, B, C)",
+        direct_run.kernel_only,
+    );
+    let reference = cublas.as_ref().map_or(&direct_run.c, |c| &c.c);
+    let diff = exec_c
+        .iter()
+        .zip(reference)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    println!("SGEMM request vs the direct baseline: max abs difference {diff:.2e}");
+    if diff > 1e-5 * d.k as f32 + 1e-6 {
+        return Err("SGEMM executor and the direct baseline disagree".into());
     }
     // Spot-check a few elements against a CPU dot product.
     let mut worst = 0f32;
