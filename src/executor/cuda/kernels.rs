@@ -205,39 +205,49 @@ impl CudaExecutor {
             Ok(st) => st,
             Err(e) => self.own_error(e),
         };
-        let mut out = Writer::Guest(&req.output);
-        // B first, on the first stream; the second waits for it.
-        copy_in_async(
-            payload,
-            d.b_offset(),
-            d.b_bytes(),
-            db,
-            streams[0].cu_stream(),
-        )
-        .map_err(own)?;
-        streams[1]
-            .join(&streams[0])
-            .map_err(|e| self.own_error(e))?;
-        for (i, (r0, rows)) in Blas::blocks(d.m).into_iter().enumerate() {
-            let s = &streams[i % 2];
-            let (a_off, c_off) = (4 * r0 * d.k, 4 * r0 * d.n);
-            let (a_len, c_len) = (4 * rows * d.k, 4 * rows * d.n);
-            let (pa, pc) = (da + a_off as u64, dout + c_off as u64);
+        // Queue everything; whatever happens, both streams are synchronized
+        // before this returns, so no copy into guest memory outlives it.
+        let queued = (|| -> Result<(), Status> {
+            let mut out = Writer::Guest(&req.output);
+            // B first, on the first stream; the second waits for it.
             copy_in_async(
                 payload,
-                GemmDims::A_OFFSET + a_off,
-                a_len,
-                pa,
-                s.cu_stream(),
+                d.b_offset(),
+                d.b_bytes(),
+                db,
+                streams[0].cu_stream(),
             )
             .map_err(own)?;
-            blas.gemm(s, rows, d, pa, db, pc, tf32)
-                .map_err(|e| self.blas_error(e))?;
-            copy_out_async(pc, &mut out, c_off, c_len, s.cu_stream()).map_err(own)?;
-        }
+            streams[1]
+                .join(&streams[0])
+                .map_err(|e| self.own_error(e))?;
+            for (i, (r0, rows)) in Blas::blocks(d.m).into_iter().enumerate() {
+                let s = &streams[i % 2];
+                let (a_off, c_off) = (4 * r0 * d.k, 4 * r0 * d.n);
+                let (a_len, c_len) = (4 * rows * d.k, 4 * rows * d.n);
+                let (pa, pc) = (da + a_off as u64, dout + c_off as u64);
+                copy_in_async(
+                    payload,
+                    GemmDims::A_OFFSET + a_off,
+                    a_len,
+                    pa,
+                    s.cu_stream(),
+                )
+                .map_err(own)?;
+                blas.gemm(s, rows, d, pa, db, pc, tf32)
+                    .map_err(|e| self.blas_error(e))?;
+                copy_out_async(pc, &mut out, c_off, c_len, s.cu_stream()).map_err(own)?;
+            }
+            Ok(())
+        })();
+        let mut synced = Ok(());
         for s in &streams {
-            s.synchronize().map_err(|e| self.own_error(e))?;
+            if let Err(e) = s.synchronize() {
+                synced = Err(self.own_error(e));
+            }
         }
+        queued?;
+        synced?;
         self.stats.zero_copy += 1;
         u32::try_from(d.c_bytes()).map_err(|_| Status::TooLarge)
     }
