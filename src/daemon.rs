@@ -235,6 +235,7 @@ impl Inner {
             Some(executor::create(choice, index, limit).map_err(crate::scheduler::Error::Executor))
         };
         let gpu = GpuQueue::start_restartable(index, make, self.cfg.policy, limit)?;
+        gpu.set_poll(self.cfg.poll);
         gpus.insert(index, gpu.clone());
         Ok(gpu)
     }

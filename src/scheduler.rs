@@ -324,6 +324,13 @@ pub struct GpuQueue {
     index: u32,
     shared: Mutex<Shared>,
     wake: Condvar,
+    /// Bumped by every submit, control message and shutdown: what the worker
+    /// watches, without the lock, while it polls.
+    arrivals: AtomicU64,
+    /// How long the worker polls for new work after it ran out, before it
+    /// sleeps on `wake` (ns; 0: never polls). Saves the wake-up of a request
+    /// that follows soon, at the cost of a busy core meanwhile.
+    poll_ns: AtomicU64,
     exec_limit: Duration,
     worker: Mutex<Option<JoinHandle<()>>>,
     /// What the executor runs on, once started; dispatch count and busy
@@ -382,6 +389,8 @@ impl GpuQueue {
                 shutdown: false,
             }),
             wake: Condvar::new(),
+            arrivals: AtomicU64::new(0),
+            poll_ns: AtomicU64::new(0),
             exec_limit,
             worker: Mutex::new(None),
             executor_name: Mutex::default(),
@@ -454,13 +463,41 @@ impl GpuQueue {
             return;
         }
         s.queue.push(job);
+        self.arrivals.fetch_add(1, Ordering::Release);
         drop(s);
         self.wake.notify_one();
     }
 
     pub fn control(&self, msg: Control) {
         self.shared().control.push_back(msg);
+        self.arrivals.fetch_add(1, Ordering::Release);
         self.wake.notify_one();
+    }
+
+    /// Sets how long the worker polls for work before it sleeps
+    /// (`poll_us` of `config/vgpu.toml`, the same window as the ring threads').
+    pub fn set_poll(&self, poll: Duration) {
+        let ns = u64::try_from(poll.as_nanos()).unwrap_or(u64::MAX);
+        self.poll_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// Spins until something arrives after `seen` or `poll_ns` passes; true
+    /// when something arrived.
+    fn poll_arrivals(&self, seen: u64) -> bool {
+        let poll = Duration::from_nanos(self.poll_ns.load(Ordering::Relaxed));
+        if poll.is_zero() {
+            return false;
+        }
+        let until = Instant::now() + poll;
+        loop {
+            if self.arrivals.load(Ordering::Acquire) != seen {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// Removes every queued job of `vm_id` (to move them elsewhere).
@@ -486,6 +523,7 @@ impl GpuQueue {
         let jobs = {
             let mut s = self.shared();
             s.shutdown = true;
+            self.arrivals.fetch_add(1, Ordering::Release);
             s.queue.drain_all()
         };
         jobs.into_iter().for_each(Job::cancel);
@@ -514,6 +552,8 @@ impl GpuQueue {
         loop {
             let work = {
                 let mut s = self.shared();
+                // Polls once per idle spell: a miss sleeps on `wake`.
+                let mut polled = false;
                 loop {
                     if let Some(c) = s.control.pop_front() {
                         break Some(Err(c));
@@ -535,6 +575,14 @@ impl GpuQueue {
                     }
                     if s.shutdown {
                         break None;
+                    }
+                    if !polled {
+                        polled = true;
+                        let seen = self.arrivals.load(Ordering::Acquire);
+                        drop(s);
+                        self.poll_arrivals(seen);
+                        s = self.shared();
+                        continue;
                     }
                     s = self.wake.wait(s).unwrap_or_else(|p| p.into_inner());
                 }
@@ -1264,6 +1312,50 @@ mod tests {
         assert_eq!(builds.load(Ordering::Relaxed), 2);
         assert_eq!(gpu.restarts(), 1);
         gpu.shutdown();
+    }
+
+    #[test]
+    fn a_polling_worker_serves_and_shuts_down_without_its_wake_up() {
+        let gpu = GpuQueue::start(
+            0,
+            || {
+                Ok(
+                    Box::new(crate::executor::CpuExecutor::new(0, Duration::from_secs(1)))
+                        as Box<dyn Executor>,
+                )
+            },
+            Policy::Strict,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        // A window far longer than the waits below: whatever arrives while
+        // the worker polls must be seen by the poll itself.
+        gpu.set_poll(Duration::from_secs(600));
+        let (tx, rx) = std::sync::mpsc::channel::<RespHdr>();
+        struct Tx(std::sync::mpsc::Sender<RespHdr>);
+        impl Completion for Tx {
+            fn complete(self: Box<Self>, resp: RespHdr) {
+                let _ = self.0.send(resp);
+            }
+        }
+        for tag in 1..=3u64 {
+            let mut j = job(Priority::Medium, tag, Instant::now());
+            j.req.opcode = Opcode::Ping;
+            j.req.tag = tag;
+            j.done = Box::new(Tx(tx.clone()));
+            gpu.submit(j);
+            let r = rx.recv_timeout(Duration::from_secs(60)).expect("answered");
+            assert_eq!((r.tag, r.status), (tag, Status::Ok as u32));
+        }
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let g = gpu.clone();
+        std::thread::spawn(move || {
+            g.shutdown();
+            let _ = done_tx.send(());
+        });
+        done_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("shutdown ends the poll");
     }
 
     #[test]

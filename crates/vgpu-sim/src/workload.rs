@@ -177,3 +177,58 @@ pub fn scalar_payload(a: i32, b: i32) -> Vec<u8> {
     p.extend(b.to_le_bytes());
     p
 }
+
+fn wait_readable(fd: &vmm_sys_util::eventfd::EventFd) {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, -1) };
+    let _ = fd.read();
+}
+
+/// Round trips of two threads bouncing a token through two eventfds, each
+/// blocking in poll as a guest waiting for its interrupt and a backend
+/// waiting for its kick do: the floor of a kick/call round trip without
+/// polling, measured on the machine the benchmark runs on.
+pub fn eventfd_pingpong(iterations: usize) -> std::io::Result<Vec<std::time::Duration>> {
+    use std::sync::Arc;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let ping = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+    let pong = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+    let (p2, q2) = (ping.clone(), pong.clone());
+    let echo = std::thread::spawn(move || {
+        for _ in 0..iterations {
+            wait_readable(&p2);
+            let _ = q2.write(1);
+        }
+    });
+    let mut samples = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let t = std::time::Instant::now();
+        ping.write(1)?;
+        wait_readable(&pong);
+        samples.push(t.elapsed());
+    }
+    echo.join()
+        .map_err(|_| std::io::Error::other("echo thread panicked"))?;
+    Ok(samples)
+}
+
+/// CPU time (user + system) this process has used so far.
+pub fn process_cpu_time() -> std::time::Duration {
+    // SAFETY: a zeroed rusage is a valid out-parameter.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return std::time::Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| {
+        std::time::Duration::from_secs(t.tv_sec.max(0) as u64)
+            + std::time::Duration::from_micros(t.tv_usec.max(0) as u64)
+    };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}

@@ -16,7 +16,6 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
@@ -24,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use vmm_sys_util::eventfd::EventFd;
 
 use vgpu::config::{DaemonConfig, FileConfig, VmSpec};
 use vgpu::daemon::Daemon;
@@ -231,7 +229,12 @@ fn scenarios(
 
     // 1. PING against the eventfd floor.
     bar.set_message("eventfd floor and PING round trip");
-    let floor = eventfd_pingpong(p.iterations)?;
+    let floor = Lat::from_ns(
+        &vgpu_sim::workload::eventfd_pingpong(p.iterations)?
+            .iter()
+            .map(|d| d.as_nanos() as u64)
+            .collect::<Vec<_>>(),
+    );
     let mut g = connect(&sock(1), SimOptions::default())?;
     let ping = closed_loop(&mut g, Opcode::Ping, &[], 0, p.iterations)?;
     for q in [50, 99] {
@@ -804,40 +807,6 @@ fn direct_ns(n: usize, mut f: impl FnMut()) -> Lat {
         v.push(t.elapsed().as_nanos() as u64);
     }
     Lat::from_ns(&v)
-}
-
-fn wait_readable(fd: &EventFd) {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut pfd, 1, -1) };
-    let _ = fd.read();
-}
-
-/// Two threads bouncing a token through two eventfds, blocking in poll as a
-/// guest waiting for its interrupt and a backend waiting for its kick do.
-fn eventfd_pingpong(iterations: usize) -> Result<Lat, BoxError> {
-    let ping = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-    let pong = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-    let (p2, q2) = (ping.clone(), pong.clone());
-    let echo = std::thread::spawn(move || {
-        for _ in 0..iterations {
-            wait_readable(&p2);
-            let _ = q2.write(1);
-        }
-    });
-    let mut samples = Vec::with_capacity(iterations);
-    for _ in 0..iterations {
-        let t = Instant::now();
-        ping.write(1)?;
-        wait_readable(&pong);
-        samples.push(t.elapsed().as_nanos() as u64);
-    }
-    echo.join().map_err(|_| "echo thread panicked")?;
-    Ok(Lat::from_ns(&samples))
 }
 
 /// What one VM's pipelined guest did.

@@ -194,6 +194,32 @@ impl Direct {
         Ok((v[v.len() / 2], ho.as_slice()?.to_vec()))
     }
 
+    /// Pinned copies of `len` bytes host-to-device and device-to-host, each
+    /// synchronized: p50 of `reps` each.
+    pub fn pinned_copies(&self, len: usize, reps: usize) -> Res<(Duration, Duration)> {
+        let stream = self.ctx.new_stream()?;
+        // SAFETY: written by the copies before it is read (never read here).
+        let mut host = unsafe { self.ctx.alloc_pinned_with_flags::<u8>(len, 0) }?;
+        let mut dev = stream.alloc_zeros::<u8>(len)?;
+        let (mut up, mut down) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+        for i in 0..=reps {
+            let t = Instant::now();
+            stream.memcpy_htod(&host, &mut dev)?;
+            stream.synchronize()?;
+            let d_up = t.elapsed();
+            let t = Instant::now();
+            stream.memcpy_dtoh(&dev, &mut host)?;
+            stream.synchronize()?;
+            if i > 0 {
+                up.push(d_up);
+                down.push(t.elapsed());
+            }
+        }
+        up.sort();
+        down.sort();
+        Ok((up[up.len() / 2], down[down.len() / 2]))
+    }
+
     /// SGEMM_F32 m = n = k = `dim` with the executor's kernel: best of `reps`.
     pub fn sgemm(&self, dim: usize, a: &[f32], b: &[f32], reps: usize) -> Res<Sgemm> {
         let stream = self.ctx.new_stream()?;

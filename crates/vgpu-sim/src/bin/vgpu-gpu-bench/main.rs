@@ -21,6 +21,7 @@
 
 mod daemon;
 mod direct;
+mod startup;
 
 use std::time::{Duration, Instant};
 
