@@ -20,6 +20,7 @@ use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::{CudaContext, CudaStream};
 
 use super::check;
+use super::memory::dma_pieces;
 use crate::bytes::{Reader, Writer};
 use crate::executor::ops::GemmDims;
 use crate::protocol::Status;
@@ -151,7 +152,11 @@ pub fn copy_in_async(
     stream: sys::CUstream,
 ) -> Result<(), Result<Status, cudarc::driver::result::DriverError>> {
     let mut done = 0u64;
-    for (ptr, n) in src.host_ranges(off, len).map_err(Ok)? {
+    let ranges = src.host_ranges(off, len).map_err(Ok)?;
+    for (ptr, n) in ranges
+        .into_iter()
+        .flat_map(|(p, n)| dma_pieces(p as usize, n))
+    {
         // SAFETY: `ptr..ptr+n` is registered guest memory kept mapped by
         // `src`; the caller synchronizes the stream before returning.
         check(unsafe { sys::cuMemcpyHtoDAsync_v2(dst + done, ptr as *const c_void, n, stream) })
@@ -171,7 +176,11 @@ pub fn copy_out_async(
     stream: sys::CUstream,
 ) -> Result<(), Result<Status, cudarc::driver::result::DriverError>> {
     let mut done = 0u64;
-    for (ptr, n) in out.host_ranges(off, len).map_err(Ok)? {
+    let ranges = out.host_ranges(off, len).map_err(Ok)?;
+    for (ptr, n) in ranges
+        .into_iter()
+        .flat_map(|(p, n)| dma_pieces(p as usize, n))
+    {
         // SAFETY: registered guest memory kept mapped by `out`; the caller
         // synchronizes the stream before returning.
         check(unsafe { sys::cuMemcpyDtoHAsync_v2(ptr as *mut c_void, src + done, n, stream) })
