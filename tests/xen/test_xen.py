@@ -235,13 +235,31 @@ def standin_formats():
         assert r.returncode == 1 and r.stderr == "xenstore-read: couldn't read path /local/domain/5/nope\n", r
         r = e.run(["xe", "vm-param-get", "uuid=9b2c6f1e-4a7d-4c1b-8e3f-1d2a3b4c5d6e",
                    "param-name=platform", "param-key=device-model-args"])
-        assert r.returncode == 1 and r.stderr == "Error: Key device-model-args not found in map\n", r
+        assert r.returncode == 1 and r.stderr == (
+            "The server failed to handle your request, due to an internal error. The given "
+            "message may give details useful for debugging the problem.\n"
+            "message: Failure: Key device-model-args not found in map\n"), r
         r = e.run(["xe", "vm-param-get", "uuid=00000000-0000-0000-0000-000000000000",
                    "param-name=platform"])
         assert r.returncode == 1 and r.stderr.startswith("The uuid you supplied was invalid."), r
         r = e.run(["xe", "vm-param-get", "uuid=9b2c6f1e-4a7d-4c1b-8e3f-1d2a3b4c5d6e",
                    "param-name=platform"])
         assert r.stdout == "acpi: 1\n", r
+        r = e.run(["xe", "vm-param-remove", "uuid=9b2c6f1e-4a7d-4c1b-8e3f-1d2a3b4c5d6e",
+                   "param-name=platform", "param-key=nope"])
+        assert r.returncode == 1 and r.stderr.endswith("message: Failure: Key nope is not in map\n"), r
+        r = e.run(["xe", "vm-list", "name-label=nobody", "params=uuid", "--minimal"])
+        assert (r.returncode, r.stdout) == (0, "\n"), r
+        r = e.run(["xe", "vm-list", "params=uuid,name-label"])
+        assert r.stdout == ("uuid ( RO)          : 9b2c6f1e-4a7d-4c1b-8e3f-1d2a3b4c5d6e\n"
+                            "    name-label ( RW): web\n\n\n"), repr(r.stdout)
+        r = e.run(["xe", "vm-list", "params=name-label", "--minimal"])
+        assert r.stdout == "web\n", r
+        r = e.run(["xe", "vm-param-get", "uuid=9b2c6f1e-4a7d-4c1b-8e3f-1d2a3b4c5d6e"])
+        assert r.returncode == 1 and r.stderr == ("Error code: Missing parameter\n"
+                                                  "Error parameters: param-name\n"), r
+        r = e.run(["xe", "vm-frobnicate"])
+        assert r.returncode == 1 and r.stderr == "Unknown command: vm-frobnicate\n", r
     finally:
         e.close()
 
@@ -339,6 +357,7 @@ def hook_env():
     e.save(d)
     e.admin("init")
     e.admin("register-vm", UUID, "--pool", "B", "--priority", "high", "--name", "web")
+    e.admin("apply", UUID)  # on XCP-ng a VM is registered pool-wide through XAPI
     return e
 
 
@@ -359,11 +378,18 @@ def hook_pre_start_sets_args_and_waits_for_socket():
         assert args == ("-chardev socket,id=vgpu{0},path={1}/vm{0}.sock "
                         "-device vhost-user-vgpu-pci,id=vgpu{0},chardev=vgpu{0} "
                         "-device vgpu-stub,vgpu=vgpu{0},pool_id=B,priority=2,vm_id={0}").format(vm_id, sd), args
-        # Unchanged on the next start: no second vm-param-set.
-        n = sum(1 for c in e.load()["calls"] if c[:2] == ["xe", "vm-param-set"])
+        # apply (in hook_env) wrote it once; the hook's starts write nothing more.
         r = e.hook("vm-pre-start", "-vmuuid", UUID, "-reason", "start")
         assert r.returncode == 0
-        assert n == 1 == sum(1 for c in e.load()["calls"] if c[:2] == ["xe", "vm-param-set"])
+        assert 1 == sum(1 for c in e.load()["calls"] if c[:2] == ["xe", "vm-param-set"])
+        # A change of the args (another socket directory here) is written by the hook.
+        d = e.load()
+        d["vms"][UUID]["platform"]["device-model-args"] = GOOD
+        e.save(d)
+        r = e.hook("vm-pre-start", "-vmuuid", UUID, "-reason", "start")
+        assert r.returncode == 0, (r, e.hooklog())
+        assert e.load()["vms"][UUID]["platform"]["device-model-args"] == args
+        assert "device-model-args set to" in e.hooklog()
     finally:
         e.close()
 
@@ -374,7 +400,7 @@ def hook_pre_start_other_vms():
     try:
         r = e.hook("vm-pre-start", "-vmuuid", OTHER, "-reason", "start")
         assert r.returncode == 0, r
-        assert not any(c[:2] == ["xe", "vm-param-set"] for c in e.load()["calls"])
+        assert not any(c[:3] == ["xe", "vm-param-set", "uuid=" + OTHER] for c in e.load()["calls"])
         d = e.load()
         d["vms"][OTHER]["platform"]["device-model-args"] = GOOD
         e.save(d)
@@ -425,6 +451,160 @@ def hook_pre_migrate_refuses_vgpu_vms():
         assert r.returncode == 2 and "not migratable" in e.hooklog(), r
         r = e.hook("vm-pre-migrate", "-vmuuid", OTHER, "-reason", "migrate")
         assert r.returncode == 0, r
+    finally:
+        e.close()
+
+
+# --- vgpu-admin apply / unapply (XAPI through the stand-in xe) -----------------------------
+
+DUP1 = "2a3b4c5d-6e7f-4a8b-9c0d-1e2f3a4b5c6d"
+DUP2 = "3b4c5d6e-7f8a-4b9c-8d1e-2f3a4b5c6d7e"
+DOM0 = "00000000-0000-0000-0000-000000000001"
+WEIRD = "4c5d6e7f-8a9b-4c0d-9e1f-3a4b5c6d7e8f"
+WEIRD_NAME = "$(touch /tmp/vgpu-pwned); `id` 'x' \"y\""
+
+
+def xapi_env():
+    """A pool of VMs in the stand-in XAPI and one host's empty database."""
+    if not ADMIN:
+        raise Skip("VGPU_ADMIN not set")
+    e = Env()
+    d = e.load()
+    vm = lambda name, **kw: dict({"name-label": name, "platform": {"acpi": "1"},
+                                  "other-config": {"folder": "/gpu"}}, **kw)
+    d["vms"] = {UUID: vm("web"), OTHER: vm("plain"), DUP1: vm("dup"), DUP2: vm("dup"),
+                WEIRD: vm(WEIRD_NAME),
+                DOM0: vm("Control domain on host: xcp1", **{"is-control-domain": "true"})}
+    e.save(d)
+    e.admin("init")
+    return e
+
+
+def fails(e, args, why):
+    """vgpu-admin ARGS must fail with one line naming `why`, XAPI and the
+    database unchanged."""
+    before_vms, before_db = e.load()["vms"], e.admin("list-vms", "--json")
+    r = e.run([ADMIN] + args)
+    assert r.returncode != 0, r
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("vgpu-admin: error: "), r.stderr
+    assert why in r.stderr, (why, r.stderr)
+    assert e.load()["vms"] == before_vms, "XAPI changed"
+    assert e.admin("list-vms", "--json") == before_db, "database changed"
+    return r
+
+
+def sets(e, uuid=None):
+    return [c for c in e.load()["calls"] if c[:2] == ["xe", "vm-param-set"]
+            and (uuid is None or c[2] == "uuid=" + uuid)]
+
+
+@test
+def apply_writes_dm_args_and_keys_by_name_or_uuid():
+    e = xapi_env()
+    try:
+        e.admin("register-vm", UUID, "--pool", "B", "--priority", "high", "--name", "w")
+        vm_id = json.loads(e.admin("show-vm", UUID, "--json"))["vm_id"]
+        out = e.admin("apply", "web", "--dry-run")
+        assert "would run xe vm-param-set uuid=" + UUID in out and sets(e) == [], out
+        out = e.admin("apply", "web")
+        assert "set platform:device-model-args" in out, out
+        vm = e.load()["vms"][UUID]
+        sd = e.env["VGPU_SOCKET_DIR"]
+        want = ("-chardev socket,id=vgpu{0},path={1}/vm{0}.sock "
+                "-device vhost-user-vgpu-pci,id=vgpu{0},chardev=vgpu{0} "
+                "-device vgpu-stub,vgpu=vgpu{0},pool_id=B,priority=2,vm_id={0}").format(vm_id, sd)
+        assert vm["platform"] == {"acpi": "1", "device-model-args": want}, vm
+        assert vm["other-config"] == {"folder": "/gpu", "vgpu-pool": "B", "vgpu-priority": "high",
+                                      "vgpu-vm-id": str(vm_id), "vgpu-max-queued": "64",
+                                      "vgpu-gpu-mem-quota-mib": "4096"}, vm
+        # One xe call, an argument vector: the value with its spaces is one argument.
+        (call,) = sets(e)
+        assert "platform:device-model-args=" + want in call, call
+        # Again: nothing to write. By UUID (upper case too): the same VM.
+        assert "already up to date" in e.admin("apply", UUID.upper())
+        assert len(sets(e)) == 1
+        e.admin("set-priority", UUID, "low")
+        e.admin("apply", UUID)
+        (_, call) = sets(e)
+        assert "other-config:vgpu-priority=low" in call and len(call) == 5, call
+        assert e.load()["vms"][UUID]["other-config"]["vgpu-priority"] == "low"
+        # A name-label full of shell syntax is only ever an argument.
+        e.admin("register-vm", WEIRD, "--pool", "A", "--priority", "low")
+        e.admin("apply", WEIRD_NAME)
+        assert not os.path.exists("/tmp/vgpu-pwned")
+        assert e.load()["vms"][WEIRD]["other-config"]["vgpu-pool"] == "A"
+        # --all: every registered VM, here already up to date.
+        out = e.admin("apply", "--all")
+        assert out.count("already up to date") == 2, out
+    finally:
+        e.close()
+
+
+@test
+def apply_errors_write_nothing():
+    e = xapi_env()
+    try:
+        e.admin("register-vm", UUID, "--pool", "B", "--priority", "high")
+        fails(e, ["apply", "nobody"], "no VM named 'nobody' in XAPI")
+        fails(e, ["apply", "dup"], "2 VMs are named 'dup'")
+        fails(e, ["apply", "plain"], "is not registered with vgpu on this host")
+        fails(e, ["apply", "5d6e7f8a-9b0c-4d1e-8f2a-4b5c6d7e8f9a"], "is not in XAPI")
+        fails(e, ["apply", "Control domain on host: xcp1"], "no VM named")
+        fails(e, ["apply", "a\nb"], "control characters")
+        fails(e, ["apply"], "required")
+        fails(e, ["apply", "web", "--all"], "cannot be used with")
+        # --all checks every VM before it writes: one not in XAPI stops all.
+        e.admin("register-vm", "5d6e7f8a-9b0c-4d1e-8f2a-4b5c6d7e8f9a", "--pool", "A",
+                "--priority", "low")
+        fails(e, ["apply", "--all"], "is not in XAPI")
+        e.admin("remove-vm", "5d6e7f8a-9b0c-4d1e-8f2a-4b5c6d7e8f9a")
+        # The vm_id is another VM's in the pool (applied from another host).
+        vm_id = json.loads(e.admin("show-vm", UUID, "--json"))["vm_id"]
+        d = e.load()
+        d["vms"][OTHER]["other-config"].update({"vgpu-pool": "A", "vgpu-priority": "low",
+                                                "vgpu-vm-id": str(vm_id)})
+        e.save(d)
+        fails(e, ["apply", "web"], "vm_id %d of VM %s is already used in the pool by VM %s"
+              % (vm_id, UUID, OTHER))
+        d["vms"][OTHER]["other-config"] = {}
+        e.save(d)
+        # xe failing, or not there at all.
+        e.env["VGPU_STANDIN_XE_FAIL"] = "vm-list"
+        r = fails(e, ["apply", "web"], "message: Failure: injected failure of vm-list")
+        assert "`xe vm-list name-label=web" in r.stderr, r.stderr
+        del e.env["VGPU_STANDIN_XE_FAIL"]
+        path = e.env["PATH"]
+        e.env["PATH"] = "/nonexistent"
+        fails(e, ["apply", "web"], "xe not found on PATH")
+        e.env["PATH"] = path
+        assert sets(e) == []
+    finally:
+        e.close()
+
+
+@test
+def unapply_removes_only_vgpu_keys():
+    e = xapi_env()
+    try:
+        e.admin("register-vm", UUID, "--pool", "B", "--priority", "high")
+        e.admin("apply", UUID)
+        out = e.admin("unapply", "web", "--dry-run")
+        assert "would remove platform:device-model-args" in out
+        assert "vgpu-vm-id" in e.load()["vms"][UUID]["other-config"]
+        out = e.admin("unapply", "web")
+        vm = e.load()["vms"][UUID]
+        assert vm["platform"] == {"acpi": "1"} and vm["other-config"] == {"folder": "/gpu"}, vm
+        # Nothing left to remove: fine, and no xe vm-param-remove of a missing key
+        # (xapi answers that with an error).
+        n = len(e.load()["calls"])
+        assert "no vgpu keys in XAPI" in e.admin("unapply", "web")
+        assert not any(c[:2] == ["xe", "vm-param-remove"] for c in e.load()["calls"][n:])
+        # The local record stays (sync --from-xapi or remove-vm drops it).
+        assert json.loads(e.admin("show-vm", UUID, "--json"))["uuid"] == UUID
+        fails(e, ["unapply", "nobody"], "no VM named")
+        e.admin("apply", UUID)
+        out = e.admin("unapply", "--all")
+        assert e.load()["vms"][UUID]["other-config"] == {"folder": "/gpu"}, out
     finally:
         e.close()
 
