@@ -289,21 +289,23 @@ fn print_replaced(out: &mut dyn Write, r: &Replaced, dry_run: bool) -> Result<()
             b.gpu_mem_quota_mib.to_string(),
             a.gpu_mem_quota_mib.to_string(),
         );
-        writeln!(
-            out,
-            "{upd} {} ({}): {}",
-            a.uuid,
-            a.label(),
-            parts.join(", ")
-        )?;
+        let name = a
+            .name
+            .as_deref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default();
+        writeln!(out, "{upd} {}{name}: {}", a.uuid, parts.join(", "))?;
     }
     for v in &r.removed {
+        let name = v
+            .name
+            .as_deref()
+            .map(|n| format!("{n}, "))
+            .unwrap_or_default();
         writeln!(
             out,
-            "{rem} {} ({}, vm_id {}): no vgpu keys in XAPI",
-            v.uuid,
-            v.label(),
-            v.vm_id
+            "{rem} {} ({name}vm_id {}): no vgpu keys in XAPI",
+            v.uuid, v.vm_id
         )?;
     }
     writeln!(out, "{} VMs unchanged", r.unchanged)?;

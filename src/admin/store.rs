@@ -1324,6 +1324,109 @@ mod tests {
     }
 
     #[test]
+    fn replace_vms_makes_the_table_equal_the_source() {
+        let (_dir, mut s) = open();
+        let a = s
+            .register_vm(&NewVm {
+                vm_id: Some(1),
+                name: Some("one".into()),
+                ..new_vm(U1)
+            })
+            .unwrap();
+        s.register_vm(&NewVm {
+            vm_id: Some(2),
+            ..new_vm(U2)
+        })
+        .unwrap();
+        let assigned = |uuid: &str, vm_id, p: char, priority| Assigned {
+            uuid: uuid.parse().unwrap(),
+            vm_id,
+            pool: pool(p),
+            priority,
+            max_queued: 64,
+            gpu_mem_quota_mib: 4096,
+        };
+        // U1 and U2 swap vm_ids, U2 changes pool, U3 is new.
+        let target = vec![
+            assigned(U1, 2, 'A', Priority::Medium),
+            assigned(U2, 1, 'B', Priority::Medium),
+            assigned(U3, 3, 'A', Priority::High),
+        ];
+        let dry = s.replace_vms(&target, true).unwrap();
+        assert_eq!((dry.added.len(), dry.updated.len()), (1, 2));
+        assert_eq!(s.vms().unwrap().len(), 2, "a dry run writes nothing");
+        let r = s.replace_vms(&target, false).unwrap();
+        // The same plan (timestamps aside).
+        let plan = |r: &Replaced| {
+            let ids = |v: &[VmRecord]| {
+                v.iter()
+                    .map(|v| (v.uuid.clone(), v.vm_id))
+                    .collect::<Vec<_>>()
+            };
+            let upd: Vec<_> = r.updated.iter().map(|c| c.after.clone()).collect();
+            (ids(&r.added), ids(&upd), ids(&r.removed), r.unchanged)
+        };
+        assert_eq!(plan(&r), plan(&dry));
+        let got: Vec<_> = s
+            .vms()
+            .unwrap()
+            .into_iter()
+            .map(|v| (v.uuid.to_string(), v.vm_id, v.pool, v.name))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (U2.to_string(), 1, pool('B'), None),
+                (U1.to_string(), 2, pool('A'), Some("one".into())),
+                (U3.to_string(), 3, pool('A'), None),
+            ]
+        );
+        let one = s.find_vm(&vm_ref(U1)).unwrap();
+        assert_eq!(one.created_at, a.created_at, "a moved VM keeps its history");
+        // The same again changes nothing; a VM left out is removed.
+        let again = s.replace_vms(&target, false).unwrap();
+        assert!(again.is_empty() && again.unchanged == 3);
+        let r = s.replace_vms(&target[..1], false).unwrap();
+        assert_eq!(r.removed.len(), 2);
+        assert_eq!(s.vms().unwrap().len(), 1);
+        // Errors leave the table as it was.
+        let before = s.vms().unwrap();
+        type Check = fn(&Error) -> bool;
+        let bad: Vec<(Vec<Assigned>, Check)> = vec![
+            (
+                vec![
+                    assigned(U1, 5, 'A', Priority::Low),
+                    assigned(U2, 5, 'A', Priority::Low),
+                ],
+                |e| matches!(e, Error::SourceDuplicateVmId { vm_id: 5, .. }),
+            ),
+            (
+                vec![
+                    assigned(U1, 5, 'A', Priority::Low),
+                    assigned(U1, 6, 'A', Priority::Low),
+                ],
+                |e| matches!(e, Error::SourceDuplicateUuid(_)),
+            ),
+            (vec![assigned(U2, 7, 'Q', Priority::Low)], |e| {
+                matches!(e, Error::SourceUnknownPool { .. })
+            }),
+            (
+                vec![Assigned {
+                    max_queued: 0,
+                    ..assigned(U2, 7, 'A', Priority::Low)
+                }],
+                |e| matches!(e, Error::InvalidMaxQueued),
+            ),
+        ];
+        for (t, ok) in bad {
+            let e = s.replace_vms(&t, false).unwrap_err();
+            assert!(ok(&e), "{e}");
+            assert!(!e.to_string().contains('\n'));
+            assert_eq!(s.vms().unwrap(), before);
+        }
+    }
+
+    #[test]
     fn data_version_moves_on_foreign_commit() {
         let (dir, reader) = open();
         let v0 = reader.data_version().unwrap();

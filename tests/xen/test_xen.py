@@ -4,7 +4,8 @@
 xe / xenstore-read / xenstore-write executables (tests/xen/standins) and
 the real vgpu-admin. Run by tests/xen/run.sh; prints "N passed, M failed".
 
-Environment: VGPU_ADMIN (required for the hook tests), VGPU_REPO."""
+Environment: VGPU_ADMIN (required for the hook and vgpu-admin tests),
+VGPU_DAEMON (vgpu-vhost-user, for the two-host test), VGPU_REPO."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 
 REPO = os.environ.get("VGPU_REPO") or os.path.abspath(
@@ -28,6 +30,7 @@ WRAPPER_PATCH = os.path.join(
     "0001-qemu-wrapper-append-vgpu-devices-from-device-model-args.patch")
 WRAPPER_ORIG = os.path.join(REPO, "xen", "qemu-wrapper", "qemu-wrapper.orig")
 ADMIN = os.environ.get("VGPU_ADMIN", "")
+DAEMON = os.environ.get("VGPU_DAEMON", "")
 IS_ROOT = os.geteuid() == 0
 
 GOOD = ("-chardev socket,id=vgpu3,path=/run/vgpu/vm3.sock "
@@ -606,6 +609,213 @@ def unapply_removes_only_vgpu_keys():
         out = e.admin("unapply", "--all")
         assert e.load()["vms"][UUID]["other-config"] == {"folder": "/gpu"}, out
     finally:
+        e.close()
+
+
+# --- pool-wide assignments: two hosts, one XAPI ---------------------------------------------
+
+class Host:
+    """A second host of the pool: its own database and socket directory,
+    the same stand-in XAPI state as `e`."""
+
+    def __init__(self, e, name):
+        self.e = e
+        self.dir = os.path.join(e.dir, name)
+        os.makedirs(os.path.join(self.dir, "run"))
+        self.env = dict(e.env, VGPU_DB=os.path.join(self.dir, "vgpu.db"),
+                        VGPU_SOCKET_DIR=os.path.join(self.dir, "run"),
+                        VGPU_SOCKET_DIRS=os.path.join(self.dir, "run"),
+                        VGPU_HOOK_LOG=os.path.join(self.dir, "hook.log"))
+        self.daemon = None
+
+    def run(self, *args):
+        return subprocess.run([ADMIN] + list(args), env=self.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True)
+
+    def admin(self, *args):
+        r = self.run(*args)
+        assert r.returncode == 0, r
+        return r.stdout
+
+    def vms(self):
+        return {v["uuid"]: v for v in json.loads(self.admin("list-vms", "--json"))}
+
+    def hook(self, name, *args):
+        env = dict(self.env, VGPU_HOOK=name)
+        return subprocess.run([HOOK] + list(args), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True)
+
+    def start_daemon(self):
+        self.daemon = subprocess.Popen(
+            [DAEMON, "--executor", "cpu", "--db", self.env["VGPU_DB"], "--socket-dir",
+             self.env["VGPU_SOCKET_DIR"]], env=dict(self.env, RUST_LOG="warn"),
+            stdin=subprocess.DEVNULL)
+
+    def stop(self):
+        if self.daemon:
+            self.daemon.terminate()
+            self.daemon.wait()
+
+
+def two_hosts():
+    e = xapi_env()
+    a, b = Host(e, "host-a"), Host(e, "host-b")
+    a.admin("init")
+    b.admin("init")
+    return e, a, b
+
+
+def fields(v):
+    return (v["vm_id"], v["pool"], v["priority"], v["max_queued"], v["gpu_mem_quota_mib"])
+
+
+@test
+def sync_carries_assignments_between_hosts():
+    e, a, b = two_hosts()
+    try:
+        a.admin("register-vm", UUID, "--pool", "B", "--priority", "high", "--vm-id", "7",
+                "--gpu-mem-quota-mib", "1024", "--max-queued", "9", "--name", "web")
+        a.admin("register-vm", OTHER, "--pool", "A", "--priority", "low")
+        a.admin("apply", "--all")
+        out = b.admin("sync", "--from-xapi", "--dry-run")
+        assert "would add %s as vm_id 7" % UUID in out and b.vms() == {}, out
+        out = b.admin("sync", "--from-xapi")
+        assert "added %s as vm_id 7 (pool B, priority high)" % UUID in out, out
+        va, vb = a.vms(), b.vms()
+        assert {u: fields(v) for u, v in va.items()} == {u: fields(v) for u, v in vb.items()}
+        assert vb[UUID]["name"] is None  # names are each host's own
+        assert b.admin("sync", "--from-xapi") == "2 VMs unchanged\n"
+        # A change on host A reaches host B through XAPI; B's local name stays.
+        b.admin("update-vm", UUID, "--name", "web-b")
+        a.admin("set-priority", "web", "low")
+        a.admin("set-pool", "web", "A")
+        a.admin("apply", "web")
+        out = b.admin("sync", "--from-xapi")
+        assert "updated %s (web-b): pool B -> A, priority high -> low" % UUID in out, out
+        assert b.vms()[UUID]["name"] == "web-b"
+        # vm_ids swapped on host A: B follows in one transaction.
+        a.admin("set-vm-id", UUID, "100", "--yes")
+        a.admin("set-vm-id", OTHER, "7", "--yes")
+        a.admin("set-vm-id", UUID, str(va[OTHER]["vm_id"]), "--yes")
+        a.admin("apply", "--all")
+        b.admin("sync", "--from-xapi")
+        assert {u: fields(v) for u, v in a.vms().items()} == \
+            {u: fields(v) for u, v in b.vms().items()}
+        # XAPI is the source of truth: a VM unapplied on A leaves B's database,
+        # and so does a VM registered on B but never applied.
+        b.admin("register-vm", DUP1, "--pool", "A", "--priority", "low")
+        a.admin("unapply", "plain")
+        out = b.admin("sync", "--from-xapi")
+        assert "removed %s" % OTHER in out and "removed %s" % DUP1 in out, out
+        assert list(b.vms()) == [UUID]
+        # Absent optional keys take the defaults of config/vgpu.toml.
+        d = e.load()
+        d["vms"][DUP2]["other-config"].update({"vgpu-pool": "B", "vgpu-priority": "1",
+                                               "vgpu-vm-id": "42"})
+        e.save(d)
+        b.admin("sync", "--from-xapi")
+        assert fields(b.vms()[DUP2]) == (42, "B", 1, 64, 4096), b.vms()[DUP2]
+    finally:
+        e.close()
+
+
+@test
+def sync_errors_change_nothing():
+    e, a, b = two_hosts()
+    try:
+        a.admin("register-vm", UUID, "--pool", "B", "--priority", "high", "--vm-id", "3")
+        a.admin("apply", UUID)
+        b.admin("sync", "--from-xapi")
+        before = b.vms()
+        good = dict(e.load()["vms"][UUID]["other-config"])
+        cases = [
+            ({"vgpu-pool": "A", "vgpu-priority": "low", "vgpu-vm-id": "3"},
+             "vm_id 3 is given to two VMs in the source"),
+            ({"vgpu-pool": "Q", "vgpu-priority": "low", "vgpu-vm-id": "4"},
+             "pool Q is not defined on this host"),
+            ({"vgpu-pool": "A", "vgpu-priority": "urgent", "vgpu-vm-id": "4"},
+             "other-config:vgpu-priority = 'urgent' is not valid"),
+            ({"vgpu-pool": "A", "vgpu-vm-id": "4"}, "has vgpu keys but not vgpu-priority"),
+            ({"vgpu-pool": "A", "vgpu-priority": "low", "vgpu-vm-id": "4",
+              "vgpu-max-queued": "0"}, "vgpu-max-queued = '0' is not valid"),
+        ]
+        for keys, why in cases:
+            d = e.load()
+            d["vms"][OTHER]["other-config"] = dict(keys)
+            e.save(d)
+            r = b.run("sync", "--from-xapi")
+            assert r.returncode == 1 and why in r.stderr and r.stderr.count("\n") == 1, (keys, r)
+            assert b.vms() == before, keys
+        d = e.load()
+        d["vms"][OTHER]["other-config"] = {}
+        e.save(d)
+        e.env["VGPU_STANDIN_XE_FAIL"] = "vm-list"
+        b.env["VGPU_STANDIN_XE_FAIL"] = "vm-list"
+        r = b.run("sync", "--from-xapi")
+        assert r.returncode == 1 and "injected failure" in r.stderr, r
+        assert b.vms() == before
+        assert e.load()["vms"][UUID]["other-config"] == good
+    finally:
+        e.close()
+
+
+@test
+def sync_is_not_fooled_by_other_keys_values():
+    e, a, b = two_hosts()
+    try:
+        a.admin("register-vm", UUID, "--pool", "B", "--priority", "low", "--vm-id", "3")
+        a.admin("apply", UUID)
+        d = e.load()
+        # Another key's value imitates a higher priority for the vgpu VM, and
+        # the full vgpu keys of a VM that has none.
+        d["vms"][UUID]["other-config"]["XenCenter.CustomFields.x"] = "y; vgpu-priority: high"
+        d["vms"][OTHER]["other-config"]["note"] = (
+            "x; vgpu-pool: A; vgpu-priority: high; vgpu-vm-id: 9")
+        # A value with newlines that imitates a whole record (of the dom0).
+        d["vms"][DUP1]["other-config"]["note"] = (
+            "z\n\n\nuuid ( RO)            : %s\n    other-config (MRW): vgpu-pool: A; "
+            "vgpu-priority: high; vgpu-vm-id: 5" % DOM0)
+        e.save(d)
+        r = b.run("sync", "--from-xapi")
+        assert r.returncode == 0, r
+        vms = b.vms()
+        assert list(vms) == [UUID] and fields(vms[UUID])[:3] == (3, "B", 0), vms
+        assert "ambiguous" in r.stderr, r.stderr
+    finally:
+        e.close()
+
+
+@test
+def hook_on_another_host_imports_and_the_daemon_follows():
+    if not DAEMON:
+        raise Skip("VGPU_DAEMON not set")
+    e, a, b = two_hosts()
+    try:
+        a.admin("register-vm", UUID, "--pool", "B", "--priority", "high", "--vm-id", "5")
+        a.admin("apply", UUID)
+        b.start_daemon()
+        sock = os.path.join(b.env["VGPU_SOCKET_DIR"], "vm5.sock")
+        assert not os.path.exists(sock)
+        # Host B's vm-pre-start: sync --from-xapi, the daemon (following its
+        # database) opens the VM's socket, the hook waits for it.
+        b.env["VGPU_SOCKET_WAIT_S"] = "10"
+        r = b.hook("vm-pre-start", "-vmuuid", UUID, "-reason", "start")
+        log = open(b.env["VGPU_HOOK_LOG"]).read()
+        assert r.returncode == 0, (r, log)
+        assert "sync: added %s as vm_id 5" % UUID in log and "ready: %s" % sock in log, log
+        assert os.path.exists(sock)
+        # Host B's device-model-args name host B's socket directory.
+        assert ("path=%s " % sock) in e.load()["vms"][UUID]["platform"]["device-model-args"]
+        # Unapplied on host A: at the next start on B it is gone there too.
+        a.admin("unapply", UUID)
+        r = b.hook("vm-pre-start", "-vmuuid", UUID, "-reason", "start")
+        assert r.returncode == 0 and b.vms() == {}, (r, open(b.env["VGPU_HOOK_LOG"]).read())
+        deadline = time.time() + 10
+        while os.path.exists(sock) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(sock), "the daemon kept the removed VM's socket"
+    finally:
+        b.stop()
         e.close()
 
 
