@@ -8,7 +8,7 @@
 
 use vm_memory::ByteValued;
 
-use crate::guest::GuestBufs;
+use crate::guest::{GuestBufs, HostRanges};
 use crate::protocol::Status;
 
 /// Read access to a request's payload.
@@ -64,21 +64,20 @@ impl<'a> Reader<'a> {
     }
 
     /// Host address ranges behind `len` bytes at `off`, for a DMA engine;
-    /// valid while the reader's source lives.
-    pub fn host_ranges(&self, off: usize, len: usize) -> Result<Vec<(*const u8, usize)>, Status> {
-        match self {
+    /// valid while the returned ranges live (they hold the mapping guards, see
+    /// [`HostRanges`]) and never longer than the reader's source.
+    pub fn host_ranges(&self, off: usize, len: usize) -> Result<HostRanges<'a, *const u8>, Status> {
+        match *self {
             Reader::Guest(b) => Ok(b
                 .host_ranges(off, len)
                 .map_err(|_| Status::BadRequest)?
-                .into_iter()
-                .map(|(p, n)| (p as *const u8, n))
-                .collect()),
+                .map_ptr(|p| p as *const u8)),
             Reader::Bytes(b) => {
                 let s = off
                     .checked_add(len)
                     .and_then(|end| b.get(off..end))
                     .ok_or(Status::BadRequest)?;
-                Ok(vec![(s.as_ptr(), s.len())])
+                Ok(HostRanges::unguarded(s.as_ptr(), s.len()))
             }
         }
     }
@@ -132,8 +131,13 @@ impl<'a> Writer<'a> {
     }
 
     /// Host address ranges behind `len` output bytes at `off`, for a DMA
-    /// engine; valid while the writer's destination lives.
-    pub fn host_ranges(&mut self, off: usize, len: usize) -> Result<Vec<(*mut u8, usize)>, Status> {
+    /// engine; valid while the returned ranges live (they hold the mapping
+    /// guards) and never longer than the writer's destination.
+    pub fn host_ranges(
+        &mut self,
+        off: usize,
+        len: usize,
+    ) -> Result<HostRanges<'_, *mut u8>, Status> {
         match self {
             Writer::Guest(b) => b.host_ranges(off, len).map_err(|_| Status::TooLarge),
             Writer::Bytes(b) => {
@@ -141,7 +145,7 @@ impl<'a> Writer<'a> {
                     .checked_add(len)
                     .and_then(|end| b.get_mut(off..end))
                     .ok_or(Status::TooLarge)?;
-                Ok(vec![(s.as_mut_ptr(), s.len())])
+                Ok(HostRanges::unguarded(s.as_mut_ptr(), s.len()))
             }
         }
     }
@@ -177,7 +181,7 @@ mod tests {
             assert_eq!(r.read_obj::<Le32>(5), Err(Status::BadRequest));
             assert_eq!(r.to_vec_max(8).unwrap(), plain.to_vec());
             assert_eq!(r.to_vec_max(7), Err(Status::TooLarge));
-            let total: usize = r.host_ranges(1, 6).unwrap().iter().map(|&(_, n)| n).sum();
+            let total: usize = r.host_ranges(1, 6).unwrap().iter().map(|(_, n)| n).sum();
             assert_eq!(total, 6);
             assert!(r.host_ranges(usize::MAX, 2).is_err());
         }

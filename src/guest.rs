@@ -2,9 +2,17 @@
 //! memory map when built, read and written with bounds checks. A view keeps its
 //! memory map alive (an `Arc`), so it stays valid after the frontend replaces
 //! the memory table, and it can travel to an executor thread.
+//!
+//! Host pointers for DMA come as [`HostRanges`], which owns the mapping guard
+//! of every range: under the `xen` feature a guard of a grant (or on-demand
+//! foreign) region maps the pages when made and unmaps them when dropped, so
+//! a pointer is only valid while its guard lives. `HostRanges` borrows the
+//! view it came from, so neither outlives the memory map.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 
+use vm_memory::volatile_memory::PtrGuardMut;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Guest RAM as the daemon maps it (the memfd regions of SET_MEM_TABLE).
@@ -125,15 +133,19 @@ impl GuestBufs {
     }
 
     /// Host virtual address ranges behind `len` bytes at `off`, for DMA by an
-    /// executor. Valid while `self` (and so the memory map) lives.
-    pub fn host_ranges(&self, off: usize, len: usize) -> Result<Vec<(*mut u8, usize)>, Error> {
+    /// executor, with the guards that keep them mapped: a pointer is valid
+    /// while the returned value (or the iterator it turns into) lives, which
+    /// is at most as long as `self`.
+    pub fn host_ranges(&self, off: usize, len: usize) -> Result<HostRanges<'_>, Error> {
         self.check(off, len)?;
-        let mut out = Vec::new();
+        let mut out = HostRanges::default();
         for (addr, n) in self.ranges(off, len) {
             // A descriptor may straddle two memory regions: split it.
             for slice in self.mem.get_slices(addr, n) {
                 let slice = slice.map_err(Error::Access)?;
-                out.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
+                let guard = slice.ptr_guard_mut();
+                out.ranges.push((guard.as_ptr(), slice.len()));
+                out.guards.push(guard);
             }
         }
         Ok(out)
@@ -170,6 +182,118 @@ impl GuestBufs {
             len -= take;
             Some((start, take))
         })
+    }
+}
+
+/// Host address ranges (`P` is `*mut u8` or `*const u8`) and the mapping
+/// guards that keep them valid. Iterate by reference (`ranges.iter()`) to keep
+/// the mappings past the loop, e.g. until an asynchronous copy has finished;
+/// iterating by value moves the guards into the iterator, so they last until
+/// the loop ends.
+///
+/// ```
+/// use vgpu::guest::{anonymous_memory, GuestBufs};
+/// use vm_memory::GuestAddress;
+/// let mut b = GuestBufs::new(anonymous_memory(&[(0, 0x1000)]).unwrap());
+/// b.push(GuestAddress(0), 16).unwrap();
+/// let r = b.host_ranges(0, 16).unwrap();
+/// assert_eq!(r.iter().map(|(_, n)| n).sum::<usize>(), 16);
+/// ```
+///
+/// It borrows the buffer it was taken from, so it cannot outlive it:
+///
+/// ```compile_fail,E0515
+/// use vgpu::guest::{anonymous_memory, GuestBufs, HostRanges};
+/// use vm_memory::GuestAddress;
+/// fn outlives() -> HostRanges<'static> {
+///     let mut b = GuestBufs::new(anonymous_memory(&[(0, 0x1000)]).unwrap());
+///     b.push(GuestAddress(0), 16).unwrap();
+///     b.host_ranges(0, 16).unwrap() // error: `b` does not live long enough
+/// }
+/// ```
+pub struct HostRanges<'a, P = *mut u8> {
+    ranges: Vec<(P, usize)>,
+    // Never read: dropping one unmaps its range (grant mappings under `xen`).
+    guards: Vec<PtrGuardMut>,
+    _buf: PhantomData<&'a ()>,
+}
+
+impl<P> Default for HostRanges<'_, P> {
+    fn default() -> Self {
+        HostRanges {
+            ranges: Vec::new(),
+            guards: Vec::new(),
+            _buf: PhantomData,
+        }
+    }
+}
+
+impl<'a, P: Copy> HostRanges<'a, P> {
+    /// One range of host memory that needs no guard (plain bytes of the
+    /// process), valid for `'a`.
+    pub fn unguarded(ptr: P, len: usize) -> Self {
+        HostRanges {
+            ranges: vec![(ptr, len)],
+            ..Default::default()
+        }
+    }
+
+    /// The ranges; the pointers are valid while `self` lives.
+    pub fn iter(&self) -> impl Iterator<Item = (P, usize)> + '_ {
+        self.ranges.iter().copied()
+    }
+
+    /// Number of ranges.
+    pub fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// The same ranges and guards with another pointer type (e.g. read-only).
+    pub fn map_ptr<Q>(self, f: impl Fn(P) -> Q) -> HostRanges<'a, Q> {
+        HostRanges {
+            ranges: self.ranges.into_iter().map(|(p, n)| (f(p), n)).collect(),
+            guards: self.guards,
+            _buf: PhantomData,
+        }
+    }
+}
+
+impl<P> std::fmt::Debug for HostRanges<'_, P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostRanges")
+            .field("ranges", &self.ranges.len())
+            .field("guards", &self.guards.len())
+            .finish()
+    }
+}
+
+/// [`HostRanges`] by value: the iterator owns the guards.
+pub struct HostRangesIter<'a, P> {
+    ranges: std::vec::IntoIter<(P, usize)>,
+    _guards: Vec<PtrGuardMut>,
+    _buf: PhantomData<&'a ()>,
+}
+
+impl<P> Iterator for HostRangesIter<'_, P> {
+    type Item = (P, usize);
+    fn next(&mut self) -> Option<(P, usize)> {
+        self.ranges.next()
+    }
+}
+
+impl<'a, P> IntoIterator for HostRanges<'a, P> {
+    type Item = (P, usize);
+    type IntoIter = HostRangesIter<'a, P>;
+    fn into_iter(self) -> HostRangesIter<'a, P> {
+        HostRangesIter {
+            ranges: self.ranges.into_iter(),
+            _guards: self.guards,
+            _buf: PhantomData,
+        }
     }
 }
 
@@ -212,6 +336,30 @@ mod tests {
         assert!(b.sub(usize::MAX, 2).is_err());
         assert!(b.tail(9).is_err());
         assert_eq!(b.host_ranges(1, 6).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn host_ranges_hold_a_guard_per_range() {
+        // Two regions: a range across their border is split in two.
+        let mem = anonymous_memory(&[(0, 0x1000), (0x1000, 0x1000)]).unwrap();
+        let mut b = GuestBufs::new(mem.clone());
+        b.push(GuestAddress(0xff0), 0x20).unwrap();
+        b.write_at(0, &[7u8; 0x20]).unwrap();
+        let r = b.host_ranges(0, 0x20).unwrap();
+        assert_eq!((r.len(), r.guards.len()), (2, 2));
+        assert_eq!(r.iter().map(|(_, n)| n).collect::<Vec<_>>(), [0x10, 0x10]);
+        for (p, n) in r.iter() {
+            // SAFETY: `p..p+n` is guest memory kept mapped by `r`'s guards.
+            let s = unsafe { std::slice::from_raw_parts(p, n) };
+            assert!(s.iter().all(|&x| x == 7));
+        }
+        // Read-only view and the by-value iterator keep the guards with them.
+        let ro = r.map_ptr(|p| p as *const u8);
+        assert_eq!(ro.guards.len(), 2);
+        let it = ro.into_iter();
+        assert_eq!(it._guards.len(), 2);
+        assert_eq!(it.map(|(_, n)| n).sum::<usize>(), 0x20);
+        assert!(b.host_ranges(0x10, 0x11).is_err());
     }
 
     #[test]

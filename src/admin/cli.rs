@@ -36,6 +36,16 @@ pub enum Error {
     Stdin(io::Error),
     #[error(transparent)]
     Config(#[from] crate::config::Error),
+    #[error(transparent)]
+    Xapi(#[from] super::xapi::Error),
+    #[error("VM {0} ('{1}') is not registered with vgpu on this host (register-vm first)")]
+    NotRegistered(VmUuid, String),
+    #[error("vm_id {vm_id} of VM {uuid} is already used in the pool by VM {holder} (other-config:vgpu-vm-id): give one of them another vm_id (set-vm-id)")]
+    PoolVmIdTaken {
+        vm_id: u32,
+        uuid: VmUuid,
+        holder: VmUuid,
+    },
 }
 
 #[derive(Debug, Parser)]
@@ -180,6 +190,43 @@ pub enum Command {
     },
     /// Move a pool, and its VMs, to another GPU.
     PoolSetGpu { id: PoolId, gpu: u32 },
+    /// XCP-ng: write a registered VM's device-model-args and pool-wide
+    /// assignment (other-config:vgpu-*) into XAPI with xe.
+    Apply {
+        /// The VM's XAPI name-label or UUID.
+        #[arg(required_unless_present = "all")]
+        vm: Option<String>,
+        /// Every VM registered in this database.
+        #[arg(long, conflicts_with = "vm")]
+        all: bool,
+        /// Show the xe commands, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// XCP-ng: remove vgpu's keys (device-model-args, other-config:vgpu-*)
+    /// from a VM in XAPI; the local database is left as it is.
+    Unapply {
+        /// The VM's XAPI name-label or UUID.
+        #[arg(required_unless_present = "all")]
+        vm: Option<String>,
+        /// Every VM that has vgpu keys in XAPI or is registered here.
+        #[arg(long, conflicts_with = "vm")]
+        all: bool,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// XCP-ng: make this database's VMs equal to XAPI's other-config:vgpu-*
+    /// (--from-xapi; what the vm-pre-start hook runs), or publish every
+    /// local VM to XAPI (--to-xapi, as apply --all).
+    Sync {
+        #[arg(long, required_unless_present = "to_xapi", conflicts_with = "to_xapi")]
+        from_xapi: bool,
+        #[arg(long)]
+        to_xapi: bool,
+        /// Show what would change, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print the QEMU arguments that attach a VM to the daemon.
     QemuArgs {
         vm: VmRef,
@@ -439,6 +486,31 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), Error> {
                 after.id, before.gpu_index, after.gpu_index, after.vm_count
             )?;
             true
+        }
+        Command::Apply {
+            vm,
+            all: _,
+            dry_run,
+        } => {
+            super::pool_wide::apply(&store, out, &cli.socket_dir, vm.as_deref(), *dry_run)?;
+            false
+        }
+        Command::Unapply {
+            vm,
+            all: _,
+            dry_run,
+        } => {
+            super::pool_wide::unapply(&store, out, vm.as_deref(), *dry_run)?;
+            false
+        }
+        Command::Sync {
+            from_xapi: true,
+            dry_run,
+            ..
+        } => super::pool_wide::sync_from_xapi(&mut store, out, *dry_run)?,
+        Command::Sync { dry_run, .. } => {
+            super::pool_wide::apply(&store, out, &cli.socket_dir, None, *dry_run)?;
+            false
         }
         Command::QemuArgs {
             vm,

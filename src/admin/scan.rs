@@ -145,7 +145,7 @@ pub fn parse_virsh_list(text: &str) -> Vec<(String, String)> {
 }
 
 /// `tool` in one of the directories of `path_var`, if executable.
-fn find_on_path(tool: &str, path_var: Option<&OsStr>) -> Option<PathBuf> {
+pub(crate) fn find_on_path(tool: &str, path_var: Option<&OsStr>) -> Option<PathBuf> {
     std::env::split_paths(path_var?)
         .map(|dir| dir.join(tool))
         .find(|p| {

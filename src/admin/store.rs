@@ -73,6 +73,16 @@ pub enum Error {
     NoFreeVmId,
     #[error("nothing to change")]
     NothingToChange,
+    #[error("vm_id {vm_id} is given to two VMs in the source: {first} and {second}")]
+    SourceDuplicateVmId {
+        vm_id: u32,
+        first: VmUuid,
+        second: VmUuid,
+    },
+    #[error("VM {0} is twice in the source")]
+    SourceDuplicateUuid(VmUuid),
+    #[error("VM {uuid}: pool {pool} is not defined on this host (pool-add {pool} ...)")]
+    SourceUnknownPool { uuid: VmUuid, pool: PoolId },
     #[error("the database refused the change: {0}")]
     Rejected(String),
     #[error("unexpected value in the database: {0}")]
@@ -337,6 +347,33 @@ pub struct NewPool {
 pub struct Change<T> {
     pub before: T,
     pub after: T,
+}
+
+/// A VM's assignment as another store (XCP-ng's XAPI) holds it, every field
+/// resolved; what [`Store::replace_vms`] makes the VM table equal to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assigned {
+    pub uuid: VmUuid,
+    pub vm_id: u32,
+    pub pool: PoolId,
+    pub priority: Priority,
+    pub max_queued: u32,
+    pub gpu_mem_quota_mib: u64,
+}
+
+/// What [`Store::replace_vms`] did (or, dry, would do).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replaced {
+    pub added: Vec<VmRecord>,
+    pub updated: Vec<Change<VmRecord>>,
+    pub removed: Vec<VmRecord>,
+    pub unchanged: usize,
+}
+
+impl Replaced {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.updated.is_empty() && self.removed.is_empty()
+    }
 }
 
 const VM_SELECT: &str = "SELECT v.uuid, v.vm_id, v.name, v.pool_id, v.priority, v.max_queued, \
@@ -759,6 +796,145 @@ impl Store {
         tx.execute("DELETE FROM vms WHERE uuid = ?1", [rec.uuid.as_str()])?;
         tx.commit()?;
         Ok(rec)
+    }
+
+    /// Makes the VM table hold exactly `target` (an assignment per VM from
+    /// the pool-wide store): VMs not in it are removed, the others added or
+    /// updated; a VM keeps its local name. One transaction, validated as a
+    /// whole first: on any error nothing changes. `dry_run` rolls back.
+    pub fn replace_vms(&mut self, target: &[Assigned], dry_run: bool) -> Result<Replaced> {
+        let mut seen_uuid = std::collections::HashSet::new();
+        let mut seen_id: std::collections::HashMap<u32, &VmUuid> = Default::default();
+        for t in target {
+            if !seen_uuid.insert(&t.uuid) {
+                return Err(Error::SourceDuplicateUuid(t.uuid.clone()));
+            }
+            if let Some(first) = seen_id.insert(t.vm_id, &t.uuid) {
+                let (a, b) = (first.clone(), t.uuid.clone());
+                let (first, second) = if a <= b { (a, b) } else { (b, a) };
+                return Err(Error::SourceDuplicateVmId {
+                    vm_id: t.vm_id,
+                    first,
+                    second,
+                });
+            }
+            if t.vm_id == 0 {
+                return Err(Error::InvalidVmId("0".into()));
+            }
+            if t.max_queued == 0 {
+                return Err(Error::InvalidMaxQueued);
+            }
+            quota_to_sql(t.gpu_mem_quota_mib)?;
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for t in target {
+            if found(pool_in(&tx, t.pool))?.is_none() {
+                return Err(Error::SourceUnknownPool {
+                    uuid: t.uuid.clone(),
+                    pool: t.pool,
+                });
+            }
+        }
+        let local = query_all(
+            &tx,
+            &format!("{VM_SELECT} ORDER BY v.vm_id"),
+            [],
+            vm_from_row,
+        )?;
+        let mut done = Replaced::default();
+        // Rows that go, and rows whose vm_id changes: deleted first (the
+        // latter inserted again below), so vm_ids can move between VMs
+        // without a UNIQUE clash.
+        for old in &local {
+            if !target.iter().any(|t| t.uuid == old.uuid) {
+                done.removed.push(old.clone());
+            }
+            if !target
+                .iter()
+                .any(|t| t.uuid == old.uuid && t.vm_id == old.vm_id)
+            {
+                tx.execute("DELETE FROM vms WHERE uuid = ?1", [old.uuid.as_str()])?;
+            }
+        }
+        for t in target {
+            let old = local.iter().find(|o| o.uuid == t.uuid);
+            let same = old.is_some_and(|o| {
+                (
+                    o.vm_id,
+                    o.pool,
+                    o.priority,
+                    o.max_queued,
+                    o.gpu_mem_quota_mib,
+                ) == (
+                    t.vm_id,
+                    t.pool,
+                    t.priority,
+                    t.max_queued,
+                    t.gpu_mem_quota_mib,
+                )
+            });
+            if same {
+                done.unchanged += 1;
+                continue;
+            }
+            let quota = quota_to_sql(t.gpu_mem_quota_mib)?;
+            match old {
+                Some(o) if o.vm_id == t.vm_id => {
+                    tx.execute(
+                        &format!(
+                            "UPDATE vms SET pool_id = ?1, priority = ?2, max_queued = ?3, \
+                             gpu_mem_quota_mib = ?4, updated_at = {NOW} WHERE uuid = ?5"
+                        ),
+                        params![
+                            t.pool.to_string(),
+                            t.priority as u32,
+                            t.max_queued,
+                            quota,
+                            t.uuid.as_str()
+                        ],
+                    )?;
+                }
+                _ => {
+                    let (name, created) = match old {
+                        Some(o) => (o.name.clone(), Some(o.created_at.clone())),
+                        None => (None, None),
+                    };
+                    tx.execute(
+                        &format!(
+                            "INSERT INTO vms (uuid, vm_id, name, pool_id, priority, max_queued, \
+                             gpu_mem_quota_mib, created_at, updated_at) \
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, coalesce(?8, {NOW}), {NOW})"
+                        ),
+                        params![
+                            t.uuid.as_str(),
+                            t.vm_id,
+                            name,
+                            t.pool.to_string(),
+                            t.priority as u32,
+                            t.max_queued,
+                            quota,
+                            created
+                        ],
+                    )?;
+                }
+            }
+            let after = find_vm_in(&tx, &VmRef::Uuid(t.uuid.clone()))?;
+            match old {
+                Some(before) => done.updated.push(Change {
+                    before: before.clone(),
+                    after,
+                }),
+                None => done.added.push(after),
+            }
+        }
+        if dry_run {
+            tx.rollback()?;
+        } else {
+            tx.commit()?;
+        }
+        Ok(done)
     }
 
     pub fn add_pool(&mut self, new: &NewPool) -> Result<PoolRecord> {
@@ -1201,6 +1377,109 @@ mod tests {
             )
         );
         assert_eq!(v.register, d.register);
+    }
+
+    #[test]
+    fn replace_vms_makes_the_table_equal_the_source() {
+        let (_dir, mut s) = open();
+        let a = s
+            .register_vm(&NewVm {
+                vm_id: Some(1),
+                name: Some("one".into()),
+                ..new_vm(U1)
+            })
+            .unwrap();
+        s.register_vm(&NewVm {
+            vm_id: Some(2),
+            ..new_vm(U2)
+        })
+        .unwrap();
+        let assigned = |uuid: &str, vm_id, p: char, priority| Assigned {
+            uuid: uuid.parse().unwrap(),
+            vm_id,
+            pool: pool(p),
+            priority,
+            max_queued: 64,
+            gpu_mem_quota_mib: 4096,
+        };
+        // U1 and U2 swap vm_ids, U2 changes pool, U3 is new.
+        let target = vec![
+            assigned(U1, 2, 'A', Priority::Medium),
+            assigned(U2, 1, 'B', Priority::Medium),
+            assigned(U3, 3, 'A', Priority::High),
+        ];
+        let dry = s.replace_vms(&target, true).unwrap();
+        assert_eq!((dry.added.len(), dry.updated.len()), (1, 2));
+        assert_eq!(s.vms().unwrap().len(), 2, "a dry run writes nothing");
+        let r = s.replace_vms(&target, false).unwrap();
+        // The same plan (timestamps aside).
+        let plan = |r: &Replaced| {
+            let ids = |v: &[VmRecord]| {
+                v.iter()
+                    .map(|v| (v.uuid.clone(), v.vm_id))
+                    .collect::<Vec<_>>()
+            };
+            let upd: Vec<_> = r.updated.iter().map(|c| c.after.clone()).collect();
+            (ids(&r.added), ids(&upd), ids(&r.removed), r.unchanged)
+        };
+        assert_eq!(plan(&r), plan(&dry));
+        let got: Vec<_> = s
+            .vms()
+            .unwrap()
+            .into_iter()
+            .map(|v| (v.uuid.to_string(), v.vm_id, v.pool, v.name))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (U2.to_string(), 1, pool('B'), None),
+                (U1.to_string(), 2, pool('A'), Some("one".into())),
+                (U3.to_string(), 3, pool('A'), None),
+            ]
+        );
+        let one = s.find_vm(&vm_ref(U1)).unwrap();
+        assert_eq!(one.created_at, a.created_at, "a moved VM keeps its history");
+        // The same again changes nothing; a VM left out is removed.
+        let again = s.replace_vms(&target, false).unwrap();
+        assert!(again.is_empty() && again.unchanged == 3);
+        let r = s.replace_vms(&target[..1], false).unwrap();
+        assert_eq!(r.removed.len(), 2);
+        assert_eq!(s.vms().unwrap().len(), 1);
+        // Errors leave the table as it was.
+        let before = s.vms().unwrap();
+        type Check = fn(&Error) -> bool;
+        let bad: Vec<(Vec<Assigned>, Check)> = vec![
+            (
+                vec![
+                    assigned(U1, 5, 'A', Priority::Low),
+                    assigned(U2, 5, 'A', Priority::Low),
+                ],
+                |e| matches!(e, Error::SourceDuplicateVmId { vm_id: 5, .. }),
+            ),
+            (
+                vec![
+                    assigned(U1, 5, 'A', Priority::Low),
+                    assigned(U1, 6, 'A', Priority::Low),
+                ],
+                |e| matches!(e, Error::SourceDuplicateUuid(_)),
+            ),
+            (vec![assigned(U2, 7, 'Q', Priority::Low)], |e| {
+                matches!(e, Error::SourceUnknownPool { .. })
+            }),
+            (
+                vec![Assigned {
+                    max_queued: 0,
+                    ..assigned(U2, 7, 'A', Priority::Low)
+                }],
+                |e| matches!(e, Error::InvalidMaxQueued),
+            ),
+        ];
+        for (t, ok) in bad {
+            let e = s.replace_vms(&t, false).unwrap_err();
+            assert!(ok(&e), "{e}");
+            assert!(!e.to_string().contains('\n'));
+            assert_eq!(s.vms().unwrap(), before);
+        }
     }
 
     #[test]

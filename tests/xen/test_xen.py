@@ -4,7 +4,8 @@
 xe / xenstore-read / xenstore-write executables (tests/xen/standins) and
 the real vgpu-admin. Run by tests/xen/run.sh; prints "N passed, M failed".
 
-Environment: VGPU_ADMIN (required for the hook tests), VGPU_REPO."""
+Environment: VGPU_ADMIN (required for the hook and vgpu-admin tests),
+VGPU_DAEMON (vgpu-vhost-user, for the two-host test), VGPU_REPO."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 
 REPO = os.environ.get("VGPU_REPO") or os.path.abspath(
@@ -28,6 +30,7 @@ WRAPPER_PATCH = os.path.join(
     "0001-qemu-wrapper-append-vgpu-devices-from-device-model-args.patch")
 WRAPPER_ORIG = os.path.join(REPO, "xen", "qemu-wrapper", "qemu-wrapper.orig")
 ADMIN = os.environ.get("VGPU_ADMIN", "")
+DAEMON = os.environ.get("VGPU_DAEMON", "")
 IS_ROOT = os.geteuid() == 0
 
 GOOD = ("-chardev socket,id=vgpu3,path=/run/vgpu/vm3.sock "
@@ -235,13 +238,31 @@ def standin_formats():
         assert r.returncode == 1 and r.stderr == "xenstore-read: couldn't read path /local/domain/5/nope\n", r
         r = e.run(["xe", "vm-param-get", "uuid=9b2c6f1e-4a7d-4c1b-8e3f-1d2a3b4c5d6e",
                    "param-name=platform", "param-key=device-model-args"])
-        assert r.returncode == 1 and r.stderr == "Error: Key device-model-args not found in map\n", r
+        assert r.returncode == 1 and r.stderr == (
+            "The server failed to handle your request, due to an internal error. The given "
+            "message may give details useful for debugging the problem.\n"
+            "message: Failure: Key device-model-args not found in map\n"), r
         r = e.run(["xe", "vm-param-get", "uuid=00000000-0000-0000-0000-000000000000",
                    "param-name=platform"])
         assert r.returncode == 1 and r.stderr.startswith("The uuid you supplied was invalid."), r
         r = e.run(["xe", "vm-param-get", "uuid=9b2c6f1e-4a7d-4c1b-8e3f-1d2a3b4c5d6e",
                    "param-name=platform"])
         assert r.stdout == "acpi: 1\n", r
+        r = e.run(["xe", "vm-param-remove", "uuid=9b2c6f1e-4a7d-4c1b-8e3f-1d2a3b4c5d6e",
+                   "param-name=platform", "param-key=nope"])
+        assert r.returncode == 1 and r.stderr.endswith("message: Failure: Key nope is not in map\n"), r
+        r = e.run(["xe", "vm-list", "name-label=nobody", "params=uuid", "--minimal"])
+        assert (r.returncode, r.stdout) == (0, "\n"), r
+        r = e.run(["xe", "vm-list", "params=uuid,name-label"])
+        assert r.stdout == ("uuid ( RO)          : 9b2c6f1e-4a7d-4c1b-8e3f-1d2a3b4c5d6e\n"
+                            "    name-label ( RW): web\n\n\n"), repr(r.stdout)
+        r = e.run(["xe", "vm-list", "params=name-label", "--minimal"])
+        assert r.stdout == "web\n", r
+        r = e.run(["xe", "vm-param-get", "uuid=9b2c6f1e-4a7d-4c1b-8e3f-1d2a3b4c5d6e"])
+        assert r.returncode == 1 and r.stderr == ("Error code: Missing parameter\n"
+                                                  "Error parameters: param-name\n"), r
+        r = e.run(["xe", "vm-frobnicate"])
+        assert r.returncode == 1 and r.stderr == "Unknown command: vm-frobnicate\n", r
     finally:
         e.close()
 
@@ -339,6 +360,7 @@ def hook_env():
     e.save(d)
     e.admin("init")
     e.admin("register-vm", UUID, "--pool", "B", "--priority", "high", "--name", "web")
+    e.admin("apply", UUID)  # on XCP-ng a VM is registered pool-wide through XAPI
     return e
 
 
@@ -359,11 +381,18 @@ def hook_pre_start_sets_args_and_waits_for_socket():
         assert args == ("-chardev socket,id=vgpu{0},path={1}/vm{0}.sock "
                         "-device vhost-user-vgpu-pci,id=vgpu{0},chardev=vgpu{0} "
                         "-device vgpu-stub,vgpu=vgpu{0},pool_id=B,priority=2,vm_id={0}").format(vm_id, sd), args
-        # Unchanged on the next start: no second vm-param-set.
-        n = sum(1 for c in e.load()["calls"] if c[:2] == ["xe", "vm-param-set"])
+        # apply (in hook_env) wrote it once; the hook's starts write nothing more.
         r = e.hook("vm-pre-start", "-vmuuid", UUID, "-reason", "start")
         assert r.returncode == 0
-        assert n == 1 == sum(1 for c in e.load()["calls"] if c[:2] == ["xe", "vm-param-set"])
+        assert 1 == sum(1 for c in e.load()["calls"] if c[:2] == ["xe", "vm-param-set"])
+        # A change of the args (another socket directory here) is written by the hook.
+        d = e.load()
+        d["vms"][UUID]["platform"]["device-model-args"] = GOOD
+        e.save(d)
+        r = e.hook("vm-pre-start", "-vmuuid", UUID, "-reason", "start")
+        assert r.returncode == 0, (r, e.hooklog())
+        assert e.load()["vms"][UUID]["platform"]["device-model-args"] == args
+        assert "device-model-args set to" in e.hooklog()
     finally:
         e.close()
 
@@ -374,7 +403,7 @@ def hook_pre_start_other_vms():
     try:
         r = e.hook("vm-pre-start", "-vmuuid", OTHER, "-reason", "start")
         assert r.returncode == 0, r
-        assert not any(c[:2] == ["xe", "vm-param-set"] for c in e.load()["calls"])
+        assert not any(c[:3] == ["xe", "vm-param-set", "uuid=" + OTHER] for c in e.load()["calls"])
         d = e.load()
         d["vms"][OTHER]["platform"]["device-model-args"] = GOOD
         e.save(d)
@@ -426,6 +455,367 @@ def hook_pre_migrate_refuses_vgpu_vms():
         r = e.hook("vm-pre-migrate", "-vmuuid", OTHER, "-reason", "migrate")
         assert r.returncode == 0, r
     finally:
+        e.close()
+
+
+# --- vgpu-admin apply / unapply (XAPI through the stand-in xe) -----------------------------
+
+DUP1 = "2a3b4c5d-6e7f-4a8b-9c0d-1e2f3a4b5c6d"
+DUP2 = "3b4c5d6e-7f8a-4b9c-8d1e-2f3a4b5c6d7e"
+DOM0 = "00000000-0000-0000-0000-000000000001"
+WEIRD = "4c5d6e7f-8a9b-4c0d-9e1f-3a4b5c6d7e8f"
+WEIRD_NAME = "$(touch /tmp/vgpu-pwned); `id` 'x' \"y\""
+
+
+def xapi_env():
+    """A pool of VMs in the stand-in XAPI and one host's empty database."""
+    if not ADMIN:
+        raise Skip("VGPU_ADMIN not set")
+    e = Env()
+    d = e.load()
+    vm = lambda name, **kw: dict({"name-label": name, "platform": {"acpi": "1"},
+                                  "other-config": {"folder": "/gpu"}}, **kw)
+    d["vms"] = {UUID: vm("web"), OTHER: vm("plain"), DUP1: vm("dup"), DUP2: vm("dup"),
+                WEIRD: vm(WEIRD_NAME),
+                DOM0: vm("Control domain on host: xcp1", **{"is-control-domain": "true"})}
+    e.save(d)
+    e.admin("init")
+    return e
+
+
+def fails(e, args, why):
+    """vgpu-admin ARGS must fail with one line naming `why`, XAPI and the
+    database unchanged."""
+    before_vms, before_db = e.load()["vms"], e.admin("list-vms", "--json")
+    r = e.run([ADMIN] + args)
+    assert r.returncode != 0, r
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("vgpu-admin: error: "), r.stderr
+    assert why in r.stderr, (why, r.stderr)
+    assert e.load()["vms"] == before_vms, "XAPI changed"
+    assert e.admin("list-vms", "--json") == before_db, "database changed"
+    return r
+
+
+def sets(e, uuid=None):
+    return [c for c in e.load()["calls"] if c[:2] == ["xe", "vm-param-set"]
+            and (uuid is None or c[2] == "uuid=" + uuid)]
+
+
+@test
+def apply_writes_dm_args_and_keys_by_name_or_uuid():
+    e = xapi_env()
+    try:
+        e.admin("register-vm", UUID, "--pool", "B", "--priority", "high", "--name", "w")
+        vm_id = json.loads(e.admin("show-vm", UUID, "--json"))["vm_id"]
+        out = e.admin("apply", "web", "--dry-run")
+        assert "would run xe vm-param-set uuid=" + UUID in out and sets(e) == [], out
+        out = e.admin("apply", "web")
+        assert "set platform:device-model-args" in out, out
+        vm = e.load()["vms"][UUID]
+        sd = e.env["VGPU_SOCKET_DIR"]
+        want = ("-chardev socket,id=vgpu{0},path={1}/vm{0}.sock "
+                "-device vhost-user-vgpu-pci,id=vgpu{0},chardev=vgpu{0} "
+                "-device vgpu-stub,vgpu=vgpu{0},pool_id=B,priority=2,vm_id={0}").format(vm_id, sd)
+        assert vm["platform"] == {"acpi": "1", "device-model-args": want}, vm
+        assert vm["other-config"] == {"folder": "/gpu", "vgpu-pool": "B", "vgpu-priority": "high",
+                                      "vgpu-vm-id": str(vm_id), "vgpu-max-queued": "64",
+                                      "vgpu-gpu-mem-quota-mib": "4096"}, vm
+        # One xe call, an argument vector: the value with its spaces is one argument.
+        (call,) = sets(e)
+        assert "platform:device-model-args=" + want in call, call
+        # Again: nothing to write. By UUID (upper case too): the same VM.
+        assert "already up to date" in e.admin("apply", UUID.upper())
+        assert len(sets(e)) == 1
+        e.admin("set-priority", UUID, "low")
+        e.admin("apply", UUID)
+        (_, call) = sets(e)
+        assert "other-config:vgpu-priority=low" in call and len(call) == 5, call
+        assert e.load()["vms"][UUID]["other-config"]["vgpu-priority"] == "low"
+        # A name-label full of shell syntax is only ever an argument.
+        e.admin("register-vm", WEIRD, "--pool", "A", "--priority", "low")
+        e.admin("apply", WEIRD_NAME)
+        assert not os.path.exists("/tmp/vgpu-pwned")
+        assert e.load()["vms"][WEIRD]["other-config"]["vgpu-pool"] == "A"
+        # --all: every registered VM, here already up to date.
+        out = e.admin("apply", "--all")
+        assert out.count("already up to date") == 2, out
+    finally:
+        e.close()
+
+
+@test
+def apply_errors_write_nothing():
+    e = xapi_env()
+    try:
+        e.admin("register-vm", UUID, "--pool", "B", "--priority", "high")
+        fails(e, ["apply", "nobody"], "no VM named 'nobody' in XAPI")
+        fails(e, ["apply", "dup"], "2 VMs are named 'dup'")
+        fails(e, ["apply", "plain"], "is not registered with vgpu on this host")
+        fails(e, ["apply", "5d6e7f8a-9b0c-4d1e-8f2a-4b5c6d7e8f9a"], "is not in XAPI")
+        fails(e, ["apply", "Control domain on host: xcp1"], "no VM named")
+        fails(e, ["apply", "a\nb"], "control characters")
+        fails(e, ["apply"], "required")
+        fails(e, ["apply", "web", "--all"], "cannot be used with")
+        # --all checks every VM before it writes: one not in XAPI stops all.
+        e.admin("register-vm", "5d6e7f8a-9b0c-4d1e-8f2a-4b5c6d7e8f9a", "--pool", "A",
+                "--priority", "low")
+        fails(e, ["apply", "--all"], "is not in XAPI")
+        e.admin("remove-vm", "5d6e7f8a-9b0c-4d1e-8f2a-4b5c6d7e8f9a")
+        # The vm_id is another VM's in the pool (applied from another host).
+        vm_id = json.loads(e.admin("show-vm", UUID, "--json"))["vm_id"]
+        d = e.load()
+        d["vms"][OTHER]["other-config"].update({"vgpu-pool": "A", "vgpu-priority": "low",
+                                                "vgpu-vm-id": str(vm_id)})
+        e.save(d)
+        fails(e, ["apply", "web"], "vm_id %d of VM %s is already used in the pool by VM %s"
+              % (vm_id, UUID, OTHER))
+        d["vms"][OTHER]["other-config"] = {}
+        e.save(d)
+        # xe failing, or not there at all.
+        e.env["VGPU_STANDIN_XE_FAIL"] = "vm-list"
+        r = fails(e, ["apply", "web"], "message: Failure: injected failure of vm-list")
+        assert "`xe vm-list name-label=web" in r.stderr, r.stderr
+        del e.env["VGPU_STANDIN_XE_FAIL"]
+        path = e.env["PATH"]
+        e.env["PATH"] = "/nonexistent"
+        fails(e, ["apply", "web"], "xe not found on PATH")
+        e.env["PATH"] = path
+        assert sets(e) == []
+    finally:
+        e.close()
+
+
+@test
+def unapply_removes_only_vgpu_keys():
+    e = xapi_env()
+    try:
+        e.admin("register-vm", UUID, "--pool", "B", "--priority", "high")
+        e.admin("apply", UUID)
+        out = e.admin("unapply", "web", "--dry-run")
+        assert "would remove platform:device-model-args" in out
+        assert "vgpu-vm-id" in e.load()["vms"][UUID]["other-config"]
+        out = e.admin("unapply", "web")
+        vm = e.load()["vms"][UUID]
+        assert vm["platform"] == {"acpi": "1"} and vm["other-config"] == {"folder": "/gpu"}, vm
+        # Nothing left to remove: fine, and no xe vm-param-remove of a missing key
+        # (xapi answers that with an error).
+        n = len(e.load()["calls"])
+        assert "no vgpu keys in XAPI" in e.admin("unapply", "web")
+        assert not any(c[:2] == ["xe", "vm-param-remove"] for c in e.load()["calls"][n:])
+        # The local record stays (sync --from-xapi or remove-vm drops it).
+        assert json.loads(e.admin("show-vm", UUID, "--json"))["uuid"] == UUID
+        fails(e, ["unapply", "nobody"], "no VM named")
+        e.admin("apply", UUID)
+        out = e.admin("unapply", "--all")
+        assert e.load()["vms"][UUID]["other-config"] == {"folder": "/gpu"}, out
+    finally:
+        e.close()
+
+
+# --- pool-wide assignments: two hosts, one XAPI ---------------------------------------------
+
+class Host:
+    """A second host of the pool: its own database and socket directory,
+    the same stand-in XAPI state as `e`."""
+
+    def __init__(self, e, name):
+        self.e = e
+        self.dir = os.path.join(e.dir, name)
+        os.makedirs(os.path.join(self.dir, "run"))
+        self.env = dict(e.env, VGPU_DB=os.path.join(self.dir, "vgpu.db"),
+                        VGPU_SOCKET_DIR=os.path.join(self.dir, "run"),
+                        VGPU_SOCKET_DIRS=os.path.join(self.dir, "run"),
+                        VGPU_HOOK_LOG=os.path.join(self.dir, "hook.log"))
+        self.daemon = None
+
+    def run(self, *args):
+        return subprocess.run([ADMIN] + list(args), env=self.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True)
+
+    def admin(self, *args):
+        r = self.run(*args)
+        assert r.returncode == 0, r
+        return r.stdout
+
+    def vms(self):
+        return {v["uuid"]: v for v in json.loads(self.admin("list-vms", "--json"))}
+
+    def hook(self, name, *args):
+        env = dict(self.env, VGPU_HOOK=name)
+        return subprocess.run([HOOK] + list(args), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True)
+
+    def start_daemon(self):
+        self.daemon = subprocess.Popen(
+            [DAEMON, "--executor", "cpu", "--db", self.env["VGPU_DB"], "--socket-dir",
+             self.env["VGPU_SOCKET_DIR"]], env=dict(self.env, RUST_LOG="warn"),
+            stdin=subprocess.DEVNULL)
+
+    def stop(self):
+        if self.daemon:
+            self.daemon.terminate()
+            self.daemon.wait()
+
+
+def two_hosts():
+    e = xapi_env()
+    a, b = Host(e, "host-a"), Host(e, "host-b")
+    a.admin("init")
+    b.admin("init")
+    return e, a, b
+
+
+def fields(v):
+    return (v["vm_id"], v["pool"], v["priority"], v["max_queued"], v["gpu_mem_quota_mib"])
+
+
+@test
+def sync_carries_assignments_between_hosts():
+    e, a, b = two_hosts()
+    try:
+        a.admin("register-vm", UUID, "--pool", "B", "--priority", "high", "--vm-id", "7",
+                "--gpu-mem-quota-mib", "1024", "--max-queued", "9", "--name", "web")
+        a.admin("register-vm", OTHER, "--pool", "A", "--priority", "low")
+        a.admin("apply", "--all")
+        out = b.admin("sync", "--from-xapi", "--dry-run")
+        assert "would add %s as vm_id 7" % UUID in out and b.vms() == {}, out
+        out = b.admin("sync", "--from-xapi")
+        assert "added %s as vm_id 7 (pool B, priority high)" % UUID in out, out
+        va, vb = a.vms(), b.vms()
+        assert {u: fields(v) for u, v in va.items()} == {u: fields(v) for u, v in vb.items()}
+        assert vb[UUID]["name"] is None  # names are each host's own
+        assert b.admin("sync", "--from-xapi") == "2 VMs unchanged\n"
+        # A change on host A reaches host B through XAPI; B's local name stays.
+        b.admin("update-vm", UUID, "--name", "web-b")
+        a.admin("set-priority", "web", "low")
+        a.admin("set-pool", "web", "A")
+        a.admin("apply", "web")
+        out = b.admin("sync", "--from-xapi")
+        assert "updated %s (web-b): pool B -> A, priority high -> low" % UUID in out, out
+        assert b.vms()[UUID]["name"] == "web-b"
+        # vm_ids swapped on host A: B follows in one transaction.
+        a.admin("set-vm-id", UUID, "100", "--yes")
+        a.admin("set-vm-id", OTHER, "7", "--yes")
+        a.admin("set-vm-id", UUID, str(va[OTHER]["vm_id"]), "--yes")
+        a.admin("apply", "--all")
+        b.admin("sync", "--from-xapi")
+        assert {u: fields(v) for u, v in a.vms().items()} == \
+            {u: fields(v) for u, v in b.vms().items()}
+        # XAPI is the source of truth: a VM unapplied on A leaves B's database,
+        # and so does a VM registered on B but never applied.
+        b.admin("register-vm", DUP1, "--pool", "A", "--priority", "low")
+        a.admin("unapply", "plain")
+        out = b.admin("sync", "--from-xapi")
+        assert "removed %s" % OTHER in out and "removed %s" % DUP1 in out, out
+        assert list(b.vms()) == [UUID]
+        # Absent optional keys take the defaults of config/vgpu.toml.
+        d = e.load()
+        d["vms"][DUP2]["other-config"].update({"vgpu-pool": "B", "vgpu-priority": "1",
+                                               "vgpu-vm-id": "42"})
+        e.save(d)
+        b.admin("sync", "--from-xapi")
+        assert fields(b.vms()[DUP2]) == (42, "B", 1, 64, 4096), b.vms()[DUP2]
+    finally:
+        e.close()
+
+
+@test
+def sync_errors_change_nothing():
+    e, a, b = two_hosts()
+    try:
+        a.admin("register-vm", UUID, "--pool", "B", "--priority", "high", "--vm-id", "3")
+        a.admin("apply", UUID)
+        b.admin("sync", "--from-xapi")
+        before = b.vms()
+        good = dict(e.load()["vms"][UUID]["other-config"])
+        cases = [
+            ({"vgpu-pool": "A", "vgpu-priority": "low", "vgpu-vm-id": "3"},
+             "vm_id 3 is given to two VMs in the source"),
+            ({"vgpu-pool": "Q", "vgpu-priority": "low", "vgpu-vm-id": "4"},
+             "pool Q is not defined on this host"),
+            ({"vgpu-pool": "A", "vgpu-priority": "urgent", "vgpu-vm-id": "4"},
+             "other-config:vgpu-priority = 'urgent' is not valid"),
+            ({"vgpu-pool": "A", "vgpu-vm-id": "4"}, "has vgpu keys but not vgpu-priority"),
+            ({"vgpu-pool": "A", "vgpu-priority": "low", "vgpu-vm-id": "4",
+              "vgpu-max-queued": "0"}, "vgpu-max-queued = '0' is not valid"),
+        ]
+        for keys, why in cases:
+            d = e.load()
+            d["vms"][OTHER]["other-config"] = dict(keys)
+            e.save(d)
+            r = b.run("sync", "--from-xapi")
+            assert r.returncode == 1 and why in r.stderr and r.stderr.count("\n") == 1, (keys, r)
+            assert b.vms() == before, keys
+        d = e.load()
+        d["vms"][OTHER]["other-config"] = {}
+        e.save(d)
+        e.env["VGPU_STANDIN_XE_FAIL"] = "vm-list"
+        b.env["VGPU_STANDIN_XE_FAIL"] = "vm-list"
+        r = b.run("sync", "--from-xapi")
+        assert r.returncode == 1 and "injected failure" in r.stderr, r
+        assert b.vms() == before
+        assert e.load()["vms"][UUID]["other-config"] == good
+    finally:
+        e.close()
+
+
+@test
+def sync_is_not_fooled_by_other_keys_values():
+    e, a, b = two_hosts()
+    try:
+        a.admin("register-vm", UUID, "--pool", "B", "--priority", "low", "--vm-id", "3")
+        a.admin("apply", UUID)
+        d = e.load()
+        # Another key's value imitates a higher priority for the vgpu VM, and
+        # the full vgpu keys of a VM that has none.
+        d["vms"][UUID]["other-config"]["XenCenter.CustomFields.x"] = "y; vgpu-priority: high"
+        d["vms"][OTHER]["other-config"]["note"] = (
+            "x; vgpu-pool: A; vgpu-priority: high; vgpu-vm-id: 9")
+        # A value with newlines that imitates a whole record (of the dom0).
+        d["vms"][DUP1]["other-config"]["note"] = (
+            "z\n\n\nuuid ( RO)            : %s\n    other-config (MRW): vgpu-pool: A; "
+            "vgpu-priority: high; vgpu-vm-id: 5" % DOM0)
+        e.save(d)
+        r = b.run("sync", "--from-xapi")
+        assert r.returncode == 0, r
+        vms = b.vms()
+        assert list(vms) == [UUID] and fields(vms[UUID])[:3] == (3, "B", 0), vms
+        assert "ambiguous" in r.stderr, r.stderr
+    finally:
+        e.close()
+
+
+@test
+def hook_on_another_host_imports_and_the_daemon_follows():
+    if not DAEMON:
+        raise Skip("VGPU_DAEMON not set")
+    e, a, b = two_hosts()
+    try:
+        a.admin("register-vm", UUID, "--pool", "B", "--priority", "high", "--vm-id", "5")
+        a.admin("apply", UUID)
+        b.start_daemon()
+        sock = os.path.join(b.env["VGPU_SOCKET_DIR"], "vm5.sock")
+        assert not os.path.exists(sock)
+        # Host B's vm-pre-start: sync --from-xapi, the daemon (following its
+        # database) opens the VM's socket, the hook waits for it.
+        b.env["VGPU_SOCKET_WAIT_S"] = "10"
+        r = b.hook("vm-pre-start", "-vmuuid", UUID, "-reason", "start")
+        log = open(b.env["VGPU_HOOK_LOG"]).read()
+        assert r.returncode == 0, (r, log)
+        assert "sync: added %s as vm_id 5" % UUID in log and "ready: %s" % sock in log, log
+        assert os.path.exists(sock)
+        # Host B's device-model-args name host B's socket directory.
+        assert ("path=%s " % sock) in e.load()["vms"][UUID]["platform"]["device-model-args"]
+        # Unapplied on host A: at the next start on B it is gone there too.
+        a.admin("unapply", UUID)
+        r = b.hook("vm-pre-start", "-vmuuid", UUID, "-reason", "start")
+        assert r.returncode == 0 and b.vms() == {}, (r, open(b.env["VGPU_HOOK_LOG"]).read())
+        deadline = time.time() + 10
+        while os.path.exists(sock) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(sock), "the daemon kept the removed VM's socket"
+    finally:
+        b.stop()
         e.close()
 
 
