@@ -712,5 +712,18 @@ fn sgemm_cublas_fp32_tf32_and_fallback() {
     let r = g.request(1, Opcode::SgemmF32, &p, 4 * m * n);
     let got = f32s(&run(&mut ex, &r).unwrap());
     assert!(worst(&got, &want) <= 1e-5 * k as f32 + 1e-6);
+    g.reset();
+    // Taller than one grid of the built-in kernel (65,535 x 128 rows).
+    let (m, n, k) = (65_535 * 128 + 1, 1, 2);
+    let (a, b) = (rng.f32s(m * k), rng.f32s(k * n));
+    let want = sgemm(m, n, k, &a, &b);
+    let r = g.request(
+        1,
+        Opcode::SgemmF32,
+        &common::sgemm_payload(m, n, k, &a, &b),
+        4 * m,
+    );
+    let got = f32s(&run(&mut ex, &r).unwrap());
+    assert!(worst(&got, &want) <= 1e-5 * k as f32 + 1e-6, "tall SGEMM");
     ex.release_vm(1);
 }

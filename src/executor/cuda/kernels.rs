@@ -30,6 +30,8 @@ const EW_MAX_GRID: u32 = 65535;
 /// SGEMM tile (see the kernel).
 const GEMM_TILE: u32 = 128;
 const GEMM_THREADS: u32 = 256;
+/// Most rows of blocks of one launch (CUDA's grid.y limit).
+const GEMM_MAX_GRID_Y: u32 = 65535;
 /// Device arrays of one request start at multiples of this.
 const DEV_ALIGN: usize = 256;
 
@@ -263,7 +265,30 @@ impl CudaExecutor {
     }
 
     /// Queues the SGEMM kernel on device pointers (also used by the bench).
+    /// A grid has at most 65,535 rows of blocks, so a taller A runs as
+    /// several launches of row blocks (C's rows depend only on A's).
     pub fn launch_sgemm(
+        &self,
+        d: GemmDims,
+        a: CUdeviceptr,
+        b: CUdeviceptr,
+        c: CUdeviceptr,
+    ) -> Result<(), DriverError> {
+        let rows_per_launch = (GEMM_MAX_GRID_Y * GEMM_TILE) as usize;
+        let mut row = 0usize;
+        while row < d.m {
+            let rows = (d.m - row).min(rows_per_launch);
+            let slice = GemmDims { m: rows, ..d };
+            let a_off = (row * d.k * 4) as u64;
+            let c_off = (row * d.n * 4) as u64;
+            self.launch_sgemm_rows(slice, a + a_off, b, c + c_off)?;
+            row += rows;
+        }
+        Ok(())
+    }
+
+    /// One launch: `d.m` at most [`GEMM_MAX_GRID_Y`] tiles.
+    fn launch_sgemm_rows(
         &self,
         d: GemmDims,
         a: CUdeviceptr,
@@ -280,11 +305,7 @@ impl CudaExecutor {
             &mut pb as *mut u64 as *mut c_void,
             &mut pc as *mut u64 as *mut c_void,
         ];
-        let grid = (
-            (d.n as u32).div_ceil(GEMM_TILE),
-            (d.m as u32).div_ceil(GEMM_TILE),
-            1,
-        );
+        let grid = (n.div_ceil(GEMM_TILE), m.div_ceil(GEMM_TILE), 1);
         self.launch(&self.kernels.sgemm, grid, (GEMM_THREADS, 1, 1), &mut params)
     }
 }
