@@ -90,6 +90,9 @@ pub struct FileConfig {
     pub aging_step_ms: Option<u64>,
     pub poll_us: Option<u64>,
     pub socket_dir: Option<PathBuf>,
+    pub vm_socket_mode: Option<u32>,
+    pub vm_socket_owner: Option<String>,
+    pub require_sealed_memory: Option<bool>,
     pub pool_gpu: Option<BTreeMap<String, u32>>,
 }
 
@@ -127,6 +130,9 @@ impl FileConfig {
             aging_step_ms: other.aging_step_ms.or(self.aging_step_ms),
             poll_us: other.poll_us.or(self.poll_us),
             socket_dir: other.socket_dir.or(self.socket_dir),
+            vm_socket_mode: other.vm_socket_mode.or(self.vm_socket_mode),
+            vm_socket_owner: other.vm_socket_owner.or(self.vm_socket_owner),
+            require_sealed_memory: other.require_sealed_memory.or(self.require_sealed_memory),
             pool_gpu: match (self.pool_gpu, other.pool_gpu) {
                 (Some(mut a), Some(b)) => {
                     a.extend(b);
@@ -259,7 +265,36 @@ pub struct DaemonConfig {
     pub poll: Duration,
     pub pool_gpu: BTreeMap<PoolId, u32>,
     pub socket_dir: PathBuf,
+    /// Who may connect to the VMs' sockets, and what memory they may share.
+    pub sockets: SocketPolicy,
     pub vms: Vec<VmSpec>,
+}
+
+/// What a VM's socket and its frontend must satisfy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketPolicy {
+    /// Permission bits of each VM socket (connecting needs write).
+    pub mode: u32,
+    /// Owner (uid, gid) given to each VM socket; `None`: the daemon's.
+    pub owner: Option<(u32, u32)>,
+    /// Refuse guest memory a frontend could shrink under the daemon (a
+    /// memfd without `F_SEAL_SHRINK`, or a file that cannot be sealed).
+    pub require_sealed_memory: bool,
+}
+
+impl SocketPolicy {
+    fn parse_owner(text: &str) -> Result<Option<(u32, u32)>, Error> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let bad = || Error::Invalid(format!("vm_socket_owner '{text}' is not UID:GID"));
+        let (u, g) = text.split_once(':').ok_or_else(bad)?;
+        Ok(Some((
+            u.trim().parse().map_err(|_| bad())?,
+            g.trim().parse().map_err(|_| bad())?,
+        )))
+    }
 }
 
 impl DaemonConfig {
@@ -314,6 +349,24 @@ impl DaemonConfig {
             poll: Duration::from_micros(required(file.poll_us, "poll_us")?),
             pool_gpu,
             socket_dir: required(file.socket_dir, "socket_dir")?,
+            sockets: SocketPolicy {
+                mode: match required(file.vm_socket_mode, "vm_socket_mode")? {
+                    m if m <= 0o777 => m,
+                    m => {
+                        return Err(Error::Invalid(format!(
+                            "vm_socket_mode {m:#o} is not 0..=0o777"
+                        )))
+                    }
+                },
+                owner: SocketPolicy::parse_owner(&required(
+                    file.vm_socket_owner,
+                    "vm_socket_owner",
+                )?)?,
+                require_sealed_memory: required(
+                    file.require_sealed_memory,
+                    "require_sealed_memory",
+                )?,
+            },
             vms,
         })
     }
@@ -338,6 +391,18 @@ pub fn vm_socket(dir: &Path, vm_id: u32) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_owner_is_uid_colon_gid_or_empty() {
+        assert_eq!(SocketPolicy::parse_owner("").ok(), Some(None));
+        assert_eq!(
+            SocketPolicy::parse_owner(" 107:108 ").ok(),
+            Some(Some((107, 108)))
+        );
+        for bad in ["qemu", "1:", ":2", "1:2:3", "-1:0"] {
+            assert!(SocketPolicy::parse_owner(bad).is_err(), "{bad}");
+        }
+    }
 
     fn resolved(over: &str) -> Result<DaemonConfig, Error> {
         let file = FileConfig::embedded()?.merge(FileConfig::parse(over, Path::new("t.toml"))?);

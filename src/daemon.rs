@@ -315,11 +315,11 @@ impl Inner {
                 source,
             })?;
         }
-        let (thread_vm, socket) = (vm.clone(), w.socket.clone());
+        let (thread_vm, socket, policy) = (vm.clone(), w.socket.clone(), self.cfg.sockets);
         std::thread::Builder::new()
             .name(format!("vgpu-vm{}", w.settings.vm_id))
             .spawn(move || {
-                if let Err(e) = vhu_vgpu::serve_forever(thread_vm, socket) {
+                if let Err(e) = vhu_vgpu::serve_forever(thread_vm, socket, policy) {
                     log::error!("{e}");
                 }
             })

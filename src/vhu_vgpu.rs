@@ -26,6 +26,7 @@ use vmm_sys_util::event::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::chain;
+use crate::config::SocketPolicy;
 use crate::guest::GuestMem;
 use crate::protocol::CONFIG_SIZE;
 use crate::sync::lock;
@@ -60,6 +61,12 @@ pub enum Error {
     Serve { path: PathBuf, msg: String },
     #[error("cannot create the completion eventfd: {0}")]
     EventFd(#[source] io::Error),
+    #[error("vhost-user socket {path}: cannot set its mode or owner: {source}")]
+    SocketPermissions {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl From<Error> for io::Error {
@@ -204,6 +211,40 @@ pub struct VgpuBackend {
     mem: GuestMemAtomic,
     conn: Arc<Connection>,
     link: Arc<Link>,
+    require_sealed_memory: bool,
+}
+
+/// The regions of `mem` that their frontend could shrink under us: file
+/// regions without `F_SEAL_SHRINK` (a file that cannot be sealed at all
+/// answers `F_GET_SEALS` with EINVAL). Described for the log.
+pub fn shrinkable_regions(mem: &GuestMem) -> Vec<String> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    // The Xen build maps guest pages through privcmd/gntdev: the hypervisor
+    // owns them and a Dom0 frontend cannot truncate them.
+    if cfg!(feature = "xen") {
+        return Vec::new();
+    }
+    mem.iter()
+        .filter_map(|r| {
+            let fo = r.file_offset()?;
+            // SAFETY: F_GET_SEALS on an fd the region owns; no memory is
+            // passed.
+            let seals = unsafe { libc::fcntl(fo.file().as_raw_fd(), libc::F_GET_SEALS) };
+            if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
+                return None;
+            }
+            Some(format!(
+                "region at {:#x} ({} MiB): {}",
+                r.start_addr().0,
+                r.len() >> 20,
+                if seals < 0 {
+                    "a file that cannot be sealed"
+                } else {
+                    "a memfd without F_SEAL_SHRINK"
+                }
+            ))
+        })
+        .collect()
 }
 
 impl VhostUserBackend for VgpuBackend {
@@ -254,7 +295,24 @@ impl VhostUserBackend for VgpuBackend {
     fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {
         // The library swaps the table inside the atomic we share; this hook
         // tells the executor (for DMA registration).
-        self.vm.map_memory(mem.memory().into_inner());
+        let table = mem.memory().into_inner();
+        if self.require_sealed_memory {
+            let bad = shrinkable_regions(&table);
+            if !bad.is_empty() {
+                // The table is already mapped: nothing may touch it. The
+                // frontend's SET_MEM_TABLE fails and it is disconnected.
+                log::error!(
+                    "vm{}: refusing guest memory the frontend could shrink ({}); use memory-backend-memfd with seal=on, or set require_sealed_memory = false",
+                    self.vm.id(),
+                    bad.join("; ")
+                );
+                self.conn.hang_up();
+                return Err(io::Error::other(
+                    "guest memory not sealed against shrinking",
+                ));
+            }
+        }
+        self.vm.map_memory(table);
         Ok(())
     }
 
@@ -306,7 +364,7 @@ impl VhostUserBackend for VgpuBackend {
 
 /// Serves `socket` for `vm` until the process exits: one frontend at a time,
 /// and a new one may connect after the previous went away.
-pub fn serve_forever(vm: Arc<Vm>, socket: PathBuf) -> Result<(), Error> {
+pub fn serve_forever(vm: Arc<Vm>, socket: PathBuf, policy: SocketPolicy) -> Result<(), Error> {
     loop {
         if vm.is_retired() {
             let _ = std::fs::remove_file(&socket);
@@ -324,6 +382,7 @@ pub fn serve_forever(vm: Arc<Vm>, socket: PathBuf) -> Result<(), Error> {
             mem: mem.clone(),
             conn: conn.clone(),
             link: link.clone(),
+            require_sealed_memory: policy.require_sealed_memory,
         };
         let mut daemon = VhostUserDaemon::new(format!("vgpu-vm{}", vm.id()), backend, mem)
             .map_err(|e| Error::Daemon(e.to_string()))?;
@@ -338,7 +397,7 @@ pub fn serve_forever(vm: Arc<Vm>, socket: PathBuf) -> Result<(), Error> {
                 .map_err(Error::CompletionEvent)?;
         }
         log::info!("vm{}: listening on {}", vm.id(), socket.display());
-        let result = serve_one(&mut daemon, &socket, &vm, &conn, &link);
+        let result = serve_one(&mut daemon, &socket, &policy, &vm, &conn, &link);
         vm.disconnect(&link);
         conn.close();
         match result {
@@ -359,6 +418,7 @@ pub fn serve_forever(vm: Arc<Vm>, socket: PathBuf) -> Result<(), Error> {
 fn serve_one(
     daemon: &mut VhostUserDaemon<VgpuBackend>,
     socket: &Path,
+    policy: &SocketPolicy,
     vm: &Arc<Vm>,
     conn: &Connection,
     link: &Arc<Link>,
@@ -368,6 +428,12 @@ fn serve_one(
             path: socket.to_path_buf(),
             source,
         })?;
+    // Bound under the process umask (0022 by default, or stricter), which
+    // lets nobody else connect before the mode below is set.
+    set_socket_permissions(socket, policy).map_err(|source| Error::SocketPermissions {
+        path: socket.to_path_buf(),
+        source,
+    })?;
     let err = |e: vhost_user_backend::Error| Error::Serve {
         path: socket.to_path_buf(),
         msg: e.to_string(),
@@ -390,6 +456,16 @@ fn serve_one(
         handler.send_exit_event();
     }
     result
+}
+
+/// Gives the socket its owner, then its mode (`vm_socket_owner`,
+/// `vm_socket_mode` of `config/vgpu.toml`).
+fn set_socket_permissions(socket: &Path, policy: &SocketPolicy) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some((uid, gid)) = policy.owner {
+        std::os::unix::fs::chown(socket, Some(uid), Some(gid))?;
+    }
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(policy.mode))
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use vgpu::protocol::*;
-use vgpu_sim::{Desc, SimOptions, Used};
+use vgpu_sim::{Desc, SimGuest, SimOptions, Used};
 
 fn status(h: &RespHdr) -> Status {
     Status::from_u32(h.status).expect("known status")
@@ -774,4 +774,34 @@ fn a_flood_of_expensive_malformed_chains_stalls_nobody() {
         "the low VM's finished BUSY_WAITs came back only after the flood ({consumed} chains)"
     );
     assert_eq!(status(&low_ping), Status::Ok);
+}
+
+#[test]
+fn guest_memory_the_frontend_could_shrink_is_refused_and_sockets_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = DaemonProc::start(&[(1, "A", "high"), (2, "A", "high")], &[]);
+    let mut sealed = d.guest(1);
+    // The default mode of config/vgpu.toml: only the owner may connect.
+    for id in [1, 2] {
+        let mode = std::fs::metadata(d.socket(id))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "vm{id} socket mode {mode:o}");
+    }
+    // An unsealed memfd: SET_MEM_TABLE fails and the frontend is dropped
+    // (a shrink would otherwise SIGBUS the whole daemon).
+    let unsealed = SimGuest::connect(
+        &d.socket(2),
+        SimOptions {
+            seal: false,
+            ..Default::default()
+        },
+    );
+    assert!(unsealed.is_err(), "unsealed guest memory accepted");
+    // The daemon and the other VM are unaffected, and the refused VM's
+    // socket serves a sealed frontend next.
+    assert_eq!(status(&common::ping(&mut sealed)), Status::Ok);
+    let mut again = SimGuest::connect_retry(&d.socket(2), SimOptions::default(), T).unwrap();
+    assert_eq!(status(&common::ping(&mut again)), Status::Ok);
 }

@@ -9,7 +9,7 @@ pub mod workload;
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use vgpu::backend_channel::MsgHeader;
 use vhost::vhost_user::message::{
-    BackendReq, VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    BackendReq, VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -66,6 +67,9 @@ pub struct SimOptions {
     pub slot_size: usize,
     /// Hand the backend a channel (BACKEND_REQ) for config-change messages.
     pub backend_channel: bool,
+    /// Seal the guest RAM memfd against shrinking and growing, as QEMU's
+    /// memory-backend-memfd does by default (the daemon refuses it otherwise).
+    pub seal: bool,
 }
 
 impl Default for SimOptions {
@@ -76,6 +80,7 @@ impl Default for SimOptions {
             event_idx: true,
             slot_size: 4096,
             backend_channel: false,
+            seal: true,
         }
     }
 }
@@ -132,21 +137,35 @@ pub struct SimGuest {
     kicked_at: u16,
 }
 
-fn memfd(size: usize) -> Result<File> {
+fn memfd(size: usize, seal: bool) -> Result<File> {
+    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
     // SAFETY: the name is a valid C string; the returned fd is owned by File.
-    let fd = unsafe { libc::memfd_create(c"vgpu-sim-guest".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(c"vgpu-sim-guest".as_ptr(), flags) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error().into());
     }
     // SAFETY: fd was just created and is not owned elsewhere.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size as u64)?;
+    if seal {
+        // SAFETY: F_ADD_SEALS on the memfd just created; no memory passed.
+        let r = unsafe {
+            libc::fcntl(
+                file.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+    }
     Ok(file)
 }
 
 impl SimGuest {
     pub fn connect(socket: &Path, opts: SimOptions) -> Result<SimGuest> {
-        let file = memfd(opts.mem_size)?;
+        let file = memfd(opts.mem_size, opts.seal)?;
         let region = GuestRegionMmap::from_range(
             GuestAddress(0),
             opts.mem_size,
@@ -166,7 +185,10 @@ impl SimGuest {
         }
         frontend.set_features(offered & want)?;
         let proto = frontend.get_protocol_features()?;
-        let mut want_proto = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ;
+        // REPLY_ACK as QEMU takes it: a refused SET_MEM_TABLE fails here.
+        let mut want_proto = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK;
         if opts.backend_channel {
             want_proto |= VhostUserProtocolFeatures::BACKEND_REQ;
         }
@@ -183,7 +205,11 @@ impl SimGuest {
             .iter()
             .map(VhostUserMemoryRegionInfo::from_guest_region)
             .collect::<std::result::Result<_, _>>()?;
-        frontend.set_mem_table(&regions)?;
+        // Asks for the ack, as QEMU does: a refused table fails here.
+        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        let table = frontend.set_mem_table(&regions);
+        frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
+        table?;
 
         let n = opts.queue_size as u64;
         let desc_table = RING_BASE;
