@@ -203,17 +203,22 @@ fn sections(o: &Opts, daemon: &Daemon, sockets: &[PathBuf]) -> Res<()> {
         check(&h, "PING")?;
     }
     let cores = (common::process_cpu_time() - cpu0).as_secs_f64() / wall0.elapsed().as_secs_f64();
+    let (idle0, idle_wall) = (common::process_cpu_time(), Instant::now());
+    std::thread::sleep(Duration::from_secs(1));
+    let idle =
+        (common::process_cpu_time() - idle0).as_secs_f64() / idle_wall.elapsed().as_secs_f64();
     let (p50, _) = report_lat("PING through the daemon (no GPU work)", v);
     let (f50, _) = report_lat(
         "eventfd ping-pong between two threads (the floor)",
         common::eventfd_pingpong(o.iters)?,
     );
     println!(
-        "  -> PING / eventfd floor: {:.2}x p50 (target <= 1.0x on the GPU host: {}); CPU while pinging: {:.2} cores (guest, ring thread and GPU worker polling, poll_us {})",
+        "  -> PING / eventfd floor: {:.2}x p50 (target <= 1.0x on the GPU host: {}); CPU while pinging: {:.2} cores (guest, ring thread and GPU worker polling, poll_us {}), idle afterwards: {:.3} cores",
         p50 / f50,
         if p50 <= f50 { "met" } else { "NOT met" },
         cores,
-        cfg_poll_us()
+        cfg_poll_us(),
+        idle
     );
     let payload = common::scalar_payload(40, 2);
     for _ in 0..1000 {
