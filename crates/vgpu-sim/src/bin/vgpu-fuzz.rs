@@ -314,9 +314,8 @@ fn valid_payload(rng: &mut Rng, op: u16) -> Vec<u8> {
             .collect(),
         Some(Opcode::ModuleLoad) => {
             let mut p = b".version 8.0\n.target sm_90\n.address_size 64\n".to_vec();
-            for _ in 0..below(rng, 3) {
-                p.push(0);
-            }
+            let nuls = below(rng, 3) as usize;
+            p.extend(std::iter::repeat_n(0, nuls));
             p
         }
         Some(Opcode::Launch) => remoting::encode_launch(&valid_launch(rng)),
@@ -422,7 +421,7 @@ fn gen_chain(rng: &mut Rng) -> Vec<u8> {
     } else {
         req
     };
-    let data = 0x1_0000 + below(rng, 0x8_0000) & !7;
+    let data = (0x1_0000 + below(rng, 0x8_0000)) & !7;
     writes.push((data, req.clone()));
     let out_len = RESP_HDR_SIZE as u32 + below(rng, 256) as u32;
     let resp_at = data + 0x4_0000;
@@ -531,8 +530,8 @@ fn run_chain(input: &[u8], ctx: &Ctx) -> Verdict {
         let b = c.blob();
         let _ = mem.write_slice(&b, GuestAddress(addr));
     }
-    let _ = q.avail().ring().ref_at(0).map(|r| r.store(head.into()));
-    q.avail().idx().store(1u16.into());
+    let _ = q.avail().ring().ref_at(0).map(|r| r.store(head));
+    q.avail().idx().store(1u16);
     let mut queue: Queue = q.create_queue().map_err(|e| format!("mock queue: {e:?}"))?;
     // virtio-queue refuses some heads itself (out of range): nothing to parse.
     let Some(descs) = queue.pop_descriptor_chain(mem.clone()) else {
@@ -962,7 +961,7 @@ fn hex(b: &[u8]) -> String {
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
     let s = s.trim();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())

@@ -665,8 +665,17 @@ fn run(args: Args) -> Result<bool, String> {
     let _ = changer.join();
     // Every VM is gone again: what the daemon holds now should be what it
     // held before the first connected (after it has noticed the hang-ups).
-    std::thread::sleep(Duration::from_secs(3));
-    let idle_after = sample(pid);
+    // Polled (up to 30 s) rather than slept: a loaded machine may take a
+    // while to reap the last connections.
+    let settle = Instant::now() + Duration::from_secs(30);
+    let idle_after = loop {
+        let now = sample(pid);
+        let settled = matches!((now, idle_before), (Some(a), Some(b)) if a.1 <= b.1 + 2);
+        if settled || now.is_none() || Instant::now() > settle {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let fd_kinds = fd_kinds(pid);
     let alive = matches!(daemon.0.try_wait(), Ok(None));
     // SAFETY: kill(2) on our own child's pid.
