@@ -6,7 +6,7 @@
 //! device logic is `vm.rs`.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -143,6 +143,12 @@ pub struct Connection {
     config_channel: Mutex<Option<OwnedFd>>,
     /// Closes the connection (set once the frontend is accepted).
     hangup: Mutex<Option<Box<dyn Fn() + Send>>>,
+    /// The exit-event consumers handed to vhost-user-backend. Its
+    /// `VringEpollHandler::new` (0.24) takes them with `into_raw_fd` and
+    /// never closes them: one eventfd per connection would leak (found by
+    /// vgpu-soak). Closed by [`Connection::close_exit_consumers`] once the
+    /// connection's daemon, and so its vring threads and epoll, are gone.
+    exit_consumers: Mutex<Vec<RawFd>>,
 }
 
 impl Connection {
@@ -153,7 +159,21 @@ impl Connection {
             completions: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
             config_channel: Mutex::new(None),
             hangup: Mutex::new(None),
+            exit_consumers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Closes the exit-event consumers the library leaked; call only after
+    /// the `VhostUserDaemon` that used them has been dropped.
+    fn close_exit_consumers(&self) {
+        for fd in lock(&self.exit_consumers).drain(..) {
+            // SAFETY: `fd` is a consumer we created in `exit_event` and whose
+            // ownership vhost-user-backend took with `into_raw_fd` right after
+            // (the call happens only once its epoll exists) without ever
+            // closing it; its epoll and threads went with the daemon, so
+            // nothing uses this number and we close it exactly once.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
     }
 
     /// Takes our handle on the frontend's backend-request channel: vhost's
@@ -322,9 +342,11 @@ impl VhostUserBackend for VgpuBackend {
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         // Lets serve_forever stop this connection's vring thread on disconnect.
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK)
+        let pair = new_event_consumer_and_notifier(EventFlag::NONBLOCK)
             .map_err(|e| log::error!("vm{}: cannot create exit event: {e}", self.vm.id()))
-            .ok()
+            .ok()?;
+        lock(&self.conn.exit_consumers).push(pair.0.as_raw_fd());
+        Some(pair)
     }
 
     fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
@@ -400,6 +422,9 @@ pub fn serve_forever(vm: Arc<Vm>, socket: PathBuf, policy: SocketPolicy) -> Resu
         let result = serve_one(&mut daemon, &socket, &policy, &vm, &conn, &link);
         vm.disconnect(&link);
         conn.close();
+        // Joins the vring threads and closes their epolls.
+        drop(daemon);
+        conn.close_exit_consumers();
         match result {
             Ok(()) => log::info!("vm{}: frontend disconnected", vm.id()),
             // The daemon removed the socket on its way out.

@@ -561,6 +561,49 @@ fn frontend_disconnects_with_requests_in_flight_then_reconnects() {
     assert!(d.is_running());
 }
 
+/// Descriptors the daemon process holds.
+fn open_fds(d: &DaemonProc) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", d.child.id()))
+        .expect("daemon's /proc/PID/fd")
+        .count()
+}
+
+/// Waits (up to the usual deadline) until the daemon holds at most `want`
+/// descriptors; returns what it holds then.
+fn settle_fds(d: &DaemonProc, want: usize) -> usize {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let n = open_fds(d);
+        if n <= want || std::time::Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn reconnects_leak_no_descriptors() {
+    // Found by vgpu-soak: each connection left one eventfd behind (the exit
+    // event vhost-user-backend takes with into_raw_fd and never closes).
+    let d = DaemonProc::start(&[(1, "A", "high")], &[]);
+    let cycle = || {
+        let mut g = d.guest(1);
+        assert_eq!(status(&ping(&mut g)), Status::Ok);
+    };
+    cycle();
+    // What the daemon holds between connections, once it has seen a hang-up.
+    std::thread::sleep(Duration::from_millis(300));
+    let idle = open_fds(&d);
+    for _ in 0..30 {
+        cycle();
+    }
+    assert_eq!(
+        settle_fds(&d, idle),
+        idle,
+        "descriptors after 30 reconnects"
+    );
+}
+
 #[test]
 fn one_vm_flooding_garbage_does_not_disturb_another() {
     let d = DaemonProc::start(&[(1, "A", "high"), (2, "A", "high")], &[]);
