@@ -24,7 +24,7 @@ pub const API_VERSION: u32 = 1;
 /// Device attributes CU_DEVICE_INFO returns: `attrs[i]` is
 /// `cuDeviceGetAttribute(i)` for `0 <= i < ATTR_COUNT` (0 where the driver
 /// knows no such attribute).
-pub const ATTR_COUNT: usize = 160;
+pub const ATTR_COUNT: usize = 192;
 /// Largest module image (fatbin, cubin or PTX) of CU_MODULE_LOAD.
 pub const MAX_IMAGE_LEN: usize = 64 << 20;
 /// Largest synchronous copy (CU_MEMCPY_HTOD bytes, CU_MEMCPY_DTOH len).

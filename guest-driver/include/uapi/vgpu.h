@@ -116,7 +116,7 @@ struct vgpu_launch_param {
 #define VGPU_OP_CU_COMMAND_BUFFER	0x0311	/* payload: vgpu_cu_cmdbuf, records; out: reply, DtoH bytes */
 
 #define VGPU_CU_API_VERSION	1
-#define VGPU_CU_ATTR_COUNT	160
+#define VGPU_CU_ATTR_COUNT	192
 #define VGPU_CU_ALL_DONE	0xFFFFFFFFu
 
 struct vgpu_cu_reply {
