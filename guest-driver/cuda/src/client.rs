@@ -101,12 +101,8 @@ pub fn with<T>(f: impl FnOnce(&mut Client) -> CuResult<T>) -> CuResult<T> {
 }
 
 impl Client {
-    fn connect() -> Result<Client, u32> {
-        let transport = transport::open().map_err(|e| {
-            log::info!("vgpu cuda: no transport: {e}");
-            cu::NO_DEVICE
-        })?;
-        let mut c = Client {
+    fn new(transport: Box<dyn Transport>) -> Client {
+        Client {
             transport,
             device: Device {
                 name: [0; 256],
@@ -120,7 +116,15 @@ impl Client {
             dtoh_bytes: 0,
             lost: None,
             layouts: HashMap::new(),
-        };
+        }
+    }
+
+    fn connect() -> Result<Client, u32> {
+        let transport = transport::open().map_err(|e| {
+            log::info!("vgpu cuda: no transport: {e}");
+            cu::NO_DEVICE
+        })?;
+        let mut c = Client::new(transport);
         let out = match c.raw(Opcode::CuDeviceInfo, &[], 4096) {
             // No CUDA device on the host (CPU executor) or a host without
             // the CUDA API: the documented "no device".
@@ -374,5 +378,157 @@ impl Client {
             },
             0,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The command-buffer rules, with the host's own parser
+    //! (`parse_command_buffer`) standing in for the GPU this machine lacks:
+    //! what the library sends must parse, DtoH bytes land where the program
+    //! asked, full buffers flush, and a failing record surfaces at the sync.
+    use super::*;
+    use crate::transport::Answer;
+    use std::sync::{Arc, Mutex as StdMutex};
+
+    /// Parses every command buffer as the daemon does; answers DtoH records
+    /// with bytes 0, 1, 2, ... and fails record `fail_at` if set.
+    struct HostParser {
+        buffers: Arc<StdMutex<Vec<usize>>>,
+        fail_at: Option<u32>,
+    }
+
+    impl Transport for HostParser {
+        fn call(&mut self, op: Opcode, p: &[u8], cap: usize) -> Result<Answer, String> {
+            if op != Opcode::CuCommandBuffer {
+                return Ok(Answer {
+                    status: Status::Ok as u32,
+                    output: api::reply(0, 0, &[]),
+                });
+            }
+            let cb = match api::parse_command_buffer(p) {
+                Ok(cb) => cb,
+                Err(e) => {
+                    return Ok(Answer {
+                        status: e.status() as u32,
+                        output: vec![],
+                    })
+                }
+            };
+            assert!(cap >= api::REPLY_SIZE + cb.dtoh_bytes as usize);
+            self.buffers.lock().unwrap().push(cb.commands.len());
+            let mut data = Vec::new();
+            for (i, c) in cb.commands.iter().enumerate() {
+                if Some(i as u32) == self.fail_at {
+                    return Ok(Answer {
+                        status: 0,
+                        output: api::reply(cu::INVALID_VALUE, i as u32, &data),
+                    });
+                }
+                if let Record::DtoH { len, .. } = c.record {
+                    data.extend((0..len).map(|b| b as u8));
+                }
+            }
+            Ok(Answer {
+                status: 0,
+                output: api::reply(0, api::ALL_DONE, &data),
+            })
+        }
+    }
+
+    fn client(fail_at: Option<u32>) -> (Client, Arc<StdMutex<Vec<usize>>>) {
+        let buffers = Arc::new(StdMutex::new(Vec::new()));
+        let t = HostParser {
+            buffers: buffers.clone(),
+            fail_at,
+        };
+        (Client::new(Box::new(t)), buffers)
+    }
+
+    #[test]
+    fn queued_work_parses_and_dtoh_lands_in_order() {
+        let (mut c, bufs) = client(None);
+        let mut a = [0xffu8; 4];
+        let mut b = [0xffu8; 3];
+        c.htod(0, 0x1000, &[1, 2, 3]).unwrap();
+        c.enqueue(
+            7,
+            Record::Memset {
+                dst: 0x1000,
+                count: 4,
+                value: 9,
+                elem_size: 4,
+            },
+            0,
+        )
+        .unwrap();
+        // SAFETY: the arrays outlive the flush below.
+        unsafe {
+            c.dtoh(0, a.as_mut_ptr(), 0x1000, 4).unwrap();
+            c.dtoh(7, b.as_mut_ptr(), 0x2000, 3).unwrap();
+        }
+        assert_eq!(a, [0xff; 4], "nothing lands before the sync");
+        c.flush().unwrap();
+        assert_eq!((a, b), ([0, 1, 2, 3], [0, 1, 2]));
+        assert_eq!(*bufs.lock().unwrap(), vec![4]);
+        c.flush().unwrap();
+        assert_eq!(bufs.lock().unwrap().len(), 1, "an empty buffer is not sent");
+    }
+
+    #[test]
+    fn full_buffers_flush_on_their_own() {
+        let (mut c, bufs) = client(None);
+        for _ in 0..FLUSH_RECORDS + 10 {
+            c.enqueue(0, Record::EventRecord { event: 1 }, 0).unwrap();
+        }
+        c.flush().unwrap();
+        assert_eq!(*bufs.lock().unwrap(), vec![FLUSH_RECORDS, 10]);
+    }
+
+    #[test]
+    fn an_error_of_queued_work_surfaces_at_the_sync() {
+        let (mut c, _) = client(Some(1));
+        let mut a = [0u8; 2];
+        // SAFETY: `a` outlives the flush.
+        unsafe { c.dtoh(0, a.as_mut_ptr(), 0x1000, 2).unwrap() };
+        c.enqueue(0, Record::EventRecord { event: 1 }, 0).unwrap();
+        assert_eq!(c.flush(), Err(cu::INVALID_VALUE));
+        assert_eq!(a, [0, 1], "records before the failing one completed");
+        // The next call is not poisoned: only faults are sticky.
+        assert!(c.call(Opcode::CuMemInfo, &[], 16).is_ok());
+    }
+
+    #[test]
+    fn launch_packs_parameters_at_the_kernels_offsets() {
+        let (mut c, _) = client(None);
+        c.layouts
+            .insert(5, ParamLayout::new(vec![(0, 4), (8, 8)]).unwrap());
+        let (x, p) = (7i32, 0x1234_5678_9abc_def0u64);
+        let args = [&x as *const i32 as *const u8, &p as *const u64 as *const u8];
+        // SAFETY: one pointer per parameter, each to its size of bytes.
+        unsafe { c.launch(5, [1; 3], [32, 1, 1], 0, 0, args.as_ptr()) }.unwrap();
+        let cb = api::command_buffer_payload(c.record_count as u32, &c.records);
+        let parsed = api::parse_command_buffer(&cb).unwrap();
+        let Record::Launch { params, .. } = &parsed.commands[0].record else {
+            panic!("not a launch");
+        };
+        assert_eq!(params.len(), 16);
+        assert_eq!(&params[0..4], &7i32.to_le_bytes());
+        assert_eq!(&params[8..16], &p.to_le_bytes());
+        // An unknown function is an error, not a read through `args`.
+        // SAFETY: args is not read for an unknown function.
+        assert_eq!(
+            unsafe { c.launch(6, [1; 3], [1; 3], 0, 0, std::ptr::null()) },
+            Err(cu::INVALID_HANDLE)
+        );
+    }
+
+    #[test]
+    fn statuses_map_to_cuda_errors() {
+        assert_eq!(status_result(Status::Unsupported as u32), cu::NOT_SUPPORTED);
+        assert_eq!(status_result(Status::DeviceError as u32), cu::LAUNCH_FAILED);
+        assert_eq!(status_result(Status::Timeout as u32), cu::LAUNCH_TIMEOUT);
+        assert_eq!(status_result(Status::NoResources as u32), cu::OUT_OF_MEMORY);
+        assert_eq!(status_result(77), cu::UNKNOWN);
     }
 }

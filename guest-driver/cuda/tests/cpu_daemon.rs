@@ -25,7 +25,8 @@ fn cpu_daemon(dir: &Path) -> (Daemon, PathBuf) {
     ))
     .unwrap();
     let cpu = FileConfig::parse("executor = \"cpu\"", Path::new("t.toml")).unwrap();
-    let cfg = DaemonConfig::resolve(FileConfig::embedded().unwrap().merge(cpu), Vec::new()).unwrap();
+    let cfg =
+        DaemonConfig::resolve(FileConfig::embedded().unwrap().merge(cpu), Vec::new()).unwrap();
     let d = Daemon::start_with(&cfg, VmSource::Static(vec![spec])).unwrap();
     for _ in 0..200 {
         if sock.exists() {
@@ -92,7 +93,11 @@ fn no_device_on_the_cpu_executor() {
         .arg(lib.join("libcuda.so.1"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = Command::new(&bin)
         .env("VGPU_SOCKET", &sock)
         .env("LD_LIBRARY_PATH", &lib)
@@ -111,7 +116,11 @@ fn no_device_on_the_cpu_executor() {
     );
     // Programs built against NVIDIA's runtime need version
     // "libcudart.so.13" of libcudart.so.13: the library defines it.
-    let v = Command::new("readelf").arg("-V").arg(cdylib()).output().unwrap();
+    let v = Command::new("readelf")
+        .arg("-V")
+        .arg(cdylib())
+        .output()
+        .unwrap();
     let v = String::from_utf8_lossy(&v.stdout);
     assert!(v.contains("Name: libcudart.so.13"), "{v}");
     daemon.shutdown();
@@ -123,7 +132,10 @@ fn rust_face_answers_no_device_without_a_transport() {
     std::env::set_var("VGPU_SOCKET", "/nonexistent/vgpu.sock");
     let mut n = -1;
     // SAFETY: valid out-pointer.
-    assert_eq!(unsafe { vgpucuda::runtime::cudaGetDeviceCount(&mut n) }, 100);
+    assert_eq!(
+        unsafe { vgpucuda::runtime::cudaGetDeviceCount(&mut n) },
+        100
+    );
     assert_eq!(n, 0);
     let mut p: *mut c_void = std::ptr::null_mut();
     // SAFETY: valid out-pointer.
