@@ -24,7 +24,7 @@ int main() {
     vadd<<<(n + 255) / 256, 256>>>(da, db, dc, n);
     CHECK(cudaGetLastError());
     CHECK(cudaDeviceSynchronize());
-    CHECK(cudaMemcpy(c, dc, n * sizeof(float), cudaMemcpyDeviceToHost));
+    CHECK(cudaMemcpy(c, dc, n * sizeof(float), cudaMemcpyDefault));
     double sum = 0;
     int bad = 0;
     for (int i = 0; i < n; i++) { sum += c[i]; if (c[i] != a[i] + b[i]) bad++; }

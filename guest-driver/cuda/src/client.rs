@@ -64,6 +64,9 @@ pub struct Client {
     lost: Option<u32>,
     /// Parameter layouts of the functions handed out.
     layouts: HashMap<u64, ParamLayout>,
+    /// The device allocations (base -> size), to tell device pointers from
+    /// host pointers for cudaMemcpyDefault.
+    allocs: std::collections::BTreeMap<u64, u64>,
 }
 
 /// Maps a request status (not OK) to the CUresult a program sees.
@@ -116,7 +119,28 @@ impl Client {
             dtoh_bytes: 0,
             lost: None,
             layouts: HashMap::new(),
+            allocs: std::collections::BTreeMap::new(),
         }
+    }
+
+    pub fn mem_alloc(&mut self, size: u64) -> CuResult<u64> {
+        let d = self.call_u64(Opcode::CuMemAlloc, &size.to_le_bytes())?;
+        self.allocs.insert(d, size);
+        Ok(d)
+    }
+
+    pub fn mem_free(&mut self, dptr: u64) -> CuResult<()> {
+        self.call(Opcode::CuMemFree, &dptr.to_le_bytes(), 0)?;
+        self.allocs.remove(&dptr);
+        Ok(())
+    }
+
+    /// True when `p` lies in one of this program's device allocations.
+    pub fn is_device(&self, p: u64) -> bool {
+        self.allocs
+            .range(..=p)
+            .next_back()
+            .is_some_and(|(&b, &n)| p - b < n)
     }
 
     fn connect() -> Result<Client, u32> {

@@ -277,7 +277,7 @@ pub unsafe extern "C" fn cuCtxGetApiVersion(_ctx: Handle, v: *mut c_uint) -> CUr
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, size: usize) -> CUresult {
     guard(|| {
-        let p = client::with(|c| c.call_u64(Opcode::CuMemAlloc, &(size as u64).to_le_bytes()))?;
+        let p = client::with(|c| c.mem_alloc(size as u64))?;
         // SAFETY: out-pointer from the caller.
         unsafe { put(dptr, p) }
     })
@@ -285,10 +285,7 @@ pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, size: usize) -> C
 
 #[no_mangle]
 pub extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CUresult {
-    guard(|| {
-        client::with(|c| c.call(Opcode::CuMemFree, &dptr.to_le_bytes(), 0))?;
-        Ok(())
-    })
+    guard(|| client::with(|c| c.mem_free(dptr)))
 }
 
 #[no_mangle]

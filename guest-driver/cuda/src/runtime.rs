@@ -463,7 +463,7 @@ pub unsafe extern "C" fn cudaMalloc(p: *mut *mut c_void, size: usize) -> CudaErr
             // SAFETY: out-pointer from the caller.
             return unsafe { put(p, std::ptr::null_mut()) };
         }
-        let d = client::with(|c| c.call_u64(Opcode::CuMemAlloc, &(size as u64).to_le_bytes()))?;
+        let d = client::with(|c| c.mem_alloc(size as u64))?;
         // SAFETY: out-pointer from the caller.
         unsafe { put(p, d as usize as *mut c_void) }
     })
@@ -475,7 +475,7 @@ pub extern "C" fn cudaFree(p: *mut c_void) -> CudaError {
         if p.is_null() {
             return Ok(());
         }
-        client::with(|c| c.call(Opcode::CuMemFree, &h(p).to_le_bytes(), 0)).map(|_| ())
+        client::with(|c| c.mem_free(h(p)))
     })
 }
 
@@ -509,6 +509,7 @@ const HOST_TO_HOST: c_int = 0;
 const HOST_TO_DEVICE: c_int = 1;
 const DEVICE_TO_HOST: c_int = 2;
 const DEVICE_TO_DEVICE: c_int = 3;
+const DEFAULT: c_int = 4;
 
 /// # Safety
 /// Host pointers valid for `n` bytes (until the next sync when async).
@@ -520,6 +521,19 @@ unsafe fn memcpy(
     stream: u64,
     sync: bool,
 ) -> CuResult<()> {
+    let kind = if kind == DEFAULT {
+        // Unified addressing: the program's own allocations are the device
+        // side; anything else is host memory.
+        let (d, s) = client::with(|c| Ok((c.is_device(h(dst)), c.is_device(h(src as Handle)))))?;
+        match (s, d) {
+            (false, false) => HOST_TO_HOST,
+            (false, true) => HOST_TO_DEVICE,
+            (true, false) => DEVICE_TO_HOST,
+            (true, true) => DEVICE_TO_DEVICE,
+        }
+    } else {
+        kind
+    };
     match kind {
         HOST_TO_HOST => {
             driver::sync()?;
@@ -538,8 +552,7 @@ unsafe fn memcpy(
         // SAFETY: per the caller.
         DEVICE_TO_HOST => unsafe { driver::dtoh(dst, h(src as Handle), n, stream, sync) },
         DEVICE_TO_DEVICE => driver::dtod(h(dst), h(src as Handle), n, stream, sync),
-        // cudaMemcpyDefault needs to know which pointers are device memory.
-        _ => Err(cu::NOT_SUPPORTED),
+        _ => Err(cu::INVALID_VALUE),
     }
 }
 
