@@ -8,7 +8,7 @@
 # Results go to $OUT (default ./cuda-apps-out).
 set -u
 ROOT=$(pwd)
-SRC=$ROOT/tests/cuda-apps
+SRC=${SRC:-$ROOT/tests/cuda-apps}
 OUT=${OUT:-$ROOT/cuda-apps-out}
 CARRY=${CARRY:-$ROOT/carry}
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
