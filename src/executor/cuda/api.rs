@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use cudarc::driver::result::DriverError;
 use cudarc::driver::sys::{self, CUdevice, CUresult};
 
-use super::remoting::vm_error;
 use crate::bytes::Writer;
 use crate::executor::cuda_api::{self as api, cu, ApiTables, Command, ParamLayout, Record};
 use crate::executor::remoting::Quota;
@@ -55,10 +54,20 @@ enum Outcome {
     Fatal(DriverError),
 }
 
+/// CUresults after which the context is unusable (CUDA: "the process must
+/// be terminated and relaunched"): deinitialised, uncorrectable ECC, illegal
+/// address, launch timeout, context destroyed, assert, hardware stack
+/// error, illegal instruction, misaligned address, invalid address space,
+/// invalid PC, launch failure, unknown. Everything else is the guest's
+/// error to handle, answered as its CUresult.
+fn poisons_context(code: u32) -> bool {
+    matches!(code, 4 | 214 | 700 | 702 | 709 | 710 | 714..=719 | 999)
+}
+
 fn classify(r: CUresult) -> Result<(), Outcome> {
     match r {
         CUresult::CUDA_SUCCESS => Ok(()),
-        e if vm_error(DriverError(e)).1 => Err(Outcome::Fatal(DriverError(e))),
+        e if poisons_context(e as u32) => Err(Outcome::Fatal(DriverError(e))),
         e => Err(Outcome::Cuda(e as u32)),
     }
 }
@@ -666,4 +675,29 @@ fn wait_all(st: &ApiState, deadline: Instant) -> Result<(), Fail> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_errors_end_the_context() {
+        for c in [700, 702, 715, 719, 999] {
+            assert!(poisons_context(c), "{c}");
+        }
+        // The guest's own mistakes are answered, the context kept.
+        for c in [1, 2, 200, 209, 218, 400, 500, 600, 701, 720, 801] {
+            assert!(!poisons_context(c), "{c}");
+        }
+        assert!(matches!(
+            classify(CUresult::CUDA_ERROR_INVALID_VALUE),
+            Err(Outcome::Cuda(1))
+        ));
+        assert!(matches!(
+            classify(CUresult::CUDA_ERROR_ILLEGAL_ADDRESS),
+            Err(Outcome::Fatal(_))
+        ));
+        assert!(classify(CUresult::CUDA_SUCCESS).is_ok());
+    }
 }

@@ -45,7 +45,7 @@ pub struct RemotingStats {
 }
 
 /// Where a CUDA error in a VM's context leaves the VM.
-pub(super) fn vm_error(e: DriverError) -> (Status, bool) {
+fn vm_error(e: DriverError) -> (Status, bool) {
     use sys::cudaError_enum as E;
     match e.0 {
         E::CUDA_ERROR_OUT_OF_MEMORY => (Status::NoResources, false),
