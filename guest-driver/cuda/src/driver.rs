@@ -939,16 +939,8 @@ pub(crate) unsafe fn image_bytes<'a>(image: *const c_void) -> CuResult<&'a [u8]>
         let fs = u64::from_le_bytes(h[8..16].try_into().map_err(|_| cu::INVALID_IMAGE)?) as usize;
         hs.checked_add(fs).ok_or(cu::INVALID_IMAGE)?
     } else if head == [0x7f, b'E', b'L', b'F'] {
-        // ELF64: e_shoff (0x28) + e_shnum (0x3c) * e_shentsize (0x3a).
-        // SAFETY: an ELF64 header is 64 bytes.
-        let h = unsafe { std::slice::from_raw_parts(p, 64) };
-        let shoff = u64::from_le_bytes(h[0x28..0x30].try_into().map_err(|_| cu::INVALID_IMAGE)?);
-        let shentsize = u16::from_le_bytes([h[0x3a], h[0x3b]]) as u64;
-        let shnum = u16::from_le_bytes([h[0x3c], h[0x3d]]) as u64;
-        let phoff = u64::from_le_bytes(h[0x20..0x28].try_into().map_err(|_| cu::INVALID_IMAGE)?);
-        let phnum = u16::from_le_bytes([h[0x38], h[0x39]]) as u64;
-        let phentsize = u16::from_le_bytes([h[0x36], h[0x37]]) as u64;
-        (shoff + shnum * shentsize).max(phoff + phnum * phentsize) as usize
+        // SAFETY: an ELF image, whose own headers say where its parts are.
+        unsafe { elf_size(p) }?
     } else {
         // SAFETY: PTX text is NUL-terminated.
         unsafe { CStr::from_ptr(p as *const c_char) }
@@ -960,6 +952,45 @@ pub(crate) unsafe fn image_bytes<'a>(image: *const c_void) -> CuResult<&'a [u8]>
     }
     // SAFETY: the image is `len` bytes long, as its own header says.
     Ok(unsafe { std::slice::from_raw_parts(p, len) })
+}
+
+/// The file size of an ELF64 image in memory: the end of its last header
+/// table, section or segment.
+///
+/// # Safety
+/// `p` points at a whole ELF64 image.
+unsafe fn elf_size(p: *const u8) -> CuResult<usize> {
+    let rd = |off: usize, n: usize| -> u64 {
+        let mut v = [0u8; 8];
+        // SAFETY: offsets inside the image's headers (caller's contract).
+        unsafe { std::ptr::copy_nonoverlapping(p.add(off), v.as_mut_ptr(), n) };
+        u64::from_le_bytes(v)
+    };
+    let max = api::MAX_IMAGE_LEN as u64;
+    let (phoff, shoff) = (rd(0x20, 8), rd(0x28, 8));
+    let (phentsize, phnum) = (rd(0x36, 2), rd(0x38, 2));
+    let (shentsize, shnum) = (rd(0x3a, 2), rd(0x3c, 2));
+    if phoff > max || shoff > max {
+        return Err(cu::INVALID_IMAGE);
+    }
+    let mut end = 64u64
+        .max(phoff + phnum * phentsize)
+        .max(shoff + shnum * shentsize);
+    for i in 0..shnum {
+        let sh = (shoff + i * shentsize) as usize;
+        // SHT_NOBITS (8) takes no room in the file.
+        if rd(sh + 4, 4) != 8 {
+            end = end.max(rd(sh + 0x18, 8).saturating_add(rd(sh + 0x20, 8)));
+        }
+    }
+    for i in 0..phnum {
+        let ph = (phoff + i * phentsize) as usize;
+        end = end.max(rd(ph + 0x8, 8).saturating_add(rd(ph + 0x20, 8)));
+    }
+    if end > max {
+        return Err(cu::INVALID_IMAGE);
+    }
+    Ok(end as usize)
 }
 
 #[cfg(test)]
