@@ -210,13 +210,39 @@ wire_enum! {
         ModuleUnload = 0x0206 => "VGPU_OP_MODULE_UNLOAD",
         Launch = 0x0207 => "VGPU_OP_LAUNCH",
         Synchronize = 0x0208 => "VGPU_OP_SYNCHRONIZE",
+        // CUDA API (docs/protocol.md, "CUDA API"): raw device pointers and
+        // command buffers, for the guest CUDA library.
+        CuDeviceInfo = 0x0300 => "VGPU_OP_CU_DEVICE_INFO",
+        CuMemAlloc = 0x0301 => "VGPU_OP_CU_MEM_ALLOC",
+        CuMemFree = 0x0302 => "VGPU_OP_CU_MEM_FREE",
+        CuMemcpyHtoD = 0x0303 => "VGPU_OP_CU_MEMCPY_HTOD",
+        CuMemcpyDtoH = 0x0304 => "VGPU_OP_CU_MEMCPY_DTOH",
+        CuModuleLoad = 0x0305 => "VGPU_OP_CU_MODULE_LOAD",
+        CuModuleUnload = 0x0306 => "VGPU_OP_CU_MODULE_UNLOAD",
+        CuGetFunction = 0x0307 => "VGPU_OP_CU_GET_FUNCTION",
+        CuGetGlobal = 0x0308 => "VGPU_OP_CU_GET_GLOBAL",
+        CuFuncAttribute = 0x0309 => "VGPU_OP_CU_FUNC_ATTRIBUTE",
+        CuOccupancy = 0x030A => "VGPU_OP_CU_OCCUPANCY",
+        CuStreamCreate = 0x030B => "VGPU_OP_CU_STREAM_CREATE",
+        CuStreamDestroy = 0x030C => "VGPU_OP_CU_STREAM_DESTROY",
+        CuEventCreate = 0x030D => "VGPU_OP_CU_EVENT_CREATE",
+        CuEventDestroy = 0x030E => "VGPU_OP_CU_EVENT_DESTROY",
+        CuEventElapsed = 0x030F => "VGPU_OP_CU_EVENT_ELAPSED",
+        CuMemInfo = 0x0310 => "VGPU_OP_CU_MEM_INFO",
+        CuCommandBuffer = 0x0311 => "VGPU_OP_CU_COMMAND_BUFFER",
     }
 }
 
 impl Opcode {
-    /// True for the CUDA remoting calls (0x02xx).
+    /// True for the calls that run guest code in the VM's CUDA worker: the
+    /// CUDA remoting (0x02xx) and the CUDA API (0x03xx).
     pub fn is_remoting(self) -> bool {
-        (self as u16) & 0xff00 == 0x0200
+        matches!((self as u16) & 0xff00, 0x0200 | 0x0300)
+    }
+
+    /// True for the CUDA API calls (0x03xx).
+    pub fn is_cuda_api(self) -> bool {
+        (self as u16) & 0xff00 == 0x0300
     }
 }
 
@@ -622,6 +648,8 @@ mod tests {
         }
         assert!(Opcode::Launch.is_remoting());
         assert!(!Opcode::SgemmF32.is_remoting());
+        assert!(Opcode::CuCommandBuffer.is_remoting() && Opcode::CuCommandBuffer.is_cuda_api());
+        assert!(!Opcode::Launch.is_cuda_api());
         for v in 0..10 {
             assert_eq!(Status::from_u32(v).unwrap() as u32, v);
         }

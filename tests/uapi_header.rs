@@ -300,6 +300,103 @@ fn every_opcode_status_and_struct_matches() {
         }
     );
     layout!("vgpu_launch_param", LaunchParamWire { kind, size });
+    {
+        use vgpu::executor::cuda_api::{self as api, *};
+        layout!("vgpu_cu_reply", ReplyWire { result, done });
+        layout!(
+            "vgpu_cu_device_info",
+            DeviceInfoWire {
+                api_version,
+                attr_count,
+                total_mem,
+                uuid,
+                name
+            }
+        );
+        layout!("vgpu_cu_copy", CopyWire { dptr, len });
+        layout!(
+            "vgpu_cu_function",
+            FunctionWire {
+                function,
+                param_count,
+                param_bytes
+            }
+        );
+        layout!("vgpu_cu_param", ParamWire { offset, size });
+        layout!("vgpu_cu_global", GlobalWire { dptr, size });
+        layout!(
+            "vgpu_cu_func_attr",
+            FuncAttrWire {
+                function,
+                attribute,
+                reserved
+            }
+        );
+        layout!(
+            "vgpu_cu_occupancy",
+            OccupancyWire {
+                function,
+                block_size,
+                dynamic_smem
+            }
+        );
+        layout!("vgpu_cu_create", CreateWire { flags, priority });
+        layout!("vgpu_cu_event_pair", EventPairWire { start, end });
+        layout!("vgpu_cu_mem_info", MemInfoWire { free, total });
+        layout!(
+            "vgpu_cu_cmdbuf",
+            CommandBufferWire {
+                record_count,
+                reserved
+            }
+        );
+        layout!(
+            "vgpu_cu_record",
+            RecordWire {
+                kind,
+                reserved,
+                len,
+                stream
+            }
+        );
+        layout!(
+            "vgpu_cu_launch",
+            LaunchWire {
+                function,
+                grid,
+                block,
+                shared_mem,
+                params_len
+            }
+        );
+        layout!("vgpu_cu_dtod", DtodWire { dst, src, len });
+        layout!(
+            "vgpu_cu_memset",
+            MemsetWire {
+                dst,
+                count,
+                value,
+                elem_size
+            }
+        );
+        for (c, v) in [
+            ("VGPU_CU_API_VERSION", u64::from(api::API_VERSION)),
+            ("VGPU_CU_ATTR_COUNT", api::ATTR_COUNT as u64),
+            ("VGPU_CU_ALL_DONE", u64::from(api::ALL_DONE)),
+            ("VGPU_CU_REC_LAUNCH", u64::from(record::LAUNCH)),
+            ("VGPU_CU_REC_MEMCPY_HTOD", u64::from(record::MEMCPY_HTOD)),
+            ("VGPU_CU_REC_MEMCPY_DTOH", u64::from(record::MEMCPY_DTOH)),
+            ("VGPU_CU_REC_MEMCPY_DTOD", u64::from(record::MEMCPY_DTOD)),
+            ("VGPU_CU_REC_MEMSET", u64::from(record::MEMSET)),
+            ("VGPU_CU_REC_EVENT_RECORD", u64::from(record::EVENT_RECORD)),
+            (
+                "VGPU_CU_REC_STREAM_WAIT_EVENT",
+                u64::from(record::STREAM_WAIT_EVENT),
+            ),
+        ] {
+            want.push((c.into(), c.into(), v));
+        }
+    }
     layout!(
         "vgpu_submit",
         SubmitIoctl {

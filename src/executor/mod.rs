@@ -10,6 +10,7 @@ use crate::protocol::{DeviceInfo, Opcode, Status};
 
 pub mod cpu;
 pub mod cuda;
+pub mod cuda_api;
 pub mod isolation;
 pub mod ops;
 pub mod remoting;

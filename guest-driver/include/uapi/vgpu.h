@@ -97,6 +97,136 @@ struct vgpu_launch_param {
 	__le32 size;		/* must equal the kernel's parameter size */
 };
 
+/* CUDA API (docs/protocol.md, "CUDA API"): raw device pointers of the VM's
+ * own worker context, modules from whole images, streams, events and
+ * command buffers. Every output starts with struct vgpu_cu_reply. */
+#define VGPU_OP_CU_DEVICE_INFO		0x0300	/* out: reply, vgpu_cu_device_info, le32 attrs[] */
+#define VGPU_OP_CU_MEM_ALLOC		0x0301	/* payload: le64 size; out: reply, le64 dptr */
+#define VGPU_OP_CU_MEM_FREE		0x0302	/* payload: le64 dptr */
+#define VGPU_OP_CU_MEMCPY_HTOD		0x0303	/* payload: le64 dptr, bytes */
+#define VGPU_OP_CU_MEMCPY_DTOH		0x0304	/* payload: vgpu_cu_copy; out: reply, bytes */
+#define VGPU_OP_CU_MODULE_LOAD		0x0305	/* payload: fatbin/cubin/PTX image; out: reply, le64 module */
+#define VGPU_OP_CU_MODULE_UNLOAD	0x0306	/* payload: le64 module */
+#define VGPU_OP_CU_GET_FUNCTION		0x0307	/* payload: le64 module, name; out: reply, vgpu_cu_function, params */
+#define VGPU_OP_CU_GET_GLOBAL		0x0308	/* payload: le64 module, name; out: reply, vgpu_cu_global */
+#define VGPU_OP_CU_FUNC_ATTRIBUTE	0x0309	/* payload: vgpu_cu_func_attr; out: reply, le32 value */
+#define VGPU_OP_CU_OCCUPANCY		0x030A	/* payload: vgpu_cu_occupancy; out: reply, le32 blocks */
+#define VGPU_OP_CU_STREAM_CREATE	0x030B	/* payload: vgpu_cu_create; out: reply, le64 stream */
+#define VGPU_OP_CU_STREAM_DESTROY	0x030C	/* payload: le64 stream */
+#define VGPU_OP_CU_EVENT_CREATE		0x030D	/* payload: vgpu_cu_create; out: reply, le64 event */
+#define VGPU_OP_CU_EVENT_DESTROY	0x030E	/* payload: le64 event */
+#define VGPU_OP_CU_EVENT_ELAPSED	0x030F	/* payload: vgpu_cu_event_pair; out: reply, f32 ms */
+#define VGPU_OP_CU_MEM_INFO		0x0310	/* out: reply, vgpu_cu_mem_info */
+#define VGPU_OP_CU_COMMAND_BUFFER	0x0311	/* payload: vgpu_cu_cmdbuf, records; out: reply, DtoH bytes */
+
+#define VGPU_CU_API_VERSION	1
+#define VGPU_CU_ATTR_COUNT	192
+#define VGPU_CU_ALL_DONE	0xFFFFFFFFu
+
+struct vgpu_cu_reply {
+	__le32 result;		/* CUresult */
+	__le32 done;		/* command buffer: records done before the failing one, or VGPU_CU_ALL_DONE */
+};
+
+struct vgpu_cu_device_info {
+	__le32 api_version;
+	__le32 attr_count;	/* le32 attrs[attr_count] follow: cuDeviceGetAttribute(i) */
+	__le64 total_mem;
+	__u8 uuid[16];
+	char name[256];
+};
+
+struct vgpu_cu_copy {
+	__le64 dptr;
+	__le64 len;
+};
+
+struct vgpu_cu_function {
+	__le64 function;
+	__le32 param_count;	/* struct vgpu_cu_param[param_count] follow */
+	__le32 param_bytes;	/* size of the packed parameter buffer of a launch */
+};
+
+struct vgpu_cu_param {
+	__le32 offset;
+	__le32 size;
+};
+
+struct vgpu_cu_global {
+	__le64 dptr;
+	__le64 size;
+};
+
+struct vgpu_cu_func_attr {
+	__le64 function;
+	__le32 attribute;	/* CUfunction_attribute */
+	__le32 reserved;
+};
+
+struct vgpu_cu_occupancy {
+	__le64 function;
+	__le32 block_size;
+	__le32 dynamic_smem;
+};
+
+struct vgpu_cu_create {
+	__le32 flags;
+	__le32 priority;	/* streams only; 0 for events */
+};
+
+struct vgpu_cu_event_pair {
+	__le64 start;
+	__le64 end;
+};
+
+struct vgpu_cu_mem_info {
+	__le64 free;
+	__le64 total;
+};
+
+/* Command buffer: this header, then record_count records, each a
+ * struct vgpu_cu_record followed by len bytes of body. */
+struct vgpu_cu_cmdbuf {
+	__le32 record_count;	/* <= 65536 */
+	__le32 reserved;
+};
+
+#define VGPU_CU_REC_LAUNCH		1	/* body: vgpu_cu_launch, packed params */
+#define VGPU_CU_REC_MEMCPY_HTOD		2	/* body: le64 dst, bytes */
+#define VGPU_CU_REC_MEMCPY_DTOH		3	/* body: vgpu_cu_copy; bytes appended to the output */
+#define VGPU_CU_REC_MEMCPY_DTOD		4	/* body: vgpu_cu_dtod */
+#define VGPU_CU_REC_MEMSET		5	/* body: vgpu_cu_memset */
+#define VGPU_CU_REC_EVENT_RECORD	6	/* body: le64 event */
+#define VGPU_CU_REC_STREAM_WAIT_EVENT	7	/* body: le64 event */
+
+struct vgpu_cu_record {
+	__le16 kind;
+	__le16 reserved;
+	__le32 len;		/* body bytes */
+	__le64 stream;		/* 0: the default stream */
+};
+
+struct vgpu_cu_launch {
+	__le64 function;
+	__le32 grid[3];
+	__le32 block[3];
+	__le32 shared_mem;
+	__le32 params_len;	/* must equal the function's param_bytes */
+};
+
+struct vgpu_cu_dtod {
+	__le64 dst;
+	__le64 src;
+	__le64 len;
+};
+
+struct vgpu_cu_memset {
+	__le64 dst;
+	__le64 count;		/* elements */
+	__le32 value;
+	__le32 elem_size;	/* 1, 2 or 4 */
+};
+
 /* Status codes */
 #define VGPU_S_OK		0
 #define VGPU_S_BAD_REQUEST	1

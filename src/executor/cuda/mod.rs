@@ -15,6 +15,7 @@
 //! Nothing here calls into CUDA before `is_culib_present()` said the driver
 //! library exists, so a machine without libcuda gets an error, never a panic.
 
+mod api;
 mod batch;
 mod blas;
 mod kernels;

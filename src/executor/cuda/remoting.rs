@@ -19,8 +19,10 @@ use cudarc::driver::sys::{self, CUdeviceptr, CUresult};
 use cudarc::driver::{CudaContext, CudaModule};
 use cudarc::nvrtc::Ptx;
 
+use super::api::{self, ApiState, Fail};
 use super::{bind, check, check_device, Error};
 use crate::bytes::{Reader, Writer};
+use crate::executor::cuda_api::ApiTables;
 use crate::executor::remoting::{self as wire, Param, VmTables};
 use crate::executor::Tenant;
 use crate::protocol::{Opcode, Status};
@@ -28,6 +30,8 @@ use crate::protocol::{Opcode, Status};
 /// Remoting state of one VM.
 struct VmState {
     tables: VmTables<CUdeviceptr, Arc<CudaModule>>,
+    /// CUDA API (0x03xx) objects; they share the context and the quota.
+    api: ApiState,
     ctx: Option<Arc<CudaContext>>,
 }
 
@@ -88,7 +92,9 @@ impl RemotingExecutor {
     pub fn for_worker(gpu_index: u32, vm_id: u32, first_handle: u64) -> Result<Self, Error> {
         let mut ex = Self::new(gpu_index)?;
         ex.worker_mode = true;
-        ex.vm_state(vm_id).tables.start_at(first_handle);
+        let st = ex.vm_state(vm_id);
+        st.tables.start_at(first_handle);
+        st.api = ApiTables::new((u64::from(vm_id) << 32) | (first_handle & 0xffff_ffff));
         Ok(ex)
     }
 
@@ -109,6 +115,9 @@ impl RemotingExecutor {
         let vm = tenant.vm_id;
         self.vm_state(vm).tables.quota.limit = tenant.gpu_mem_quota;
         let deadline = Instant::now() + limit;
+        if opcode.is_cuda_api() {
+            return self.cuda_api(vm, opcode, payload, output, deadline);
+        }
         match opcode {
             Opcode::MemAlloc => self.alloc(vm, payload, output),
             Opcode::MemFree => self.free(vm, payload),
@@ -131,6 +140,7 @@ impl RemotingExecutor {
     fn vm_state(&mut self, vm_id: u32) -> &mut VmState {
         self.vms.entry(vm_id).or_insert_with(|| VmState {
             tables: VmTables::new(vm_id, 0),
+            api: ApiTables::new(u64::from(vm_id) << 32),
             ctx: None,
         })
     }
@@ -160,6 +170,8 @@ impl RemotingExecutor {
     fn teardown(&mut self, vm_id: u32) {
         if let Some(st) = self.vms.get_mut(&vm_id) {
             let (_buffers, modules) = st.tables.reset();
+            // The API's objects go with the context as well.
+            st.api.clear();
             // Buffers go with the context; modules unload first.
             if let Some(ctx) = st.ctx.take() {
                 if bind(&ctx).is_ok() {
@@ -215,6 +227,41 @@ impl RemotingExecutor {
                 std::thread::sleep(Duration::from_micros(50));
             } else {
                 std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// A CUDA API call (0x03xx) in the VM's context.
+    fn cuda_api(
+        &mut self,
+        vm: u32,
+        opcode: Opcode,
+        payload: Reader,
+        out: &mut Writer,
+        deadline: Instant,
+    ) -> Result<u32, Status> {
+        let max = match opcode {
+            Opcode::CuCommandBuffer => crate::executor::cuda_api::MAX_COMMAND_BUFFER_LEN,
+            Opcode::CuModuleLoad => crate::executor::cuda_api::MAX_IMAGE_LEN,
+            _ => crate::executor::cuda_api::MAX_COPY_LEN + 8,
+        };
+        let p = payload.to_vec_max(max)?;
+        self.vm_ctx(vm)?;
+        let st = self.vm_state(vm);
+        match api::call(&mut st.api, &mut st.tables.quota, opcode, &p, out, deadline) {
+            Ok(n) => Ok(n),
+            Err(Fail::Status(s)) => Err(s),
+            Err(Fail::Driver(e)) => Err(self.fault(vm, e)),
+            Err(Fail::Timeout) => {
+                log::warn!(
+                    "gpu{}: vm{vm}: command buffer past the execution limit",
+                    self.gpu_index
+                );
+                self.stats.contexts_faulted += 1;
+                if !self.worker_mode {
+                    self.teardown(vm);
+                }
+                Err(Status::Timeout)
             }
         }
     }
