@@ -54,6 +54,7 @@ impl SocketTransport {
             event_idx: true,
             slot_size: MAX_EXCHANGE,
             backend_channel: false,
+            seal: true,
         };
         let guest =
             SimGuest::connect(&path, opts).map_err(|e| format!("{}: {e}", path.display()))?;
