@@ -108,6 +108,7 @@ fn file_config(cli: &Cli) -> Result<FileConfig, Box<dyn std::error::Error>> {
         poll_us: cli.poll_us,
         socket_dir: cli.socket_dir.clone(),
         pool_gpu,
+        worker: None,
     }))
 }
 
