@@ -101,6 +101,17 @@ pub fn mark_inherited_cloexec() -> io::Result<()> {
     Ok(())
 }
 
+/// Sets `FD_CLOEXEC` on `fd` (one the daemon received without it).
+pub fn set_cloexec(fd: std::os::fd::RawFd) {
+    // SAFETY: F_GETFD/F_SETFD change only the flags of an fd the caller owns.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+        }
+    }
+}
+
 /// Closes every fd above stderr.
 pub fn close_inherited_fds() -> io::Result<()> {
     // SAFETY: closes fds of this process; nothing in it holds them (called
