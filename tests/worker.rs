@@ -261,3 +261,35 @@ fn measure_first_call_warm_and_cold() {
         );
     }
 }
+
+/// The cgroup v2 mount of this host, when there is one we may create in.
+fn cgroup2_dir() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    let root = mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(2) == Some(&"cgroup2"))
+        .and_then(|f| f.get(1).map(PathBuf::from))?;
+    let dir = root.join(format!("vgpu-worker-test-{}", std::process::id()));
+    std::fs::create_dir(&dir).ok()?;
+    Some(dir)
+}
+
+#[test]
+fn the_worker_moves_into_its_cgroup() {
+    let Some(dir) = cgroup2_dir() else {
+        eprintln!("no cgroup v2 directory can be created here: skipped");
+        return;
+    };
+    let mut cfg = WorkerConfig::embedded();
+    cfg.sandbox.cgroup = Some(dir.clone());
+    let mut w = Worker::spawn(&worker_bin(), 0, &cfg.sandbox, Some(Probe::Report)).unwrap();
+    let mut line = String::new();
+    BufReader::new(w.stdout_mut()).read_line(&mut line).unwrap();
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+    let pid = w.pid();
+    drop(w);
+    let _ = std::fs::remove_dir(&dir);
+    assert!(line.starts_with("fds="), "{line}");
+    assert_eq!(procs.trim(), pid.to_string());
+}
