@@ -91,7 +91,7 @@ impl WorkerFile {
     fn resolve(self) -> Result<WorkerConfig, Error> {
         let k = |key: &str| format!("worker.{key}");
         let chunk_mib = required(self.copy_chunk_mib, &k("copy_chunk_mib"))?;
-        if chunk_mib == 0 || chunk_mib << 20 > wire::MAX_CHUNK_BYTES {
+        if chunk_mib == 0 || chunk_mib > wire::MAX_CHUNK_BYTES >> 20 {
             return Err(Error::Invalid(format!(
                 "worker.copy_chunk_mib must be 1..={}",
                 wire::MAX_CHUNK_BYTES >> 20
@@ -438,6 +438,7 @@ mod tests {
         for bad in [
             "[worker]\ncopy_chunk_mib = 0",
             "[worker]\ncopy_chunk_mib = 33",
+            "[worker]\ncopy_chunk_mib = 17592186044417",
             "[worker]\nrlimit_nofile = 3",
             "[worker]\nseccomp = \"maybe\"",
             "[worker]\ncolour = 1",

@@ -20,7 +20,6 @@
 //! worker starts none (the filter denies fork and exec).
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::io;
 use std::path::PathBuf;
 
@@ -185,7 +184,7 @@ pub fn enter(cfg: &SandboxConfig) -> io::Result<Entered> {
             );
         } else {
             // Mounts made in here stay in here.
-            let root = CString::new("/").unwrap_or_default();
+            let root = c"/";
             // SAFETY: valid C strings; changes propagation in the new
             // mount namespace only.
             unsafe {
