@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::executor::worker::{wire, SandboxConfig, SeccompMode, WorkerConfig};
 use crate::executor::ExecutorChoice;
 use crate::protocol::{self, PoolId, Priority};
 use crate::scheduler::Policy;
@@ -94,9 +95,90 @@ pub struct FileConfig {
     pub vm_socket_owner: Option<String>,
     pub require_sealed_memory: Option<bool>,
     pub pool_gpu: Option<BTreeMap<String, u32>>,
+    pub worker: Option<WorkerFile>,
+}
+
+/// `[worker]` of config/vgpu.toml (documented there).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerFile {
+    pub spare: Option<bool>,
+    pub copy_chunk_mib: Option<u64>,
+    pub sandbox: Option<bool>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub namespaces: Option<bool>,
+    pub rlimit_as_mib: Option<u64>,
+    pub rlimit_nofile: Option<u64>,
+    pub seccomp: Option<SeccompMode>,
+    pub cgroup: Option<PathBuf>,
+    pub allow_pageable_memory_access: Option<bool>,
+}
+
+impl WorkerFile {
+    fn merge(self, o: WorkerFile) -> WorkerFile {
+        WorkerFile {
+            spare: o.spare.or(self.spare),
+            copy_chunk_mib: o.copy_chunk_mib.or(self.copy_chunk_mib),
+            sandbox: o.sandbox.or(self.sandbox),
+            uid: o.uid.or(self.uid),
+            gid: o.gid.or(self.gid),
+            namespaces: o.namespaces.or(self.namespaces),
+            rlimit_as_mib: o.rlimit_as_mib.or(self.rlimit_as_mib),
+            rlimit_nofile: o.rlimit_nofile.or(self.rlimit_nofile),
+            seccomp: o.seccomp.or(self.seccomp),
+            cgroup: o.cgroup.or(self.cgroup),
+            allow_pageable_memory_access: o
+                .allow_pageable_memory_access
+                .or(self.allow_pageable_memory_access),
+        }
+    }
+
+    fn resolve(self) -> Result<WorkerConfig, Error> {
+        let k = |key: &str| format!("worker.{key}");
+        let chunk_mib = required(self.copy_chunk_mib, &k("copy_chunk_mib"))?;
+        if chunk_mib == 0 || chunk_mib > wire::MAX_CHUNK_BYTES >> 20 {
+            return Err(Error::Invalid(format!(
+                "worker.copy_chunk_mib must be 1..={}",
+                wire::MAX_CHUNK_BYTES >> 20
+            )));
+        }
+        let nofile = required(self.rlimit_nofile, &k("rlimit_nofile"))?;
+        if nofile < 64 {
+            return Err(Error::Invalid(
+                "worker.rlimit_nofile must be at least 64 (the CUDA driver opens dozens)".into(),
+            ));
+        }
+        let cgroup = required(self.cgroup, &k("cgroup"))?;
+        Ok(WorkerConfig {
+            spare: required(self.spare, &k("spare"))?,
+            copy_chunk: (chunk_mib << 20) as usize,
+            sandbox: SandboxConfig {
+                enabled: required(self.sandbox, &k("sandbox"))?,
+                uid: required(self.uid, &k("uid"))?,
+                gid: required(self.gid, &k("gid"))?,
+                namespaces: required(self.namespaces, &k("namespaces"))?,
+                rlimit_as: required(self.rlimit_as_mib, &k("rlimit_as_mib"))?
+                    .saturating_mul(1 << 20),
+                rlimit_nofile: nofile,
+                seccomp: required(self.seccomp, &k("seccomp"))?,
+                cgroup: (!cgroup.as_os_str().is_empty()).then_some(cgroup),
+                allow_pageable_memory_access: required(
+                    self.allow_pageable_memory_access,
+                    &k("allow_pageable_memory_access"),
+                )?,
+            },
+        })
+    }
 }
 
 impl FileConfig {
+    /// The `[worker]` settings, checked (every key must be set: merge over
+    /// the embedded defaults first).
+    pub fn worker_config(&self) -> Result<WorkerConfig, Error> {
+        self.worker.clone().unwrap_or_default().resolve()
+    }
+
     pub fn parse(text: &str, path: &Path) -> Result<Self, Error> {
         toml::from_str(text).map_err(|e| Error::ConfigFile {
             path: path.to_path_buf(),
@@ -138,6 +220,10 @@ impl FileConfig {
                     a.extend(b);
                     Some(a)
                 }
+                (a, b) => b.or(a),
+            },
+            worker: match (self.worker, other.worker) {
+                (Some(a), Some(b)) => Some(a.merge(b)),
                 (a, b) => b.or(a),
             },
         }
@@ -267,6 +353,8 @@ pub struct DaemonConfig {
     pub socket_dir: PathBuf,
     /// Who may connect to the VMs' sockets, and what memory they may share.
     pub sockets: SocketPolicy,
+    /// The CUDA remoting workers: spares, copy chunks, sandbox.
+    pub worker: WorkerConfig,
     pub vms: Vec<VmSpec>,
 }
 
@@ -301,6 +389,7 @@ impl DaemonConfig {
     /// Resolves a merged configuration (the embedded defaults first, so
     /// that every key is set) and the VMs.
     pub fn resolve(file: FileConfig, vms: Vec<VmSpec>) -> Result<Self, Error> {
+        let worker = file.worker_config()?;
         let mut pool_gpu = BTreeMap::new();
         for (p, g) in file.pool_gpu.unwrap_or_default() {
             pool_gpu.insert(p.parse::<PoolId>()?, g);
@@ -338,6 +427,7 @@ impl DaemonConfig {
             }
         }
         Ok(DaemonConfig {
+            worker,
             executor: required(file.executor, "executor")?,
             exec_limit: Duration::from_millis(
                 required(file.exec_limit_ms, "exec_limit_ms")?.max(1),
@@ -442,6 +532,37 @@ mod tests {
         assert!(resolved("policy = \"fifo\"").is_err());
         assert!(resolved("nonsense = 1").is_err());
         assert!(resolved("[pool_gpu]\nAB = 1").is_err());
+    }
+
+    #[test]
+    fn worker_settings_default_merge_and_are_checked() {
+        let c = resolved("").unwrap();
+        assert_eq!(c.worker, WorkerConfig::embedded());
+        let s = &c.worker.sandbox;
+        assert!(s.enabled && s.namespaces && c.worker.spare);
+        assert_eq!(s.seccomp, SeccompMode::Enforce);
+        assert_eq!(s.cgroup, None);
+        assert!(!s.allow_pageable_memory_access);
+        let c =
+            resolved("[worker]\nseccomp = \"log\"\ncgroup = \"/sys/fs/cgroup/vgpu\"\nuid = 7\n")
+                .unwrap();
+        assert_eq!(c.worker.sandbox.seccomp, SeccompMode::Log);
+        assert_eq!(c.worker.sandbox.uid, 7);
+        assert_eq!(c.worker.sandbox.gid, 65534);
+        assert_eq!(
+            c.worker.sandbox.cgroup,
+            Some(PathBuf::from("/sys/fs/cgroup/vgpu"))
+        );
+        for bad in [
+            "[worker]\ncopy_chunk_mib = 0",
+            "[worker]\ncopy_chunk_mib = 33",
+            "[worker]\ncopy_chunk_mib = 17592186044417",
+            "[worker]\nrlimit_nofile = 3",
+            "[worker]\nseccomp = \"maybe\"",
+            "[worker]\ncolour = 1",
+        ] {
+            assert!(resolved(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -230,9 +230,16 @@ impl Inner {
             return Ok(g.clone());
         }
         let (choice, limit) = (self.cfg.executor, self.cfg.exec_limit);
+        let cuda = executor::CudaConfig {
+            worker: self.cfg.worker.clone(),
+            ..executor::CudaConfig::default()
+        };
         // Supervised: after a panic the worker builds a new executor.
         let make = move || {
-            Some(executor::create(choice, index, limit).map_err(crate::scheduler::Error::Executor))
+            Some(
+                executor::create_with(choice, index, limit, &cuda)
+                    .map_err(crate::scheduler::Error::Executor),
+            )
         };
         let gpu = GpuQueue::start_restartable(index, make, self.cfg.policy, limit)?;
         gpu.set_poll(self.cfg.poll);

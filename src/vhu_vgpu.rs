@@ -316,6 +316,13 @@ impl VhostUserBackend for VgpuBackend {
         // The library swaps the table inside the atomic we share; this hook
         // tells the executor (for DMA registration).
         let table = mem.memory().into_inner();
+        // Received fds lack FD_CLOEXEC: no child of the daemon may inherit
+        // guest RAM (workers close them anyway, see worker/sandbox.rs).
+        for region in vm_memory::GuestMemoryBackend::iter(&*table) {
+            if let Some(f) = vm_memory::GuestMemoryRegion::file_offset(region) {
+                crate::executor::worker::sandbox::set_cloexec(f.file().as_raw_fd());
+            }
+        }
         if self.require_sealed_memory {
             let bad = shrinkable_regions(&table);
             if !bad.is_empty() {

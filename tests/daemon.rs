@@ -848,3 +848,36 @@ fn guest_memory_the_frontend_could_shrink_is_refused_and_sockets_are_private() {
     let mut again = SimGuest::connect_retry(&d.socket(2), SimOptions::default(), T).unwrap();
     assert_eq!(status(&common::ping(&mut again)), Status::Ok);
 }
+
+/// Guest RAM arrives as memfds without FD_CLOEXEC; the daemon sets it, so
+/// that no process it starts inherits a VM's memory.
+#[test]
+fn received_guest_memory_is_close_on_exec() {
+    let d = DaemonProc::start(&[(1, "A", "high")], &[]);
+    let mut g = d.guest(1);
+    assert_eq!(status(&ping(&mut g)), Status::Ok);
+    let pid = d.child.id();
+    let mut memfds = 0;
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let target = std::fs::read_link(e.path()).unwrap_or_default();
+        if !target.to_string_lossy().starts_with("/memfd:") {
+            continue;
+        }
+        memfds += 1;
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            e.file_name().to_string_lossy()
+        ))
+        .unwrap();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            .unwrap();
+        assert_ne!(flags & libc::O_CLOEXEC as u32, 0, "{target:?}: {info}");
+    }
+    assert!(memfds > 0, "the daemon holds the guest's memfds");
+}

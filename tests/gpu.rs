@@ -27,9 +27,41 @@ const LIMIT: Duration = Duration::from_secs(10);
 const TEST_PTX: &str = include_str!("kernels/remote_test.ptx");
 
 fn cuda() -> IsolatedCuda {
+    cuda_with(|_| {})
+}
+
+/// The CUDA executor with the worker settings of config/vgpu.toml changed by
+/// `f`. `VGPU_TEST_SECCOMP=log` runs the workers' filter in log mode (the
+/// kernel then logs, `dmesg | grep type=1326`, every syscall the driver
+/// makes outside the allow-list).
+fn cuda_with(f: impl FnOnce(&mut CudaConfig)) -> IsolatedCuda {
     let _ = env_logger::builder().is_test(true).try_init();
     let ex = CudaExecutor::new(0, LIMIT).expect("CUDA executor on GPU 0");
-    IsolatedCuda::new(ex, &CudaConfig::default())
+    let mut cfg = CudaConfig::default();
+    if std::env::var("VGPU_TEST_SECCOMP").as_deref() == Ok("log") {
+        cfg.worker.sandbox.seccomp = vgpu::executor::worker::SeccompMode::Log;
+    }
+    f(&mut cfg);
+    IsolatedCuda::new(ex, &cfg)
+}
+
+/// VmPeak and VmRSS of the running worker processes (for RLIMIT_AS).
+fn worker_memory() -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let dir = e.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with("vgpu-cuda-work") {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let pick: Vec<&str> = status
+            .lines()
+            .filter(|l| l.starts_with("VmPeak") || l.starts_with("VmRSS") || l.starts_with("Uid"))
+            .collect();
+        out.push(format!("{}: {}", dir.display(), pick.join(" | ")));
+    }
+    out
 }
 
 fn run(ex: &mut dyn Executor, req: &Call) -> Result<Vec<u8>, Status> {
@@ -726,4 +758,84 @@ fn sgemm_cublas_fp32_tf32_and_fallback() {
     let got = f32s(&run(&mut ex, &r).unwrap());
     assert!(worst(&got, &want) <= 1e-5 * k as f32 + 1e-6, "tall SGEMM");
     ex.release_vm(1);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn remoting_large_copies_cross_in_chunks() {
+    let mut ex = cuda();
+    let mut g = Guest::new(200 << 20);
+    let mut vm = Vm { id: 1, g: &mut g };
+    // 40 MiB and 3 bytes: five full 8 MiB chunks and a short one.
+    let len = (40 << 20) + 3;
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
+    let buf = vm.alloc(&mut ex, len as u64).unwrap();
+    vm.htod(&mut ex, buf, 0, &data).unwrap();
+    assert!(vm.dtoh(&mut ex, buf, 0, len as u64).unwrap() == data);
+    // A copy that ends one byte past the buffer fails before a byte moved
+    // (its last chunk goes first).
+    let other = vec![0xAAu8; len];
+    assert_eq!(vm.htod(&mut ex, buf, 1, &other), Err(Status::BadRequest));
+    assert_eq!(
+        vm.dtoh(&mut ex, buf, 1, len as u64),
+        Err(Status::BadRequest)
+    );
+    assert!(vm.dtoh(&mut ex, buf, 0, len as u64).unwrap() == data);
+    // An output buffer too small for the copy.
+    let mut p = buf.to_le_bytes().to_vec();
+    p.extend(0u64.to_le_bytes());
+    p.extend((len as u64).to_le_bytes());
+    assert_eq!(
+        vm.call(&mut ex, Opcode::MemcpyDtoH, &p, len - 1),
+        Err(Status::TooLarge)
+    );
+    for line in worker_memory() {
+        eprintln!("MEASURE worker memory after 40 MiB copies: {line}");
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn spare_worker_makes_the_first_call_fast() {
+    let mut g = Guest::new(8 << 20);
+    for spare in [true, false] {
+        let mut ex = cuda_with(|c| c.worker.spare = spare);
+        // The spare warms up while no VM needs it.
+        std::thread::sleep(Duration::from_secs(3));
+        for line in worker_memory() {
+            eprintln!("MEASURE worker (spare={spare}) warmed up: {line}");
+        }
+        let mut vm = Vm { id: 5, g: &mut g };
+        let t = Instant::now();
+        let b = vm.alloc(&mut ex, 4096).unwrap();
+        let first = t.elapsed();
+        let t = Instant::now();
+        vm.alloc(&mut ex, 4096).unwrap();
+        let second = t.elapsed();
+        vm.free(&mut ex, b).unwrap();
+        // After a fault the next call takes the spare that followed.
+        let m = vm.load(&mut ex).unwrap();
+        let r = vm.launch(
+            &mut ex,
+            m,
+            "poke_u32",
+            1,
+            1,
+            vec![
+                Param::Bytes(0x10u64.to_le_bytes().to_vec()),
+                Param::Bytes(7u32.to_le_bytes().to_vec()),
+            ],
+        );
+        assert_eq!(r, Err(Status::DeviceError));
+        std::thread::sleep(Duration::from_secs(3));
+        let t = Instant::now();
+        vm.alloc(&mut ex, 4096).unwrap();
+        let after_fault = t.elapsed();
+        eprintln!(
+            "MEASURE first remoting call (MEM_ALLOC), spare={spare}: first {:.3} ms, second {:.3} ms, first after a fault {:.3} ms",
+            first.as_secs_f64() * 1e3,
+            second.as_secs_f64() * 1e3,
+            after_fault.as_secs_f64() * 1e3
+        );
+    }
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::cuda::{CudaExecutor, CudaStats, RemotingExecutor};
-use super::worker::{self, VmWorker, WORKER_BIN};
+use super::worker::{self, Launcher, VmWorker, WorkerConfig, WORKER_BIN};
 use super::{Executor, ExecutorCounters, Registrar, Registration, Request, Tenant};
 use crate::bytes::{Reader, Writer};
 use crate::guest::GuestMem;
@@ -39,6 +39,8 @@ pub struct CudaConfig {
     /// The worker binary; by default `$VGPU_CUDA_WORKER` or
     /// `vgpu-cuda-worker` next to the running executable.
     pub worker_path: Option<PathBuf>,
+    /// Spares, copy chunks and the sandbox of the workers.
+    pub worker: WorkerConfig,
 }
 
 impl Default for CudaConfig {
@@ -46,13 +48,14 @@ impl Default for CudaConfig {
         CudaConfig {
             isolation: Isolation::Process,
             worker_path: None,
+            worker: WorkerConfig::embedded(),
         }
     }
 }
 
 enum Remoting {
     Workers {
-        path: Option<PathBuf>,
+        launcher: Option<Launcher>,
         vms: HashMap<u32, VmWorker>,
     },
     InProcess(Option<RemotingExecutor>),
@@ -61,7 +64,6 @@ enum Remoting {
 /// A GPU's executor `E` with CUDA remoting attached.
 pub struct Isolated<E> {
     inner: E,
-    gpu_index: u32,
     remoting: Remoting,
     started: u64,
     faulted: u64,
@@ -82,7 +84,7 @@ impl<E: Executor> Isolated<E> {
                     );
                 }
                 Remoting::Workers {
-                    path,
+                    launcher: path.map(|p| Launcher::new(&p, gpu_index, config.worker.clone())),
                     vms: HashMap::new(),
                 }
             }
@@ -94,7 +96,6 @@ impl<E: Executor> Isolated<E> {
         };
         Isolated {
             inner,
-            gpu_index,
             remoting,
             started: 0,
             faulted: 0,
@@ -111,12 +112,12 @@ impl<E: Executor> Isolated<E> {
 
     fn remote(&mut self, tenant: Tenant, req: &Request, limit: Duration) -> Result<u32, Status> {
         let res = match &mut self.remoting {
-            Remoting::Workers { path, vms } => {
-                let Some(path) = path.clone() else {
+            Remoting::Workers { launcher, vms } => {
+                let Some(launcher) = launcher.as_mut() else {
                     return Err(Status::Unsupported);
                 };
                 let w = vms.entry(tenant.vm_id).or_default();
-                let (res, spawned) = w.execute(&path, self.gpu_index, tenant, req, limit);
+                let (res, spawned) = w.execute(launcher, tenant, req, limit);
                 if spawned {
                     self.started += 1;
                 }

@@ -98,6 +98,29 @@ impl RemotingExecutor {
         Ok(ex)
     }
 
+    /// [`Self::for_worker`] with a context the worker created before it
+    /// knew its VM (a warm spare, see `worker/spare.rs`).
+    pub fn for_worker_in(
+        gpu_index: u32,
+        vm_id: u32,
+        first_handle: u64,
+        ctx: Arc<CudaContext>,
+    ) -> Self {
+        let mut ex = RemotingExecutor {
+            gpu_index,
+            vms: HashMap::new(),
+            worker_mode: true,
+            stats: RemotingStats {
+                contexts_created: 1,
+                ..RemotingStats::default()
+            },
+        };
+        let st = ex.vm_state(vm_id);
+        st.tables.start_at(first_handle);
+        st.ctx = Some(ctx);
+        ex
+    }
+
     pub fn stats(&self) -> RemotingStats {
         self.stats
     }

@@ -1,32 +1,49 @@
 //! CUDA remoting in a worker process per VM. Measured on the H200: a guest
 //! kernel that faults (CUDA_ERROR_ILLEGAL_ADDRESS) in its own CUDA context
 //! poisons every context of the *process*. So each VM's remoting calls run
-//! in a process of its own (`vgpu-cuda-worker`), started on the VM's first
-//! remoting call. A fault or a timeout ends that process (the driver frees
-//! its GPU memory); the next call starts a new one, with a new handle range
-//! so that old handles stay NOT_FOUND.
+//! in a process of its own (`vgpu-cuda-worker`), sandboxed (`sandbox.rs`),
+//! handed to the VM on its first remoting call: a warm spare whose context
+//! already exists where there is one (`spare.rs`). A fault or a timeout ends
+//! that process (the driver frees its GPU memory); the next call takes a new
+//! one, with a new handle range so that old handles stay NOT_FOUND.
 //!
 //! This module is the parent's side (finding, starting and calling a
-//! worker); `server.rs` is the worker's main; `wire.rs` the pipe protocol.
+//! worker; large copies cross the pipe in bounded chunks); `server.rs` is
+//! the worker's main; `wire.rs` the pipe protocol.
 
+pub mod sandbox;
 mod server;
+pub mod spare;
 pub mod wire;
 
 use std::os::fd::AsRawFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::bytes::Writer;
-use crate::executor::{Request, Tenant};
-use crate::protocol::Status;
+use vm_memory::ByteValued;
 
-pub use server::worker_main;
+use crate::bytes::Writer;
+use crate::executor::remoting::{self as rwire, HtodWire, HTOD_HDR_SIZE};
+use crate::executor::{Request, Tenant};
+use crate::protocol::{Opcode, Status};
+
+pub use sandbox::{Probe, SandboxConfig, SeccompMode};
+pub use server::{max_output, worker_main, MAX_SMALL_OUTPUT};
+pub use spare::Launcher;
 
 /// Name of the worker binary, looked up next to the running executable.
 pub const WORKER_BIN: &str = "vgpu-cuda-worker";
 /// Environment variable naming the worker binary explicitly.
 pub const WORKER_ENV: &str = "VGPU_CUDA_WORKER";
+/// The only variables of the daemon's environment a worker sees.
+const PASSED_ENV: &[&str] = &[
+    "RUST_LOG",
+    "LD_LIBRARY_PATH",
+    "CUDA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER",
+];
 /// Handles of one worker generation: 2^24 per worker life.
 const GENERATION_SHIFT: u32 = 24;
 /// Extra time the parent waits beyond the execution limit before it kills a
@@ -41,6 +58,27 @@ pub enum Error {
     Timeout,
     #[error("worker protocol: {0}")]
     Protocol(&'static str),
+}
+
+/// The worker settings (`[worker]` of config/vgpu.toml).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// Keep a warm spare worker per GPU.
+    pub spare: bool,
+    /// Largest piece of a MEMCPY_HTOD/DTOH that crosses the pipe at once.
+    pub copy_chunk: usize,
+    pub sandbox: SandboxConfig,
+}
+
+impl WorkerConfig {
+    /// The embedded defaults (config/vgpu.toml).
+    pub fn embedded() -> Self {
+        // The embedded file is part of the binary and checked by the
+        // config tests: it cannot fail at run time.
+        crate::config::FileConfig::embedded()
+            .and_then(|f| f.worker_config())
+            .expect("config/vgpu.toml sets valid [worker] defaults")
+    }
 }
 
 /// Finds the worker binary: `configured`, `$VGPU_CUDA_WORKER`, or next to
@@ -60,58 +98,117 @@ pub fn worker_path(configured: Option<&Path>) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// The parent's handle on one VM's worker process.
+/// The parent's handle on one worker process.
 pub struct Worker {
     child: Child,
     stdin: ChildStdin,
     stdout: ChildStdout,
+    /// The worker's ready frame, once read.
+    ready: Option<Status>,
 }
 
 impl Worker {
+    /// Starts a worker for GPU `gpu_index`: a cleared environment, no fd of
+    /// the daemon's but the pipes and stderr, the sandbox settings on its
+    /// command line. `probe` is for tests only (see [`sandbox::probe`]).
     pub fn spawn(
         path: &Path,
         gpu_index: u32,
-        vm_id: u32,
-        generation: u32,
+        sandbox: &SandboxConfig,
+        probe: Option<Probe>,
     ) -> Result<Worker, Error> {
-        let start = (u64::from(generation) << GENERATION_SHIFT) | 1;
-        let mut child = Command::new(path)
+        let settings = serde_json::to_string(sandbox)
+            .map_err(|_| Error::Protocol("sandbox settings do not serialize"))?;
+        let mut cmd = Command::new(path);
+        cmd.arg("--gpu")
             .arg(gpu_index.to_string())
-            .arg(vm_id.to_string())
-            .arg(start.to_string())
+            .arg("--sandbox")
+            .arg(settings)
+            .env_clear()
+            .envs(
+                PASSED_ENV
+                    .iter()
+                    .filter_map(|k| Some((k, std::env::var_os(k)?))),
+            )
+            // A guest's PTX must not land in a cache that other VMs read.
+            .env("CUDA_CACHE_DISABLE", "1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
+            .stderr(Stdio::inherit());
+        if let Some(p) = probe {
+            use clap::ValueEnum;
+            if let Some(v) = p.to_possible_value() {
+                cmd.arg("--probe").arg(v.get_name());
+            }
+        }
+        // SAFETY: the closure makes one async-signal-safe syscall.
+        unsafe { cmd.pre_exec(sandbox::mark_inherited_cloexec) };
+        let mut child = cmd.spawn()?;
         let stdin = child.stdin.take().ok_or(Error::Protocol("no stdin"))?;
         let stdout = child.stdout.take().ok_or(Error::Protocol("no stdout"))?;
         Ok(Worker {
             child,
             stdin,
             stdout,
+            ready: None,
         })
     }
 
-    /// Sends one remoting call and waits for the answer until `deadline`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The worker's stdout, for tests that read a probe's report.
+    #[doc(hidden)]
+    pub fn stdout_mut(&mut self) -> &mut ChildStdout {
+        &mut self.stdout
+    }
+
+    /// The exit status, when the process has ended.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Gives the worker to VM `vm_id`; its handles start at `first_handle`.
+    pub fn assign(&mut self, vm_id: u32, first_handle: u64) -> Result<(), Error> {
+        Ok(wire::write_assign(&mut self.stdin, vm_id, first_handle)?)
+    }
+
+    /// The worker's ready status, waiting for it until `deadline`.
+    pub fn ready(&mut self, deadline: Instant) -> Result<Status, Error> {
+        if let Some(s) = self.ready {
+            return Ok(s);
+        }
+        wait_readable(&self.stdout, deadline)?;
+        let (s, _) = wire::read_reply(&mut self.stdout, 0)?;
+        self.ready = Some(s);
+        Ok(s)
+    }
+
+    /// Sends one call and waits for the answer until `deadline`.
     pub fn call(
         &mut self,
-        req: &Request,
+        opcode: Opcode,
         tenant: Tenant,
-        limit: Duration,
         payload: &[u8],
+        output_cap: usize,
         deadline: Instant,
     ) -> Result<(Status, Vec<u8>), Error> {
-        let limit_ms = u32::try_from(limit.as_millis()).unwrap_or(u32::MAX);
+        // A worker without a usable device still answers every call (with
+        // its ready status), so that a dead one is noticed here too.
+        self.ready(deadline)?;
+        let left = deadline.saturating_duration_since(Instant::now() + GRACE);
+        let limit_ms = u32::try_from(left.as_millis()).unwrap_or(u32::MAX).max(1);
         wire::write_call(
             &mut self.stdin,
-            req.opcode,
+            opcode,
             limit_ms,
             tenant.gpu_mem_quota,
             payload,
-            req.output.len(),
+            output_cap,
         )?;
         wait_readable(&self.stdout, deadline)?;
-        Ok(wire::read_reply(&mut self.stdout, req.output.len())?)
+        Ok(wire::read_reply(&mut self.stdout, output_cap)?)
     }
 }
 
@@ -119,7 +216,14 @@ impl Drop for Worker {
     fn drop(&mut self) {
         // The driver releases the process's GPU memory and kernels.
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Ok(st) = self.child.wait() {
+            if st.code() == Some(sandbox::SECCOMP_EXIT) || st.signal() == Some(libc::SIGSYS) {
+                log::error!(
+                    "CUDA worker {} was stopped by its seccomp filter",
+                    self.pid()
+                );
+            }
+        }
     }
 }
 
@@ -149,6 +253,9 @@ fn wait_readable(r: &ChildStdout, deadline: Instant) -> Result<(), Error> {
     }
 }
 
+/// What one call through the pipe came to.
+type CallResult = Result<(Status, Vec<u8>), Error>;
+
 /// Per-VM bookkeeping of the parent.
 #[derive(Default)]
 pub struct VmWorker {
@@ -157,28 +264,33 @@ pub struct VmWorker {
 }
 
 impl VmWorker {
-    /// Runs `req` in the VM's worker, starting one if needed. A DEVICE_ERROR
-    /// or TIMEOUT answer, or a worker that dies or hangs, ends the worker.
-    /// Returns the status and whether a worker was started.
+    /// The pid of the VM's worker, when it has one.
+    pub fn pid(&self) -> Option<u32> {
+        self.worker.as_ref().map(Worker::pid)
+    }
+
+    /// Runs `req` in the VM's worker, taking one from `launcher` if needed.
+    /// A DEVICE_ERROR or TIMEOUT answer, or a worker that dies or hangs,
+    /// ends the worker. Returns the status and whether a worker was taken.
     pub fn execute(
         &mut self,
-        path: &Path,
-        gpu_index: u32,
+        launcher: &mut Launcher,
         tenant: Tenant,
         req: &Request,
         limit: Duration,
     ) -> (Result<u32, Status>, bool) {
         let vm = tenant.vm_id;
-        let mut spawned = false;
+        let mut taken = false;
         if self.worker.is_none() {
             if self.generation >= 1 << (32 - GENERATION_SHIFT) {
                 return (Err(Status::NoResources), false);
             }
-            match Worker::spawn(path, gpu_index, vm, self.generation) {
+            let first = (u64::from(self.generation) << GENERATION_SHIFT) | 1;
+            match launcher.take(vm, first) {
                 Ok(w) => {
                     self.worker = Some(w);
                     self.generation += 1;
-                    spawned = true;
+                    taken = true;
                 }
                 Err(e) => {
                     log::error!("vm{vm}: cannot start CUDA worker: {e}");
@@ -186,22 +298,24 @@ impl VmWorker {
                 }
             }
         }
-        let payload = match req.payload.to_vec() {
-            Ok(p) => p,
-            Err(_) => return (Err(Status::BadRequest), spawned),
-        };
         let Some(w) = self.worker.as_mut() else {
-            return (Err(Status::DeviceError), spawned);
+            return (Err(Status::DeviceError), taken);
         };
         let deadline = Instant::now() + limit + GRACE;
-        let res = match w.call(req, tenant, limit, &payload, deadline) {
-            Ok((Status::Ok, out)) => Writer::Guest(&req.output).write_output(&out),
-            Ok((s, _)) => Err(s),
-            Err(Error::Timeout) => {
+        let chunk = launcher.copy_chunk();
+        let res = match req.opcode {
+            Opcode::MemcpyHtoD => htod(w, tenant, req, chunk, deadline),
+            Opcode::MemcpyDtoH => dtoh(w, tenant, req, chunk, deadline),
+            op => whole(w, tenant, req, max_output(op), deadline),
+        };
+        let res = match res {
+            Ok(n) => Ok(n),
+            Err(Failure::Status(s)) => Err(s),
+            Err(Failure::Worker(Error::Timeout)) => {
                 log::warn!("vm{vm}: CUDA worker did not answer in time; killed");
                 Err(Status::Timeout)
             }
-            Err(e) => {
+            Err(Failure::Worker(e)) => {
                 log::warn!("vm{vm}: CUDA worker failed: {e}");
                 Err(Status::DeviceError)
             }
@@ -210,6 +324,145 @@ impl VmWorker {
             log::warn!("vm{vm}: ending its CUDA worker; its handles are gone");
             self.worker = None;
         }
-        (res, spawned)
+        if taken {
+            launcher.refill();
+        }
+        (res, taken)
+    }
+}
+
+/// Why a call did not succeed: the worker's answer, or the worker itself.
+enum Failure {
+    Status(Status),
+    Worker(Error),
+}
+
+impl From<Status> for Failure {
+    fn from(s: Status) -> Self {
+        Failure::Status(s)
+    }
+}
+
+fn answered(r: CallResult) -> Result<Vec<u8>, Failure> {
+    match r {
+        Ok((Status::Ok, out)) => Ok(out),
+        Ok((s, _)) => Err(Failure::Status(s)),
+        Err(e) => Err(Failure::Worker(e)),
+    }
+}
+
+/// A call that crosses the pipe in one frame: its payload is bounded by
+/// [`wire::MAX_FRAME_BYTES`] before it is copied out of guest memory.
+/// Its output is bounded by `max_output`.
+fn whole(
+    w: &mut Worker,
+    t: Tenant,
+    req: &Request,
+    max_output: usize,
+    deadline: Instant,
+) -> Result<u32, Failure> {
+    if req.payload.len() as u64 > wire::MAX_FRAME_BYTES {
+        return Err(Status::TooLarge.into());
+    }
+    let payload = req.payload.to_vec().map_err(|_| Status::BadRequest)?;
+    let cap = req.output.len().min(max_output);
+    let out = answered(w.call(req.opcode, t, &payload, cap, deadline))?;
+    Ok(Writer::Guest(&req.output).write_output(&out)?)
+}
+
+/// The chunks of a `len`-byte copy, last first: a range past the end of the
+/// device buffer fails on the first chunk, before any byte moved.
+fn chunks(len: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
+    let chunk = chunk.max(1);
+    (0..len.div_ceil(chunk))
+        .rev()
+        .map(move |i| (i * chunk, chunk.min(len - i * chunk)))
+}
+
+/// MEMCPY_HTOD in chunks of at most `chunk` bytes, each read from guest
+/// memory only when it is sent.
+fn htod(
+    w: &mut Worker,
+    t: Tenant,
+    req: &Request,
+    chunk: usize,
+    deadline: Instant,
+) -> Result<u32, Failure> {
+    let len = req.payload.len();
+    if len <= HTOD_HDR_SIZE + chunk {
+        return whole(w, t, req, 0, deadline);
+    }
+    let mut hdr = [0u8; HTOD_HDR_SIZE];
+    req.payload
+        .read_at(0, &mut hdr)
+        .map_err(|_| Status::BadRequest)?;
+    let (handle, offset) = rwire::parse_htod_header(&hdr).map_err(Status::from)?;
+    let mut frame = vec![0u8; HTOD_HDR_SIZE + chunk];
+    for (start, n) in chunks(len - HTOD_HDR_SIZE, chunk) {
+        let at = offset.checked_add(start as u64).ok_or(Status::BadRequest)?;
+        let h = HtodWire {
+            handle: handle.into(),
+            offset: at.into(),
+        };
+        frame[..HTOD_HDR_SIZE].copy_from_slice(h.as_slice());
+        let part = &mut frame[..HTOD_HDR_SIZE + n];
+        req.payload
+            .read_at(HTOD_HDR_SIZE + start, &mut part[HTOD_HDR_SIZE..])
+            .map_err(|_| Status::BadRequest)?;
+        answered(w.call(Opcode::MemcpyHtoD, t, part, 0, deadline))?;
+    }
+    Ok(0)
+}
+
+/// MEMCPY_DTOH in chunks of at most `chunk` bytes, each written to guest
+/// memory as it arrives.
+fn dtoh(
+    w: &mut Worker,
+    t: Tenant,
+    req: &Request,
+    chunk: usize,
+    deadline: Instant,
+) -> Result<u32, Failure> {
+    let mut p = [0u8; 24];
+    if req.payload.len() != p.len() || req.payload.read_at(0, &mut p).is_err() {
+        return whole(w, t, req, 0, deadline);
+    }
+    let (handle, offset, len) = rwire::parse_dtoh(&p).map_err(Status::from)?;
+    if len <= chunk as u64 {
+        return whole(w, t, req, chunk, deadline);
+    }
+    let total = u32::try_from(len).map_err(|_| Status::TooLarge)?;
+    if len > req.output.len() as u64 {
+        return Err(Status::TooLarge.into());
+    }
+    for (start, n) in chunks(total as usize, chunk) {
+        let at = offset.checked_add(start as u64).ok_or(Status::BadRequest)?;
+        let mut part = Vec::with_capacity(24);
+        for v in [handle, at, n as u64] {
+            part.extend_from_slice(&v.to_le_bytes());
+        }
+        let out = answered(w.call(Opcode::MemcpyDtoH, t, &part, n, deadline))?;
+        if out.len() != n {
+            return Err(Failure::Worker(Error::Protocol("short MEMCPY_DTOH chunk")));
+        }
+        Writer::Guest(&req.output).write_at(start, &out)?;
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_are_cut_last_chunk_first() {
+        assert_eq!(
+            chunks(10, 4).collect::<Vec<_>>(),
+            vec![(8, 2), (4, 4), (0, 4)]
+        );
+        assert_eq!(chunks(8, 4).collect::<Vec<_>>(), vec![(4, 4), (0, 4)]);
+        assert_eq!(chunks(0, 4).count(), 0);
+        let total: usize = chunks(1 << 20, 3000).map(|(_, n)| n).sum();
+        assert_eq!(total, 1 << 20);
     }
 }

@@ -1,7 +1,11 @@
-//! The worker's pipe protocol: one frame per call each way, little-endian.
-//! Request: [`CallHeader`], then `payload_len` payload bytes. Reply:
-//! [`ReplyHeader`], then `output_len` output bytes. Sizes are checked against
-//! the caller's bounds before they cost memory.
+//! The worker's pipe protocol, little-endian. A worker starts by writing a
+//! ready frame (a [`ReplyHeader`] without output: OK once its GPU is open and
+//! its sandbox closed, UNSUPPORTED without a usable device), then reads one
+//! [`AssignHeader`] (the VM it serves: a warm spare learns it only when it is
+//! handed over), then one frame per call each way. Request: [`CallHeader`],
+//! then `payload_len` payload bytes. Reply: [`ReplyHeader`], then
+//! `output_len` output bytes. Sizes are checked against the caller's bounds
+//! before they cost memory.
 
 use std::io::{self, Read, Write};
 
@@ -10,9 +14,13 @@ use vm_memory::ByteValued;
 
 use crate::protocol::{Opcode, Status};
 
-/// Largest payload or output one frame carries (the device's own bound on a
-/// request, 4 GiB, is larger than any remoting call needs through the pipe).
-pub const MAX_FRAME_BYTES: u64 = 1 << 32;
+/// Largest payload or output one frame carries. Copies larger than the
+/// configured chunk (at most [`MAX_CHUNK_BYTES`]) cross the pipe in chunks,
+/// and every other remoting payload is bounded below this (PTX: 16 MiB; a
+/// CUDA API command buffer or copy: 64 MiB, plus its few-byte answer header).
+pub const MAX_FRAME_BYTES: u64 = (64 << 20) + 4096;
+/// Largest copy chunk the settings may ask for.
+pub const MAX_CHUNK_BYTES: u64 = 32 << 20;
 
 /// Header of a call, parent to worker.
 #[repr(C)]
@@ -35,14 +43,47 @@ pub struct ReplyHeader {
     pub output_len: Le64,
 }
 
+/// The VM a worker serves, parent to worker, once before any call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AssignHeader {
+    pub vm_id: Le32,
+    pub reserved: Le32,
+    pub first_handle: Le64,
+}
+
 // SAFETY: little-endian integers without padding (sizes checked below);
 // every bit pattern is a valid value.
 unsafe impl ByteValued for CallHeader {}
+// SAFETY: as above.
+unsafe impl ByteValued for AssignHeader {}
 // SAFETY: as above.
 unsafe impl ByteValued for ReplyHeader {}
 
 const _: () = assert!(std::mem::size_of::<CallHeader>() == 32);
 const _: () = assert!(std::mem::size_of::<ReplyHeader>() == 16);
+const _: () = assert!(std::mem::size_of::<AssignHeader>() == 16);
+
+pub fn write_assign(w: &mut impl Write, vm_id: u32, first_handle: u64) -> io::Result<()> {
+    let hdr = AssignHeader {
+        vm_id: vm_id.into(),
+        reserved: 0.into(),
+        first_handle: first_handle.into(),
+    };
+    w.write_all(hdr.as_slice())?;
+    w.flush()
+}
+
+/// Reads the assignment; `None` at a clean end of input (a spare that was
+/// never handed over).
+pub fn read_assign(r: &mut impl Read) -> io::Result<Option<(u32, u64)>> {
+    let mut hdr = AssignHeader::default();
+    match r.read_exact(hdr.as_mut_slice()) {
+        Ok(()) => Ok(Some((hdr.vm_id.into(), hdr.first_handle.into()))),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e),
+    }
+}
 
 /// One call as the worker reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +194,16 @@ mod tests {
             }
         );
         assert_eq!(read_call(&mut [].as_slice()).unwrap(), None);
+
+        let mut pipe = Vec::new();
+        write_assign(&mut pipe, 7, 5 << 24).unwrap();
+        assert_eq!(
+            read_assign(&mut pipe.as_slice()).unwrap(),
+            Some((7, 5 << 24))
+        );
+        assert_eq!(read_assign(&mut [].as_slice()).unwrap(), None);
+        // A parent that died mid-frame: the end of input, as for calls.
+        assert_eq!(read_assign(&mut [1u8, 2].as_slice()).unwrap(), None);
 
         let mut pipe = Vec::new();
         write_reply(&mut pipe, Status::NotFound, &[7; 5]).unwrap();
