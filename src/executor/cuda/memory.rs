@@ -37,8 +37,11 @@ const MIN_BUF: usize = 1 << 20;
 /// `cuMemHostRegister` runs (0.35-0.6 s per GiB), every other CUDA call of
 /// the process waits, so a 1 GiB table registered in one call stalled
 /// another VM's requests for 656 ms although it ran on a thread of its own.
-/// One 8 MiB piece holds them up for a few milliseconds at most.
-pub const REG_CHUNK: usize = 8 << 20;
+/// So registration goes in 2 MiB pieces (about 1 ms each there), and after
+/// each piece the registering thread pauses as long as the piece took:
+/// other VMs get at least half of the driver's time while a table registers,
+/// which takes about twice as long.
+pub const REG_CHUNK: usize = 2 << 20;
 
 /// Splits a host range at multiples of [`REG_CHUNK`], so that every piece
 /// lies in one registration (a DMA never spans two).
@@ -206,6 +209,7 @@ impl RegToken {
             let addr = addr as usize;
             let mut ok = true;
             for (piece, n) in dma_pieces(addr, len) {
+                let started = std::time::Instant::now();
                 // SAFETY: `piece..piece+n` lies in a live mapping held by
                 // `mem`, which the token keeps until it unregisters.
                 match check(unsafe { sys::cuMemHostRegister_v2(piece as *mut c_void, n, 0) }) {
@@ -219,8 +223,9 @@ impl RegToken {
                         break;
                     }
                 }
-                // Lets the GPU's worker take the driver between pieces.
-                std::thread::yield_now();
+                // Lets the GPU's worker take the driver between pieces (a
+                // yield is not enough: the driver's lock is not fair).
+                std::thread::sleep(started.elapsed().min(std::time::Duration::from_millis(10)));
             }
             if ok {
                 regions_done += 1;
