@@ -4,7 +4,8 @@
 //! fall back to staging through pinned memory.
 //!
 //! Registration: [`Executor::map_guest_memory`](crate::executor::Executor)
-//! registers every region of a VM's memory table with `cuMemHostRegister`, so
+//! registers every region of a VM's memory table with `cuMemHostRegister` (in
+//! [`REG_CHUNK`] pieces, paced: see there), so
 //! payloads and outputs move by DMA straight from and to guest pages, one
 //! `cuMemcpy*Async` per host range. Registration pins the whole table. It
 //! happens in this process, where only the daemon's own kernels run: guest
