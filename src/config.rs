@@ -94,6 +94,7 @@ pub struct FileConfig {
     pub vm_socket_mode: Option<u32>,
     pub vm_socket_owner: Option<String>,
     pub require_sealed_memory: Option<bool>,
+    pub max_guest_memory_mib: Option<u64>,
     pub pool_gpu: Option<BTreeMap<String, u32>>,
     pub worker: Option<WorkerFile>,
 }
@@ -215,6 +216,7 @@ impl FileConfig {
             vm_socket_mode: other.vm_socket_mode.or(self.vm_socket_mode),
             vm_socket_owner: other.vm_socket_owner.or(self.vm_socket_owner),
             require_sealed_memory: other.require_sealed_memory.or(self.require_sealed_memory),
+            max_guest_memory_mib: other.max_guest_memory_mib.or(self.max_guest_memory_mib),
             pool_gpu: match (self.pool_gpu, other.pool_gpu) {
                 (Some(mut a), Some(b)) => {
                     a.extend(b);
@@ -368,6 +370,9 @@ pub struct SocketPolicy {
     /// Refuse guest memory a frontend could shrink under the daemon (a
     /// memfd without `F_SEAL_SHRINK`, or a file that cannot be sealed).
     pub require_sealed_memory: bool,
+    /// Largest memory table a frontend may share, bytes (registration pins
+    /// all of it).
+    pub max_guest_memory: u64,
 }
 
 impl SocketPolicy {
@@ -456,6 +461,8 @@ impl DaemonConfig {
                     file.require_sealed_memory,
                     "require_sealed_memory",
                 )?,
+                max_guest_memory: required(file.max_guest_memory_mib, "max_guest_memory_mib")?
+                    .saturating_mul(1 << 20),
             },
             vms,
         })

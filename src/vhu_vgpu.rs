@@ -231,7 +231,34 @@ pub struct VgpuBackend {
     mem: GuestMemAtomic,
     conn: Arc<Connection>,
     link: Arc<Link>,
-    require_sealed_memory: bool,
+    policy: SocketPolicy,
+}
+
+/// Whether the daemon may use a frontend's memory table: not larger than
+/// `max_guest_memory`, and (when required) sealed against shrinking.
+fn acceptable(mem: &GuestMem, policy: &SocketPolicy) -> Result<(), String> {
+    use vm_memory::GuestMemoryBackend;
+    let total: u64 = mem
+        .iter()
+        .map(|r| vm_memory::GuestMemoryRegion::len(r))
+        .sum();
+    if total > policy.max_guest_memory {
+        return Err(format!(
+            "{} MiB of guest memory, more than max_guest_memory_mib ({})",
+            total >> 20,
+            policy.max_guest_memory >> 20
+        ));
+    }
+    if policy.require_sealed_memory {
+        let bad = shrinkable_regions(mem);
+        if !bad.is_empty() {
+            return Err(format!(
+                "the frontend could shrink it ({}); use memory-backend-memfd with seal=on, or set require_sealed_memory = false",
+                bad.join("; ")
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The regions of `mem` that their frontend could shrink under us: file
@@ -323,21 +350,12 @@ impl VhostUserBackend for VgpuBackend {
                 crate::executor::worker::sandbox::set_cloexec(f.file().as_raw_fd());
             }
         }
-        if self.require_sealed_memory {
-            let bad = shrinkable_regions(&table);
-            if !bad.is_empty() {
-                // The table is already mapped: nothing may touch it. The
-                // frontend's SET_MEM_TABLE fails and it is disconnected.
-                log::error!(
-                    "vm{}: refusing guest memory the frontend could shrink ({}); use memory-backend-memfd with seal=on, or set require_sealed_memory = false",
-                    self.vm.id(),
-                    bad.join("; ")
-                );
-                self.conn.hang_up();
-                return Err(io::Error::other(
-                    "guest memory not sealed against shrinking",
-                ));
-            }
+        if let Err(why) = acceptable(&table, &self.policy) {
+            // The table is already mapped: nothing may touch it. The
+            // frontend's SET_MEM_TABLE fails and it is disconnected.
+            log::error!("vm{}: refusing its guest memory: {why}", self.vm.id());
+            self.conn.hang_up();
+            return Err(io::Error::other(why));
         }
         self.vm.map_memory(table);
         Ok(())
@@ -411,7 +429,7 @@ pub fn serve_forever(vm: Arc<Vm>, socket: PathBuf, policy: SocketPolicy) -> Resu
             mem: mem.clone(),
             conn: conn.clone(),
             link: link.clone(),
-            require_sealed_memory: policy.require_sealed_memory,
+            policy,
         };
         let mut daemon = VhostUserDaemon::new(format!("vgpu-vm{}", vm.id()), backend, mem)
             .map_err(|e| Error::Daemon(e.to_string()))?;

@@ -881,3 +881,30 @@ fn received_guest_memory_is_close_on_exec() {
     }
     assert!(memfds > 0, "the daemon holds the guest's memfds");
 }
+
+#[test]
+fn a_memory_table_larger_than_the_bound_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("vgpu.toml");
+    std::fs::write(&cfg, "max_guest_memory_mib = 8\n").unwrap();
+    let cfg = cfg.display().to_string();
+    let d = DaemonProc::start(&[(1, "A", "high")], &["--config", &cfg]);
+    let big = SimGuest::connect(
+        &d.socket(1),
+        SimOptions {
+            mem_size: 16 << 20,
+            ..Default::default()
+        },
+    );
+    assert!(big.is_err(), "16 MiB table accepted under an 8 MiB bound");
+    let mut small = SimGuest::connect_retry(
+        &d.socket(1),
+        SimOptions {
+            mem_size: 8 << 20,
+            ..Default::default()
+        },
+        T,
+    )
+    .unwrap();
+    assert_eq!(status(&common::ping(&mut small)), Status::Ok);
+}
