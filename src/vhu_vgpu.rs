@@ -238,10 +238,7 @@ pub struct VgpuBackend {
 /// `max_guest_memory`, and (when required) sealed against shrinking.
 fn acceptable(mem: &GuestMem, policy: &SocketPolicy) -> Result<(), String> {
     use vm_memory::GuestMemoryBackend;
-    let total: u64 = mem
-        .iter()
-        .map(|r| vm_memory::GuestMemoryRegion::len(r))
-        .sum();
+    let total: u64 = mem.iter().map(vm_memory::GuestMemoryRegion::len).sum();
     if total > policy.max_guest_memory {
         return Err(format!(
             "{} MiB of guest memory, more than max_guest_memory_mib ({})",

@@ -18,8 +18,8 @@ use common::{f32_bytes, f32s, Call, Guest, Rng};
 use vgpu::executor::cpu::{saxpy, sgemm, vector_add};
 use vgpu::executor::remoting::{encode_launch, Launch, Param};
 use vgpu::executor::{
-    create, CpuExecutor, CudaConfig, CudaExecutor, Executor, ExecutorChoice, IsolatedCuda, Request,
-    Tenant,
+    create, CpuExecutor, CudaConfig, CudaExecutor, Executor, ExecutorChoice, IsolatedCuda,
+    Isolation, Request, Tenant,
 };
 use vgpu::protocol::{DeviceInfo, ExecutorKind, Opcode, Status};
 
@@ -838,4 +838,33 @@ fn spare_worker_makes_the_first_call_fast() {
             after_fault.as_secs_f64() * 1e3
         );
     }
+}
+
+/// In-process remoting is not isolation (a kernel reads memory another
+/// context of the process registered or pinned), so it serves one VM only:
+/// while the executor holds anything of a second VM, remoting answers
+/// UNSUPPORTED for both.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn in_process_remoting_serves_a_single_vm_only() {
+    let mut ex = cuda_with(|c| c.isolation = Isolation::InProcess);
+    let (mut g1, mut g2) = (Guest::new(8 << 20), Guest::new(8 << 20));
+    let mut vm1 = Vm { id: 1, g: &mut g1 };
+    let b = vm1.alloc(&mut ex, 64).expect("the only VM is served");
+    // A second VM's memory table joins this process.
+    ex.map_guest_memory(2, &g2.mem.clone());
+    let mut vm1 = Vm { id: 1, g: &mut g1 };
+    assert_eq!(vm1.alloc(&mut ex, 64), Err(Status::Unsupported));
+    let mut vm2 = Vm { id: 2, g: &mut g2 };
+    assert_eq!(vm2.alloc(&mut ex, 64), Err(Status::Unsupported));
+    // Built-in operations serve both meanwhile.
+    let r = vm2
+        .g
+        .request(2, Opcode::ScalarAddI32, &common::scalar_payload(20, 22), 4);
+    assert_eq!(run(&mut ex, &r).unwrap(), 42i32.to_le_bytes());
+    // Once VM 2 is gone, VM 1 is alone again and keeps its state.
+    ex.release_vm(2);
+    let mut vm1 = Vm { id: 1, g: &mut g1 };
+    vm1.free(&mut ex, b).expect("VM 1's buffer survived");
+    ex.release_vm(1);
 }

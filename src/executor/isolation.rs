@@ -9,7 +9,9 @@
 //!   context per VM. This is not isolation: measured on the H200, a fault in
 //!   one context poisons every context of the process, and a kernel in one
 //!   context reads memory that another context registered or pinned. For
-//!   tests and single-VM setups only.
+//!   tests and single-VM setups only, and enforced: in-process remoting
+//!   answers UNSUPPORTED while this executor holds anything of another VM
+//!   (its memory table, registered or staged, or its remoting state).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -67,6 +69,11 @@ pub struct Isolated<E> {
     remoting: Remoting,
     started: u64,
     faulted: u64,
+    /// VMs this executor holds something of (memory table, requests): with
+    /// [`Isolation::InProcess`], remoting serves only while there is one.
+    vms: std::collections::BTreeSet<u32>,
+    /// In-process remoting refused for sharing: logged once.
+    refusal_logged: bool,
 }
 
 /// The CUDA executor as the daemon runs it.
@@ -99,11 +106,24 @@ impl<E: Executor> Isolated<E> {
             remoting,
             started: 0,
             faulted: 0,
+            vms: Default::default(),
+            refusal_logged: false,
         }
     }
 
     pub fn inner(&self) -> &E {
         &self.inner
+    }
+
+    fn release_remoting(&mut self, vm_id: u32) {
+        match &mut self.remoting {
+            Remoting::Workers { vms, .. } => {
+                vms.remove(&vm_id);
+            }
+            Remoting::InProcess(Some(ex)) => ex.release_vm(vm_id),
+            Remoting::InProcess(None) => {}
+        }
+        self.inner.release_vm(vm_id);
     }
 
     pub fn inner_mut(&mut self) -> &mut E {
@@ -122,6 +142,19 @@ impl<E: Executor> Isolated<E> {
                     self.started += 1;
                 }
                 res
+            }
+            Remoting::InProcess(Some(_)) if self.vms.iter().any(|&v| v != tenant.vm_id) => {
+                // A guest kernel here could read the other VMs' registered
+                // or pinned memory (measured on the H200).
+                if !self.refusal_logged {
+                    self.refusal_logged = true;
+                    log::warn!(
+                        "in-process CUDA remoting serves one VM only: vm{} refused while this executor also serves {:?}",
+                        tenant.vm_id,
+                        self.vms
+                    );
+                }
+                Err(Status::Unsupported)
             }
             Remoting::InProcess(Some(ex)) => {
                 let before = ex.stats();
@@ -176,8 +209,13 @@ impl<E: Executor> Executor for Isolated<E> {
 
     fn execute(&mut self, tenant: Tenant, req: &Request, limit: Duration) -> Result<u32, Status> {
         if req.opcode.is_remoting() {
-            self.remote(tenant, req, limit)
+            let res = self.remote(tenant, req, limit);
+            if res != Err(Status::Unsupported) {
+                self.vms.insert(tenant.vm_id);
+            }
+            res
         } else {
+            self.vms.insert(tenant.vm_id);
             self.inner.execute(tenant, req, limit)
         }
     }
@@ -191,21 +229,17 @@ impl<E: Executor> Executor for Isolated<E> {
         batch: &[(Tenant, &Request)],
         limit: Duration,
     ) -> Vec<Result<u32, Status>> {
+        self.vms.extend(batch.iter().map(|(t, _)| t.vm_id));
         self.inner.execute_batch(batch, limit)
     }
 
     fn release_vm(&mut self, vm_id: u32) {
-        match &mut self.remoting {
-            Remoting::Workers { vms, .. } => {
-                vms.remove(&vm_id);
-            }
-            Remoting::InProcess(Some(ex)) => ex.release_vm(vm_id),
-            Remoting::InProcess(None) => {}
-        }
-        self.inner.release_vm(vm_id);
+        self.vms.remove(&vm_id);
+        self.release_remoting(vm_id);
     }
 
     fn map_guest_memory(&mut self, vm_id: u32, mem: &Arc<GuestMem>) {
+        self.vms.insert(vm_id);
         self.inner.map_guest_memory(vm_id, mem)
     }
 
@@ -222,6 +256,7 @@ impl<E: Executor> Executor for Isolated<E> {
     }
 
     fn attach_memory(&mut self, vm_id: u32, reg: Registration) -> Option<Registration> {
+        self.vms.insert(vm_id);
         self.inner.attach_memory(vm_id, reg)
     }
 
