@@ -69,8 +69,9 @@ pub struct Isolated<E> {
     remoting: Remoting,
     started: u64,
     faulted: u64,
-    /// VMs this executor holds something of (memory table, requests): with
-    /// [`Isolation::InProcess`], remoting serves only while there is one.
+    /// With [`Isolation::InProcess`], the VMs this executor holds something
+    /// of (memory table, requests): remoting serves only while there is one.
+    /// Not kept for worker processes, which hold one VM each by design.
     vms: std::collections::BTreeSet<u32>,
     /// In-process remoting refused for sharing: logged once.
     refusal_logged: bool,
@@ -113,6 +114,13 @@ impl<E: Executor> Isolated<E> {
 
     pub fn inner(&self) -> &E {
         &self.inner
+    }
+
+    /// Records that this executor now holds something of `vm_id`.
+    fn note_vm(&mut self, vm_id: u32) {
+        if matches!(self.remoting, Remoting::InProcess(_)) {
+            self.vms.insert(vm_id);
+        }
     }
 
     fn release_remoting(&mut self, vm_id: u32) {
@@ -211,11 +219,11 @@ impl<E: Executor> Executor for Isolated<E> {
         if req.opcode.is_remoting() {
             let res = self.remote(tenant, req, limit);
             if res != Err(Status::Unsupported) {
-                self.vms.insert(tenant.vm_id);
+                self.note_vm(tenant.vm_id);
             }
             res
         } else {
-            self.vms.insert(tenant.vm_id);
+            self.note_vm(tenant.vm_id);
             self.inner.execute(tenant, req, limit)
         }
     }
@@ -229,7 +237,9 @@ impl<E: Executor> Executor for Isolated<E> {
         batch: &[(Tenant, &Request)],
         limit: Duration,
     ) -> Vec<Result<u32, Status>> {
-        self.vms.extend(batch.iter().map(|(t, _)| t.vm_id));
+        for (t, _) in batch {
+            self.note_vm(t.vm_id);
+        }
         self.inner.execute_batch(batch, limit)
     }
 
@@ -239,7 +249,7 @@ impl<E: Executor> Executor for Isolated<E> {
     }
 
     fn map_guest_memory(&mut self, vm_id: u32, mem: &Arc<GuestMem>) {
-        self.vms.insert(vm_id);
+        self.note_vm(vm_id);
         self.inner.map_guest_memory(vm_id, mem)
     }
 
@@ -256,7 +266,7 @@ impl<E: Executor> Executor for Isolated<E> {
     }
 
     fn attach_memory(&mut self, vm_id: u32, reg: Registration) -> Option<Registration> {
-        self.vms.insert(vm_id);
+        self.note_vm(vm_id);
         self.inner.attach_memory(vm_id, reg)
     }
 
