@@ -11,6 +11,8 @@
 #   VGPU_DAEMON=/path   vgpu-vhost-user binary (default: cargo build --release)
 #   VGPU_ADMIN=/path    vgpu-admin, for the live config-change step (default:
 #                       next to the daemon; the step is skipped without it)
+#   VGPU_CUDA_LIB=/path the guest CUDA library libvgpucuda.so (default: next
+#                       to the daemon, built with cargo when absent)
 #   VGPU_CACHE=DIR      download/build cache (default $HOME/.cache/vgpu)
 #   VGPU_E2E_KEEP=1     keep the work directory (logs) after the run
 #   VGPU_E2E_BOOT_S=N   seconds to wait for a guest to boot (default 180)
@@ -151,6 +153,12 @@ fi
 # vgpu-admin drives the live config-change step; optional.
 VGPU_ADMIN=${VGPU_ADMIN:-$(dirname "$VGPU_DAEMON")/vgpu-admin}
 [[ -x $VGPU_DAEMON ]] || fatal daemon "not executable: $VGPU_DAEMON"
+VGPU_CUDA_LIB=${VGPU_CUDA_LIB:-$(dirname "$VGPU_DAEMON")/libvgpucuda.so}
+if [[ ! -e $VGPU_CUDA_LIB ]]; then
+	log "cargo build --release -p vgpu-cuda-guest"
+	(cd "$REPO" && cargo build --release -p vgpu-cuda-guest >&2)
+	VGPU_CUDA_LIB=$REPO/target/release/libvgpucuda.so
+fi
 
 log "guest kernel, headers, busybox"
 eval "$("$E2E/guest-assets.sh")"
@@ -168,8 +176,22 @@ else
 	record PASS build "virtio_vgpu.ko (Linux $GUEST_KREL) and static vgpu-client"
 fi
 
+# A CUDA program as programs are built: dynamically linked against
+# libcudart.so.13 and libcuda.so.1 (both the guest library, as install.sh
+# lays it out), so the guest gets this machine's loader and libc with it.
+mkdir -p "$WORK/cudalib"
+ln -s "$VGPU_CUDA_LIB" "$WORK/cudalib/libcudart.so.13"
+ln -s "$VGPU_CUDA_LIB" "$WORK/cudalib/libcuda.so.1"
+gcc -Wall -Wextra -Werror -O2 -o "$WORK/cuda-probe" "$E2E/cuda-probe.c" \
+	-L"$WORK/cudalib" -Wl,--no-as-needed -l:libcudart.so.13 -l:libcuda.so.1 \
+	>>"$WORK/build.log" 2>&1 ||
+	{ cat "$WORK/build.log" >&2; fatal build "cuda-probe build failed"; }
+
 "$E2E/mkinitramfs.sh" "$WORK/initrd.gz" "$GUEST_BUSYBOX" "$GUEST_MODDIR" \
-	"$REPO/guest-driver/virtio_vgpu.ko" "$REPO/guest-driver/client/vgpu-client"
+	"$REPO/guest-driver/virtio_vgpu.ko" "$REPO/guest-driver/client/vgpu-client" \
+	"/opt/vgpu/libvgpucuda.so=$VGPU_CUDA_LIB" \
+	/opt/vgpu/libcudart.so.13=@libvgpucuda.so /opt/vgpu/libcuda.so.1=@libvgpucuda.so \
+	"/bin/cuda-probe=$WORK/cuda-probe"
 
 # --- the daemon ------------------------------------------------------------------
 
@@ -331,6 +353,32 @@ done
 for n in 1 2 3; do
 	check_guest "$n" || true
 done
+
+# The guest CUDA library over /dev/vgpu0 (VGPU_IOC_SUBMIT): the CPU executor
+# has no CUDA device, so the runtime and the driver API answer the documented
+# "no device" (docs/protocol.md, "CUDA API"): cudaErrorNoDevice /
+# CUDA_ERROR_NO_DEVICE (100) and a count of 0. The library answers that too
+# when it cannot reach a device, so the driver's counters must show the one
+# CU_DEVICE_INFO request it sent, and a missing device node must be told
+# apart (submitted unchanged).
+cuda_cmd="s=/sys/kernel/debug/virtio_vgpu/vgpu0/stats; cat \$s; \
+LD_LIBRARY_PATH=/opt/vgpu cuda-probe; echo probe_rc=\$?; cat \$s; \
+VGPU_DEVICE=/dev/vgpu9 LD_LIBRARY_PATH=/opt/vgpu cuda-probe | sed 's/^/nodev /'; cat \$s"
+want_probe="cudaGetDeviceCount count=0 error=100 cudaErrorNoDevice
+cuInit error=100 CUDA_ERROR_NO_DEVICE
+cuDeviceGetCount count=0 error=100 CUDA_ERROR_NO_DEVICE"
+if guest 1 120 "$cuda_cmd" && grep -qx probe_rc=0 <<<"$OUTPUT" &&
+   [[ $(grep -E '^cu' <<<"$OUTPUT") == "$want_probe" ]] &&
+   [[ $(grep -c '^nodev .*error=100' <<<"$OUTPUT") == 3 ]]; then
+	mapfile -t subs < <(grep -o 'submitted=[0-9]*' <<<"$OUTPUT" | cut -d= -f2)
+	if ((${#subs[@]} == 3 && subs[1] - subs[0] == 1 && subs[2] == subs[1])); then
+		record PASS "vm1 CUDA library /dev/vgpu0" "cudaGetDeviceCount/cuInit/cuDeviceGetCount: 0 devices, 100 (no device); 1 ioctl"
+	else
+		record FAIL "vm1 CUDA library /dev/vgpu0" "submitted counts ${subs[*]:-?}, want +1 then +0"
+	fi
+else
+	record FAIL "vm1 CUDA library /dev/vgpu0" "rc=$RC: $(tr '\n' ' ' <<<"$OUTPUT" | cut -c1-400)"
+fi
 
 if guest 1 120 vgpu-client vector-add 4096 && grep -q '^OK n=4096$' <<<"$OUTPUT"; then
 	record PASS "vm1 vector-add 4096" "$(head -1 <<<"$OUTPUT")"

@@ -50,6 +50,33 @@ pub(crate) fn guard(f: impl FnOnce() -> Result<(), u32>) -> u32 {
     }
 }
 
+/// The runtime's names of the errors (cudaGetErrorName: `cudaErrorNoDevice`,
+/// not the driver's `CUDA_ERROR_NO_DEVICE`), NUL-terminated, static. The
+/// numbers are those of `error_text`.
+pub(crate) fn runtime_error_name(e: u32) -> &'static [u8] {
+    match e {
+        0 => b"cudaSuccess\0",
+        1 => b"cudaErrorInvalidValue\0",
+        2 => b"cudaErrorMemoryAllocation\0",
+        3 => b"cudaErrorInitializationError\0",
+        100 => b"cudaErrorNoDevice\0",
+        101 => b"cudaErrorInvalidDevice\0",
+        200 => b"cudaErrorInvalidKernelImage\0",
+        201 => b"cudaErrorDeviceUninitialized\0",
+        209 => b"cudaErrorNoKernelImageForDevice\0",
+        218 => b"cudaErrorInvalidPtx\0",
+        400 => b"cudaErrorInvalidResourceHandle\0",
+        500 => b"cudaErrorSymbolNotFound\0",
+        600 => b"cudaErrorNotReady\0",
+        700 => b"cudaErrorIllegalAddress\0",
+        701 => b"cudaErrorLaunchOutOfResources\0",
+        702 => b"cudaErrorLaunchTimeout\0",
+        719 => b"cudaErrorLaunchFailure\0",
+        801 => b"cudaErrorNotSupported\0",
+        _ => b"cudaErrorUnknown\0",
+    }
+}
+
 /// Names and descriptions of the errors, for cuGetErrorString and
 /// cudaGetErrorString (NUL-terminated, static).
 pub(crate) fn error_text(e: u32) -> (&'static [u8], &'static [u8]) {

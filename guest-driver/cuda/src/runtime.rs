@@ -440,7 +440,7 @@ pub extern "C" fn cudaGetErrorString(e: CudaError) -> *const c_char {
 
 #[no_mangle]
 pub extern "C" fn cudaGetErrorName(e: CudaError) -> *const c_char {
-    crate::error_text(e).0.as_ptr() as *const c_char
+    crate::runtime_error_name(e).as_ptr() as *const c_char
 }
 
 #[no_mangle]

@@ -142,6 +142,16 @@ fn rust_face_answers_no_device_without_a_transport() {
     assert_eq!(unsafe { vgpucuda::runtime::cudaMalloc(&mut p, 8) }, 100);
     assert_eq!(vgpucuda::driver::cuInit(0), 100);
     assert_eq!(vgpucuda::runtime::cudaDeviceSynchronize(), 100);
+    // The runtime names its errors as cudart does, the driver as libcuda.
+    // SAFETY: both return static NUL-terminated strings.
+    let rt_name = unsafe { std::ffi::CStr::from_ptr(vgpucuda::runtime::cudaGetErrorName(100)) };
+    assert_eq!(rt_name.to_str().unwrap(), "cudaErrorNoDevice");
+    let mut cu_name: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: valid out-pointer.
+    assert_eq!(unsafe { vgpucuda::driver::cuGetErrorName(100, &mut cu_name) }, 0);
+    // SAFETY: set to a static NUL-terminated string above.
+    let cu_name = unsafe { std::ffi::CStr::from_ptr(cu_name) };
+    assert_eq!(cu_name.to_str().unwrap(), "CUDA_ERROR_NO_DEVICE");
     // Null out-pointers are errors, not crashes.
     // SAFETY: null is what is being tested.
     assert_eq!(
