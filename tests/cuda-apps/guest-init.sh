@@ -45,7 +45,7 @@ while read -r name args; do
 	[ -n "$name" ] || continue
 	echo "BEGIN $name"
 	# shellcheck disable=SC2086 # args are words
-	LD_LIBRARY_PATH=/opt/vgpu timeout 300 ./$name $args </dev/null >/tmp/o 2>/tmp/e
+	LD_LIBRARY_PATH=/opt/vgpu timeout 120 ./$name $args </dev/null >/tmp/o 2>/tmp/e
 	echo "rc=$?" >>/tmp/o
 	sed "s/^/OUT $name /" /tmp/o
 	sed "s/^/ERR $name /" /tmp/e

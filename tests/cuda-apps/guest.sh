@@ -19,7 +19,8 @@
 # executor: a check of the packing, the boot and the device path.
 #
 # Environment: OUT, CUDA_HOME (/usr/local/cuda), GUEST_MEM (1G),
-# GUEST_TIMEOUT_S (300: the whole guest run).
+# GUEST_TIMEOUT_S (300: the whole guest run; each program
+# gets 120 s in it).
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-$HERE/out}
@@ -55,12 +56,13 @@ ln -s "$A/libvgpucuda.so" "$W/lib/libcuda.so.1"
 if command -v nvcc >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
 	EXECUTOR=cuda
 	cd "$W/apps" || exit 1
-	for p in vadd matmul streams atomics memset devprops launches; do
-		if nvcc -cudart shared -arch=sm_90 -I"$SRC" -o $p "$SRC/$p.cu" >"$OUT/build-$p.log" 2>&1; then
-			echo "$p" >>list
-		else
-			say "BUILD FAILED $p"
-		fi
+	apps="vadd matmul streams atomics memset devprops launches"
+	for p in $apps; do # in parallel: the GPU machine has the cores
+		nvcc -cudart shared -arch=sm_90 -I"$SRC" -o $p "$SRC/$p.cu" >"$OUT/build-$p.log" 2>&1 &
+	done
+	wait
+	for p in $apps; do
+		if [[ -x $p ]]; then echo "$p" >>list; else say "BUILD FAILED $p"; fi
 	done
 	if nvcc -ptx -arch=sm_90 -o saxpy.ptx "$SRC/saxpy.cu" &&
 	   nvcc -cubin -arch=sm_90 -o saxpy.cubin "$SRC/saxpy.cu" &&
@@ -127,6 +129,7 @@ LD_LIBRARY_PATH=$A/qemu-lib timeout "$GUEST_TIMEOUT_S" "$A/qemu-system-x86_64" \
 	-append "console=ttyS0 panic=-1 quiet" >"$OUT/qemu.log" 2>&1
 qrc=$?
 stamp "guest exited (rc $qrc)"
+((qrc == 0)) || tail -5 "$OUT/qemu.log" | tee -a "$OUT/summary.txt"
 tr -d '\r' <"$OUT/serial.log" >"$W/serial"
 grep -q '^ALL-DONE' "$W/serial" || say "FAIL guest did not finish (qemu rc=$qrc; see serial.log, qemu.log)"
 grep -E '^(GUEST|INFO|STATS|KMSG|INSMOD-FAIL)' "$W/serial" | tee -a "$OUT/summary.txt"

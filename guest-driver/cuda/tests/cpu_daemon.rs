@@ -148,7 +148,10 @@ fn rust_face_answers_no_device_without_a_transport() {
     assert_eq!(rt_name.to_str().unwrap(), "cudaErrorNoDevice");
     let mut cu_name: *const std::ffi::c_char = std::ptr::null();
     // SAFETY: valid out-pointer.
-    assert_eq!(unsafe { vgpucuda::driver::cuGetErrorName(100, &mut cu_name) }, 0);
+    assert_eq!(
+        unsafe { vgpucuda::driver::cuGetErrorName(100, &mut cu_name) },
+        0
+    );
     // SAFETY: set to a static NUL-terminated string above.
     let cu_name = unsafe { std::ffi::CStr::from_ptr(cu_name) };
     assert_eq!(cu_name.to_str().unwrap(), "CUDA_ERROR_NO_DEVICE");
