@@ -13,8 +13,9 @@
 #
 #   cd carry/guest && OUT=$OUT ./guest.sh
 #
-# Results in $OUT: summary.txt (SAME/DIFF per program), NAME.native.out,
-# NAME.guest.out (stdout then rc=N), NAME.guest.err, serial.log, daemon.log.
+# Results in $OUT: summary.txt (SAME/DIFF per program) and details.tar.gz
+# (NAME.native.out, NAME.guest.out: stdout then rc=N, NAME.guest.err,
+# build logs, serial.log, qemu.log, daemon.log).
 # Without nvcc (a machine with no CUDA) only cuda-probe runs, against the CPU
 # executor: a check of the packing, the boot and the device path.
 #
@@ -32,9 +33,12 @@ export PATH=$CUDA_HOME/bin:$PATH
 mkdir -p "$OUT"
 W=$(mktemp -d)
 A=$W/a
+R=$W/details
+mkdir -p "$R"
 DAEMON=
 cleanup() {
 	[[ -n $DAEMON ]] && kill "$DAEMON" 2>/dev/null && wait "$DAEMON" 2>/dev/null
+	tar -C "$W" -czf "$OUT/details.tar.gz" details
 	rm -rf "$W"
 }
 trap cleanup EXIT
@@ -58,7 +62,7 @@ if command -v nvcc >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
 	cd "$W/apps" || exit 1
 	apps="vadd matmul streams atomics memset devprops launches"
 	for p in $apps; do # in parallel: the GPU machine has the cores
-		nvcc -cudart shared -arch=sm_90 -I"$SRC" -o $p "$SRC/$p.cu" >"$OUT/build-$p.log" 2>&1 &
+		nvcc -cudart shared -arch=sm_90 -I"$SRC" -o $p "$SRC/$p.cu" >"$R/build-$p.log" 2>&1 &
 	done
 	wait
 	for p in $apps; do
@@ -67,20 +71,20 @@ if command -v nvcc >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
 	if nvcc -ptx -arch=sm_90 -o saxpy.ptx "$SRC/saxpy.cu" &&
 	   nvcc -cubin -arch=sm_90 -o saxpy.cubin "$SRC/saxpy.cu" &&
 	   gcc -I"$CUDA_HOME/include" -o driver_api "$SRC/driver_api.c" \
-		-L"$CUDA_HOME/lib64/stubs" -lcuda >"$OUT/build-driver_api.log" 2>&1; then
+		-L"$CUDA_HOME/lib64/stubs" -lcuda >"$R/build-driver_api.log" 2>&1; then
 		echo "driver_api saxpy.ptx saxpy.cubin" >>list
 	else
 		say "BUILD FAILED driver_api"
 	fi
 	# Against NVIDIA's runtime and driver, as any program is built.
 	gcc -O2 -o cuda-probe "$SRC/cuda-probe.c" -L"$CUDA_HOME/lib64" -L"$CUDA_HOME/lib64/stubs" \
-		-Wl,--no-as-needed -lcudart -lcuda >"$OUT/build-cuda-probe.log" 2>&1 &&
+		-Wl,--no-as-needed -lcudart -lcuda >"$R/build-cuda-probe.log" 2>&1 &&
 		echo cuda-probe >>list
 else
 	EXECUTOR=cpu
 	cd "$W/apps" || exit 1
 	gcc -O2 -o cuda-probe "$SRC/cuda-probe.c" -L"$W/lib" \
-		-Wl,--no-as-needed -l:libcudart.so.13 -l:libcuda.so.1 >"$OUT/build-cuda-probe.log" 2>&1 &&
+		-Wl,--no-as-needed -l:libcudart.so.13 -l:libcuda.so.1 >"$R/build-cuda-probe.log" 2>&1 &&
 		echo cuda-probe >>list
 fi
 stamp "built: $(tr '\n' ' ' <list| sed 's/ saxpy[^ ]*//g')"
@@ -89,8 +93,8 @@ stamp "built: $(tr '\n' ' ' <list| sed 's/ saxpy[^ ]*//g')"
 if [[ $EXECUTOR == cuda ]]; then
 	while read -r name args; do
 		# shellcheck disable=SC2086 # args are words
-		timeout 60 ./$name $args </dev/null >"$OUT/$name.native.out" 2>"$OUT/$name.native.err"
-		echo "rc=$?" >>"$OUT/$name.native.out"
+		timeout 60 ./$name $args </dev/null >"$R/$name.native.out" 2>"$R/$name.native.err"
+		echo "rc=$?" >>"$R/$name.native.out"
 	done <list
 	stamp "native runs done"
 fi
@@ -110,10 +114,10 @@ stamp "initramfs $(du -h "$W/initrd.gz" | cut -f1)"
 # --- the daemon and the guest ---------------------------------------------------
 SOCK=$W/vm1.sock
 VGPU_CUDA_WORKER=$A/vgpu-cuda-worker RUST_LOG=info "$A/vgpu-vhost-user" --executor "$EXECUTOR" \
-	--vm "id=1,pool=A,priority=high,socket=$SOCK" >"$OUT/daemon.log" 2>&1 &
+	--vm "id=1,pool=A,priority=high,socket=$SOCK" >"$R/daemon.log" 2>&1 &
 DAEMON=$!
 for _ in $(seq 200); do [[ -S $SOCK ]] && break; sleep 0.1; done
-[[ -S $SOCK ]] || { say "FAIL daemon: no socket"; tail "$OUT/daemon.log"; exit 1; }
+[[ -S $SOCK ]] || { say "FAIL daemon: no socket"; tail "$R/daemon.log"; exit 1; }
 
 ACCEL=(-accel tcg,thread=multi -cpu max)
 grep -Eqw 'vmx|svm' /proc/cpuinfo && [[ -w /dev/kvm ]] && ACCEL=(-accel kvm -cpu host)
@@ -124,29 +128,30 @@ LD_LIBRARY_PATH=$A/qemu-lib timeout "$GUEST_TIMEOUT_S" "$A/qemu-system-x86_64" \
 	-machine q35,memory-backend=mem \
 	-chardev "socket,id=vgpu0,path=$SOCK" -device vhost-user-vgpu-pci,id=vgpu0,chardev=vgpu0 \
 	-nic none -display none -vga none -monitor none -no-reboot \
-	-serial "file:$OUT/serial.log" -L "$A/firmware" \
+	-serial "file:$R/serial.log" -L "$A/firmware" \
 	-kernel "$A/vmlinuz" -initrd "$W/initrd.gz" \
-	-append "console=ttyS0 panic=-1 quiet" >"$OUT/qemu.log" 2>&1
+	-append "console=ttyS0 panic=-1 quiet" >"$R/qemu.log" 2>&1
 qrc=$?
 stamp "guest exited (rc $qrc)"
-((qrc == 0)) || tail -5 "$OUT/qemu.log" | tee -a "$OUT/summary.txt"
-tr -d '\r' <"$OUT/serial.log" >"$W/serial"
+((qrc == 0)) || tail -5 "$R/qemu.log" | tee -a "$OUT/summary.txt"
+tr -d '\r' <"$R/serial.log" >"$W/serial"
 grep -q '^ALL-DONE' "$W/serial" || say "FAIL guest did not finish (qemu rc=$qrc; see serial.log, qemu.log)"
 grep -E '^(GUEST|INFO|STATS|KMSG|INSMOD-FAIL)' "$W/serial" | tee -a "$OUT/summary.txt"
 
 # --- compare --------------------------------------------------------------------
 while read -r name _; do
-	sed -n "s/^OUT $name //p" "$W/serial" >"$OUT/$name.guest.out"
-	sed -n "s/^ERR $name //p" "$W/serial" >"$OUT/$name.guest.err"
+	sed -n "s/^OUT $name //p" "$W/serial" >"$R/$name.guest.out"
+	sed -n "s/^ERR $name //p" "$W/serial" >"$R/$name.guest.err"
 	if [[ $EXECUTOR == cpu ]]; then
-		say "GUEST $name: $(tr '\n' ' ' <"$OUT/$name.guest.out")"
-	elif [[ -s $OUT/$name.guest.out ]] && diff "$OUT/$name.native.out" "$OUT/$name.guest.out" >"$OUT/$name.diff"; then
-		say "SAME $name: $(head -c 300 "$OUT/$name.guest.out" | tr '\n' ' ')"
+		say "GUEST $name: $(tr '\n' ' ' <"$R/$name.guest.out")"
+	elif [[ -s $R/$name.guest.out ]] && diff "$R/$name.native.out" "$R/$name.guest.out" >"$R/$name.diff"; then
+		say "SAME $name: $(head -c 300 "$R/$name.guest.out" | tr '\n' ' ')"
 	else
 		say "DIFF $name"
-		head -20 "$OUT/$name.diff" | tee -a "$OUT/summary.txt"
-		head -5 "$OUT/$name.guest.err" | tee -a "$OUT/summary.txt"
+		head -20 "$R/$name.diff" | tee -a "$OUT/summary.txt"
+		head -5 "$R/$name.guest.err" | tee -a "$OUT/summary.txt"
 	fi
 done <"$W/apps/list"
-grep -h TIME "$OUT"/launches.*.err 2>/dev/null | tee -a "$OUT/summary.txt"
+grep -h TIME "$R"/launches.*.err 2>/dev/null | tee -a "$OUT/summary.txt"
+grep -iE ' (error|warn)' "$R/daemon.log" | tail -10 | tee -a "$OUT/summary.txt"
 stamp "done"

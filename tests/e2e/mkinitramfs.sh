@@ -65,7 +65,9 @@ done
 for f in ${elfs[@]+"${elfs[@]}"}; do
 	# "name => /path (addr)" and the loader's "/lib64/ld-linux... (addr)";
 	# "not found" (the CUDA library itself) and the vDSO have no path.
-	ldd "$f" 2>/dev/null | sed -n 's/^[[:space:]]*\([^ ]* => \)\{0,1\}\(\/[^ ]*\) (0x.*/\2/p'
+	# Not every ELF is a program or library (a CUDA cubin is an ELF too):
+	# ldd fails on those, and they need nothing.
+	{ ldd "$f" 2>/dev/null || true; } | sed -n 's/^[[:space:]]*\([^ ]* => \)\{0,1\}\(\/[^ ]*\) (0x.*/\2/p'
 done | sort -u | while read -r lib; do
 	case ${lib##*/} in libcuda.so* | libcudart.so*) continue ;; esac
 	[[ -e $stage$lib ]] && continue
