@@ -5,7 +5,6 @@
 //! `control.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -411,9 +410,10 @@ fn retire(served: ServedVm) {
     let _ = std::thread::Builder::new()
         .name(format!("vgpu-retire{}", served.vm.id()))
         .spawn(move || {
+            // Answers what it has queued, hangs up, and wakes its socket
+            // thread, which ends (no connection to the path: that may be a
+            // newer VM's socket by now).
             served.vm.retire();
-            // Wake the accept() of a VM nobody is connected to.
-            let _ = UnixStream::connect(&served.socket);
         });
 }
 

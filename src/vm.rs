@@ -112,6 +112,9 @@ impl VmSettings {
     }
 }
 
+/// Wakes a VM's socket thread (see [`Vm::set_listener_wake`]).
+pub type ListenerWake = Box<dyn Fn() + Send + Sync>;
+
 /// A chain taken off a ring, as the VM sees it.
 pub struct TakenChain {
     pub head: u16,
@@ -194,6 +197,9 @@ pub struct Vm {
     retired: AtomicBool,
     /// The connected frontend, if any.
     link: Mutex<Option<Arc<Link>>>,
+    /// Wakes the VM's socket thread out of waiting for a frontend (set by
+    /// that thread while it listens).
+    listener_wake: Mutex<Option<ListenerWake>>,
     /// The current memory table, handed to a new GPU when the VM moves.
     mem: Mutex<Option<Arc<GuestMem>>>,
     /// Chains taken off the ring and not yet back in it (or settled).
@@ -231,6 +237,7 @@ impl Vm {
             stopping,
             retired: AtomicBool::new(false),
             link: Mutex::new(None),
+            listener_wake: Mutex::new(None),
             mem: Mutex::new(None),
             outstanding: AtomicUsize::new(0),
             at_cap: AtomicBool::new(false),
@@ -321,7 +328,7 @@ impl Vm {
     }
 
     pub fn is_retired(&self) -> bool {
-        self.retired.load(Ordering::Acquire)
+        self.retired.load(Ordering::SeqCst)
     }
 
     /// The daemon is stopping.
@@ -334,13 +341,25 @@ impl Vm {
     }
 
     /// Removes the VM from service: no more chains are taken, what it has
-    /// queued is answered, then its connection is closed.
+    /// queued is answered, then its connection is closed and its socket
+    /// thread woken (it then removes the socket, if the path is still its
+    /// own, and ends).
     pub fn retire(&self) {
-        self.retired.store(true, Ordering::Release);
+        self.retired.store(true, Ordering::SeqCst);
         self.wait_drained();
         if let Some(link) = self.link() {
             link.frontend.hang_up();
         }
+        if let Some(wake) = lock(&self.listener_wake).as_ref() {
+            wake();
+        }
+    }
+
+    /// The socket thread listens: `wake` gets it out of waiting for a
+    /// frontend. Set before it checks [`Vm::is_retired`], so a retirement is
+    /// never missed.
+    pub fn set_listener_wake(&self, wake: Option<ListenerWake>) {
+        *lock(&self.listener_wake) = wake;
     }
 
     /// A frontend connected through `link`.

@@ -885,7 +885,11 @@ fn ptx_with_global(bytes: u64) -> String {
 /// CU_MEM_INFO of a VM: (free, total) as the VM sees them (its quota).
 fn cu_mem_info(vm: &mut Vm<'_>, ex: &mut IsolatedCuda) -> (u64, u64) {
     let r = vm.call(ex, Opcode::CuMemInfo, &[], 24).unwrap();
-    assert_eq!(u32::from_le_bytes(r[0..4].try_into().unwrap()), 0, "CUDA_SUCCESS");
+    assert_eq!(
+        u32::from_le_bytes(r[0..4].try_into().unwrap()),
+        0,
+        "CUDA_SUCCESS"
+    );
     let free = u64::from_le_bytes(r[8..16].try_into().unwrap());
     let total = u64::from_le_bytes(r[16..24].try_into().unwrap());
     (free, total)
@@ -929,7 +933,9 @@ fn module_globals_are_charged_to_the_quota() {
     vm.call(&mut ex, Opcode::ModuleUnload, &m.to_le_bytes(), 0)
         .unwrap();
     assert_eq!(cu_mem_info(&mut vm, &mut ex).0, GIB, "released at unload");
-    let b = vm.alloc(&mut ex, want).expect("fits once the module is gone");
+    let b = vm
+        .alloc(&mut ex, want)
+        .expect("fits once the module is gone");
     vm.free(&mut ex, b).unwrap();
 
     // CU_MODULE_LOAD (0x03xx): CUDA_ERROR_OUT_OF_MEMORY, nothing else.

@@ -205,3 +205,91 @@ fn registered_vms_get_sockets_and_removed_ones_lose_them() {
     let mut one = d.guest(1);
     assert_eq!(ping(&mut one).status, 0);
 }
+
+/// Names of the daemon's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        if let Ok(n) = std::fs::read_to_string(e.path().join("comm")) {
+            names.push(n.trim().to_string());
+        }
+    }
+    names
+}
+
+/// Waits until the daemon has exactly `n` threads called `name`.
+fn wait_threads(pid: u32, name: &str, n: usize) {
+    let deadline = Instant::now() + T;
+    loop {
+        let have = thread_names(pid).iter().filter(|t| *t == name).count();
+        if have == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{have} threads {name}, not {n}: {:?}",
+            thread_names(pid)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A VM removed while a request runs and registered again under the same
+/// vm_id (so the same socket path) before it drained: the request is
+/// answered, the new socket stays and serves, and the old VM's socket
+/// thread ends. Also for a VM nobody was connected to.
+#[test]
+fn a_vm_registered_again_while_it_drains_keeps_its_new_socket() {
+    let d = start();
+    let pid = d.child.id();
+    let register = || {
+        d.admin(&[
+            "register-vm",
+            UUID3,
+            "--pool",
+            "A",
+            "--priority",
+            "low",
+            "--vm-id",
+            "3",
+        ])
+    };
+    register();
+    let sock3 = d.dir.path().join("vm3.sock");
+    let mut three = SimGuest::connect_retry(&sock3, SimOptions::default(), T).unwrap();
+    wait_threads(pid, "vgpu-vm3", 1);
+    let busy = ReqHdr::new(Opcode::BusyWait as u16, 9, 8);
+    let b = three
+        .submit(0, &busy, &busy_payload(Duration::from_millis(1500)), 0)
+        .unwrap();
+    three.kick().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // Both changes reach the daemon before the busy wait ends (vgpu-admin
+    // asks it to reload after each).
+    d.admin(&["remove-vm", UUID3]);
+    register();
+    let used = three.wait_all(&[b], T).expect("the in-flight request");
+    assert_eq!(used.len(), 1);
+    assert_eq!(three.response(0, 8, 0).unwrap().0.status, Status::Ok as u32);
+    // The old VM hangs up once drained and its socket thread ends; the
+    // new VM's thread and socket stay.
+    drop(three);
+    wait_threads(pid, "vgpu-vm3", 1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(sock3.exists(), "the new VM's socket was removed");
+    let mut again = SimGuest::connect_retry(&sock3, SimOptions::default(), T).unwrap();
+    assert_eq!(ping(&mut again).status, 0);
+    assert_eq!(word(&again.config_space().unwrap(), CFG_VM_ID), 3);
+    drop(again);
+
+    // Nobody connected: the old thread waits for a frontend, and is woken.
+    d.admin(&["remove-vm", UUID3]);
+    register();
+    wait_threads(pid, "vgpu-vm3", 1);
+    wait_threads(pid, "vgpu-relay3", 0);
+    let mut last = SimGuest::connect_retry(&sock3, SimOptions::default(), T).unwrap();
+    assert_eq!(ping(&mut last).status, 0);
+}

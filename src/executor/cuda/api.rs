@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use cudarc::driver::result::DriverError;
 use cudarc::driver::sys::{self, CUdevice, CUresult};
 
+use super::meter::Meter;
 use crate::bytes::Writer;
 use crate::executor::cuda_api::{self as api, cu, ApiTables, Command, ParamLayout, Record};
-use super::meter::Meter;
 use crate::executor::remoting::Quota;
 use crate::protocol::{Opcode, Status};
 

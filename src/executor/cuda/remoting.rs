@@ -296,7 +296,15 @@ impl RemotingExecutor {
             ctx: None,
         });
         let meter = &self.meter;
-        match api::call(&mut st.api, &mut st.tables.quota, meter, opcode, &p, out, deadline) {
+        match api::call(
+            &mut st.api,
+            &mut st.tables.quota,
+            meter,
+            opcode,
+            &p,
+            out,
+            deadline,
+        ) {
             Ok(n) => Ok(n),
             Err(Fail::Status(s)) => Err(s),
             Err(Fail::Driver(e)) => Err(self.fault(vm, e)),
