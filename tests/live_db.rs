@@ -260,7 +260,6 @@ fn a_vm_registered_again_while_it_drains_keeps_its_new_socket() {
     register();
     let sock3 = d.dir.path().join("vm3.sock");
     let mut three = SimGuest::connect_retry(&sock3, SimOptions::default(), T).unwrap();
-    wait_threads(pid, "vgpu-vm3", 1);
     let busy = ReqHdr::new(Opcode::BusyWait as u16, 9, 8);
     let b = three
         .submit(0, &busy, &busy_payload(Duration::from_millis(1500)), 0)
@@ -285,7 +284,16 @@ fn a_vm_registered_again_while_it_drains_keeps_its_new_socket() {
     assert_eq!(word(&again.config_space().unwrap(), CFG_VM_ID), 3);
     drop(again);
 
-    // Nobody connected: the old thread waits for a frontend, and is woken.
+    // The frontend went away with a request running: the old VM drains
+    // with nobody connected while its thread waits for a frontend, and is
+    // woken (it used to wait forever: the wake-up connected to the path,
+    // which by then was the new VM's socket).
+    let mut four = SimGuest::connect_retry(&sock3, SimOptions::default(), T).unwrap();
+    four.submit(0, &busy, &busy_payload(Duration::from_millis(1500)), 0)
+        .unwrap();
+    four.kick().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    drop(four);
     d.admin(&["remove-vm", UUID3]);
     register();
     wait_threads(pid, "vgpu-vm3", 1);
