@@ -376,7 +376,8 @@ pub struct SocketPolicy {
     /// memfd without `F_SEAL_SHRINK`, or a file that cannot be sealed).
     pub require_sealed_memory: bool,
     /// Largest memory table a frontend may share, bytes (registration pins
-    /// all of it).
+    /// all of it): the bound of VMs that have none of their own in the
+    /// database (`vgpu-admin ... --max-guest-memory-mib`).
     pub max_guest_memory: u64,
 }
 

@@ -216,6 +216,7 @@ impl Inner {
                 max_queued: spec.max_queued.unwrap_or(self.cfg.max_queued),
                 gpu_mem_quota: self.cfg.gpu_mem_quota,
                 register: spec.register.unwrap_or(self.cfg.register),
+                max_guest_memory: self.cfg.sockets.max_guest_memory,
             },
             gpu: self.gpu_of(spec.pool),
             socket: spec.socket.clone(),
@@ -261,6 +262,12 @@ impl Inner {
                     max_queued: (r.max_queued as usize).max(1),
                     gpu_mem_quota: r.gpu_mem_quota_mib.saturating_mul(1 << 20),
                     register: r.register,
+                    // Unset: the daemon's max_guest_memory_mib.
+                    max_guest_memory: r
+                        .max_guest_memory_mib
+                        .map_or(self.cfg.sockets.max_guest_memory, |m| {
+                            m.saturating_mul(1 << 20)
+                        }),
                 },
                 gpu: r.gpu_index,
                 socket: config::vm_socket(dir, r.vm_id),

@@ -237,15 +237,16 @@ pub struct VgpuBackend {
 }
 
 /// Whether the daemon may use a frontend's memory table: not larger than
-/// `max_guest_memory`, and (when required) sealed against shrinking.
-fn acceptable(mem: &GuestMem, policy: &SocketPolicy) -> Result<(), String> {
+/// the VM's bound (`max_bytes`: its own in the database, else the daemon's
+/// `max_guest_memory_mib`), and (when required) sealed against shrinking.
+fn acceptable(mem: &GuestMem, max_bytes: u64, policy: &SocketPolicy) -> Result<(), String> {
     use vm_memory::GuestMemoryBackend;
     let total: u64 = mem.iter().map(vm_memory::GuestMemoryRegion::len).sum();
-    if total > policy.max_guest_memory {
+    if total > max_bytes {
         return Err(format!(
-            "{} MiB of guest memory, more than max_guest_memory_mib ({})",
+            "{} MiB of guest memory, more than its bound ({} MiB, max_guest_memory_mib)",
             total >> 20,
-            policy.max_guest_memory >> 20
+            max_bytes >> 20
         ));
     }
     if policy.require_sealed_memory {
@@ -349,7 +350,8 @@ impl VhostUserBackend for VgpuBackend {
                 crate::executor::worker::sandbox::set_cloexec(f.file().as_raw_fd());
             }
         }
-        if let Err(why) = acceptable(&table, &self.policy) {
+        let max = self.vm.settings().max_guest_memory;
+        if let Err(why) = acceptable(&table, max, &self.policy) {
             // The table is already mapped: nothing may touch it. The
             // frontend's SET_MEM_TABLE fails and it is disconnected.
             log::error!("vm{}: refusing its guest memory: {why}", self.vm.id());

@@ -93,6 +93,8 @@ pub struct VmSettings {
     pub gpu_mem_quota: u64,
     /// Whether its guest memory is registered for DMA, or staged.
     pub register: crate::config::Register,
+    /// Largest memory table (all regions) its frontend may share, bytes.
+    pub max_guest_memory: u64,
 }
 
 impl VmSettings {
@@ -310,6 +312,20 @@ impl Vm {
                 gpu.submit(job);
             }
         }
+        if settings.max_guest_memory < old.max_guest_memory {
+            let held = self.guest_mem_bytes();
+            if held > settings.max_guest_memory {
+                log::warn!(
+                    "vm{}: its {} MiB of guest memory are now past its bound ({} MiB): disconnecting",
+                    settings.vm_id,
+                    held >> 20,
+                    settings.max_guest_memory >> 20
+                );
+                if let Some(link) = self.link() {
+                    link.frontend.hang_up();
+                }
+            }
+        }
         if old.config() != settings.config() {
             log::info!(
                 "vm{}: now pool {} priority {}",
@@ -434,6 +450,14 @@ impl Vm {
         true
     }
 
+    /// Bytes of the memory table its frontend shares now.
+    fn guest_mem_bytes(&self) -> u64 {
+        lock(&self.mem).as_ref().map_or(0, |m| {
+            use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+            m.iter().map(|r| r.len()).sum()
+        })
+    }
+
     pub fn stats(&self) -> VmStatus {
         let (wait_p50_ns, wait_p99_ns) = {
             let w = lock(&self.waits);
@@ -443,10 +467,7 @@ impl Vm {
         let gpu = self.gpu();
         let queued = gpu.queued_for(s.vm_id) as u64;
         let outstanding = self.outstanding.load(Ordering::Acquire) as u64;
-        let guest_mem_bytes = lock(&self.mem).as_ref().map_or(0, |m| {
-            use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-            m.iter().map(|r| r.len()).sum()
-        });
+        let guest_mem_bytes = self.guest_mem_bytes();
         VmStatus {
             vm_id: s.vm_id,
             connected: self.is_connected(),
@@ -854,6 +875,7 @@ mod tests {
             max_queued,
             gpu_mem_quota: 0,
             register: crate::config::Register::All,
+            max_guest_memory: 1 << 30,
         }
     }
 

@@ -301,3 +301,107 @@ fn a_vm_registered_again_while_it_drains_keeps_its_new_socket() {
     let mut last = SimGuest::connect_retry(&sock3, SimOptions::default(), T).unwrap();
     assert_eq!(ping(&mut last).status, 0);
 }
+
+fn guest_of(sock: &std::path::Path, mib: usize) -> vgpu_sim::Result<SimGuest> {
+    SimGuest::connect(
+        sock,
+        SimOptions {
+            mem_size: mib << 20,
+            ..Default::default()
+        },
+    )
+}
+
+/// `--max-guest-memory-mib` of vgpu-admin: a VM's own bound on the guest
+/// memory its frontend may share, followed live (a connected frontend now
+/// past it is disconnected); `default` goes back to the daemon's
+/// max_guest_memory_mib. Mistakes change nothing.
+#[test]
+fn a_per_vm_guest_memory_bound_is_followed_live() {
+    let d = start();
+    d.admin(&[
+        "register-vm",
+        UUID3,
+        "--pool",
+        "A",
+        "--priority",
+        "low",
+        "--vm-id",
+        "3",
+        "--max-guest-memory-mib",
+        "8",
+    ]);
+    let sock3 = vgpu::config::vm_socket(d.dir.path(), 3);
+    wait_for(&sock3);
+    assert!(guest_of(&sock3, 16).is_err(), "16 MiB under an 8 MiB bound");
+    let mut three = guest_of(&sock3, 8).expect("8 MiB fits");
+    assert_eq!(ping(&mut three).status, 0);
+
+    // vm1 has the daemon's bound (1 TiB): 16 MiB is fine, until its own
+    // bound drops to 8 MiB.
+    let sock1 = vgpu::config::vm_socket(d.dir.path(), 1);
+    let mut one = SimGuest::connect_retry(
+        &sock1,
+        SimOptions {
+            mem_size: 16 << 20,
+            ..Default::default()
+        },
+        T,
+    )
+    .unwrap();
+    assert_eq!(ping(&mut one).status, 0);
+    let out = d.admin(&["update-vm", "one", "--max-guest-memory-mib", "8"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("max_guest_memory default -> 8 MiB"), "{said}");
+    let deadline = Instant::now() + T;
+    while one.config_space().is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "vm1 still connected past its bound"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(guest_of(&sock1, 16).is_err(), "16 MiB past vm1's new bound");
+    let mut small = guest_of(&sock1, 8).expect("8 MiB fits");
+    assert_eq!(ping(&mut small).status, 0);
+    drop(small);
+    d.admin(&["update-vm", "1", "--max-guest-memory-mib", "default"]);
+    let mut big = guest_of(&sock1, 16).expect("the daemon's bound again");
+    assert_eq!(ping(&mut big).status, 0);
+
+    // Mistakes: one line, a failure status, the database unchanged.
+    let show = |id: &str| d.admin(&["show-vm", id, "--json"]).stdout;
+    let before = show("3");
+    for bad in [
+        vec!["update-vm", "3", "--max-guest-memory-mib", "0"],
+        vec!["update-vm", "3", "--max-guest-memory-mib", "lots"],
+        vec!["update-vm", "3", "--max-guest-memory-mib", "1099511627776"],
+        vec!["update-vm", "3", "--max-guest-memory-mib"],
+        vec![
+            "register-vm",
+            UUID3,
+            "--pool",
+            "A",
+            "--priority",
+            "low",
+            "--max-guest-memory-mib",
+            "-1",
+        ],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_vgpu-admin"))
+            .arg("--db")
+            .arg(d.db())
+            .arg("--socket-dir")
+            .arg(d.dir.path())
+            .args(&bad)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad:?} succeeded");
+        assert_eq!(err.trim().lines().count(), 1, "{bad:?}: {err}");
+    }
+    assert_eq!(show("3"), before);
+    let v: serde_json::Value = serde_json::from_slice(&before).unwrap();
+    assert_eq!(v["max_guest_memory_mib"], 8);
+}
