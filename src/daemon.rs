@@ -180,6 +180,8 @@ impl Daemon {
             }
         }
         for served in lock(&self.inner.vms).values() {
+            // Its socket thread ends and removes the socket (if still its own).
+            served.vm.wake_listener();
             let _ = std::fs::remove_file(&served.socket);
         }
         if let Some(dir) = &self.inner.socket_dir {

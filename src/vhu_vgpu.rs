@@ -542,6 +542,11 @@ fn serve_one(
     }
     vm.connect(link.clone());
     log::info!("vm{}: frontend connected", vm.id());
+    if vm.is_retired() || vm.is_stopping() {
+        // Retired while this frontend was being admitted: nobody else
+        // would hang up on it.
+        conn.hang_up();
+    }
     let result = match daemon.wait() {
         // A frontend that goes away mid-message is an ordinary disconnect.
         Err(vhost_user_backend::Error::HandleRequest(

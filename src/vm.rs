@@ -366,6 +366,12 @@ impl Vm {
         if let Some(link) = self.link() {
             link.frontend.hang_up();
         }
+        self.wake_listener();
+    }
+
+    /// Gets the VM's socket thread out of waiting for a frontend, so that
+    /// it sees a retirement or the daemon's stop.
+    pub fn wake_listener(&self) {
         if let Some(wake) = lock(&self.listener_wake).as_ref() {
             wake();
         }
