@@ -3,7 +3,9 @@
 //! VM's socket serving across frontend reconnects. What belongs to one
 //! connection (the completion eventfd that wakes the ring thread, the
 //! config-change channel, the hang-up handle) lives in [`Connection`]; the
-//! device logic is `vm.rs`.
+//! device logic is `vm.rs`. The socket itself, the peer check and the relay
+//! that hands an admitted connection to vhost-user-backend are
+//! `vm_socket.rs`.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
