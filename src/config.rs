@@ -93,6 +93,7 @@ pub struct FileConfig {
     pub socket_dir: Option<PathBuf>,
     pub vm_socket_mode: Option<u32>,
     pub vm_socket_owner: Option<String>,
+    pub vm_socket_peer_uid: Option<String>,
     pub require_sealed_memory: Option<bool>,
     pub max_guest_memory_mib: Option<u64>,
     pub pool_gpu: Option<BTreeMap<String, u32>>,
@@ -215,6 +216,7 @@ impl FileConfig {
             socket_dir: other.socket_dir.or(self.socket_dir),
             vm_socket_mode: other.vm_socket_mode.or(self.vm_socket_mode),
             vm_socket_owner: other.vm_socket_owner.or(self.vm_socket_owner),
+            vm_socket_peer_uid: other.vm_socket_peer_uid.or(self.vm_socket_peer_uid),
             require_sealed_memory: other.require_sealed_memory.or(self.require_sealed_memory),
             max_guest_memory_mib: other.max_guest_memory_mib.or(self.max_guest_memory_mib),
             pool_gpu: match (self.pool_gpu, other.pool_gpu) {
@@ -367,11 +369,15 @@ pub struct SocketPolicy {
     pub mode: u32,
     /// Owner (uid, gid) given to each VM socket; `None`: the daemon's.
     pub owner: Option<(u32, u32)>,
+    /// The only uid whose processes may connect (`SO_PEERCRED`); `None`:
+    /// whoever the socket's mode lets in.
+    pub peer_uid: Option<u32>,
     /// Refuse guest memory a frontend could shrink under the daemon (a
     /// memfd without `F_SEAL_SHRINK`, or a file that cannot be sealed).
     pub require_sealed_memory: bool,
     /// Largest memory table a frontend may share, bytes (registration pins
-    /// all of it).
+    /// all of it): the bound of VMs that have none of their own in the
+    /// database (`vgpu-admin ... --max-guest-memory-mib`).
     pub max_guest_memory: u64,
 }
 
@@ -387,6 +393,20 @@ impl SocketPolicy {
             u.trim().parse().map_err(|_| bad())?,
             g.trim().parse().map_err(|_| bad())?,
         )))
+    }
+
+    /// `vm_socket_peer_uid`: "" follows the owner's uid (no check without
+    /// an owner), "any" checks nothing, a number is that uid.
+    fn parse_peer_uid(text: &str, owner: Option<(u32, u32)>) -> Result<Option<u32>, Error> {
+        match text.trim() {
+            "" => Ok(owner.map(|(uid, _)| uid)),
+            "any" => Ok(None),
+            n => n.parse().map(Some).map_err(|_| {
+                Error::Invalid(format!(
+                    "vm_socket_peer_uid '{n}' is not a uid, \"any\" or empty"
+                ))
+            }),
+        }
     }
 }
 
@@ -415,6 +435,11 @@ impl DaemonConfig {
             return Err(Error::Invalid("max_queued must be at least 1".into()));
         }
         let quota_mib = required(file.gpu_mem_quota_mib, "gpu_mem_quota_mib")?;
+        let owner = SocketPolicy::parse_owner(&required(file.vm_socket_owner, "vm_socket_owner")?)?;
+        let peer_uid = SocketPolicy::parse_peer_uid(
+            &required(file.vm_socket_peer_uid, "vm_socket_peer_uid")?,
+            owner,
+        )?;
         let mut ids = BTreeSet::new();
         let mut sockets = BTreeSet::new();
         for v in &vms {
@@ -453,10 +478,8 @@ impl DaemonConfig {
                         )))
                     }
                 },
-                owner: SocketPolicy::parse_owner(&required(
-                    file.vm_socket_owner,
-                    "vm_socket_owner",
-                )?)?,
+                owner,
+                peer_uid,
                 require_sealed_memory: required(
                     file.require_sealed_memory,
                     "require_sealed_memory",
@@ -499,6 +522,21 @@ mod tests {
         for bad in ["qemu", "1:", ":2", "1:2:3", "-1:0"] {
             assert!(SocketPolicy::parse_owner(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn peer_uid_follows_the_owner_unless_set() {
+        let own = Some((107, 108));
+        assert_eq!(SocketPolicy::parse_peer_uid("", own).ok(), Some(Some(107)));
+        assert_eq!(SocketPolicy::parse_peer_uid("", None).ok(), Some(None));
+        assert_eq!(SocketPolicy::parse_peer_uid("any", own).ok(), Some(None));
+        assert_eq!(SocketPolicy::parse_peer_uid(" 0 ", own).ok(), Some(Some(0)));
+        for bad in ["qemu", "-1", "1:2"] {
+            assert!(SocketPolicy::parse_peer_uid(bad, own).is_err(), "{bad}");
+        }
+        let c = resolved("vm_socket_owner = \"107:108\"").unwrap();
+        assert_eq!(c.sockets.peer_uid, Some(107));
+        assert_eq!(resolved("").unwrap().sockets.peer_uid, None);
     }
 
     fn resolved(over: &str) -> Result<DaemonConfig, Error> {

@@ -5,7 +5,6 @@
 //! `control.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -181,6 +180,8 @@ impl Daemon {
             }
         }
         for served in lock(&self.inner.vms).values() {
+            // Its socket thread ends and removes the socket (if still its own).
+            served.vm.wake_listener();
             let _ = std::fs::remove_file(&served.socket);
         }
         if let Some(dir) = &self.inner.socket_dir {
@@ -217,6 +218,7 @@ impl Inner {
                 max_queued: spec.max_queued.unwrap_or(self.cfg.max_queued),
                 gpu_mem_quota: self.cfg.gpu_mem_quota,
                 register: spec.register.unwrap_or(self.cfg.register),
+                max_guest_memory: self.cfg.sockets.max_guest_memory,
             },
             gpu: self.gpu_of(spec.pool),
             socket: spec.socket.clone(),
@@ -262,6 +264,12 @@ impl Inner {
                     max_queued: (r.max_queued as usize).max(1),
                     gpu_mem_quota: r.gpu_mem_quota_mib.saturating_mul(1 << 20),
                     register: r.register,
+                    // Unset: the daemon's max_guest_memory_mib.
+                    max_guest_memory: r
+                        .max_guest_memory_mib
+                        .map_or(self.cfg.sockets.max_guest_memory, |m| {
+                            m.saturating_mul(1 << 20)
+                        }),
                 },
                 gpu: r.gpu_index,
                 socket: config::vm_socket(dir, r.vm_id),
@@ -411,9 +419,10 @@ fn retire(served: ServedVm) {
     let _ = std::thread::Builder::new()
         .name(format!("vgpu-retire{}", served.vm.id()))
         .spawn(move || {
+            // Answers what it has queued, hangs up, and wakes its socket
+            // thread, which ends (no connection to the path: that may be a
+            // newer VM's socket by now).
             served.vm.retire();
-            // Wake the accept() of a VM nobody is connected to.
-            let _ = UnixStream::connect(&served.socket);
         });
 }
 

@@ -18,3 +18,4 @@ pub mod stats;
 pub mod sync;
 pub mod vhu_vgpu;
 pub mod vm;
+pub mod vm_socket;

@@ -3,10 +3,13 @@
 //! VM's socket serving across frontend reconnects. What belongs to one
 //! connection (the completion eventfd that wakes the ring thread, the
 //! config-change channel, the hang-up handle) lives in [`Connection`]; the
-//! device logic is `vm.rs`.
+//! device logic is `vm.rs`. The socket itself, the peer check and the relay
+//! that hands an admitted connection to vhost-user-backend are
+//! `vm_socket.rs`.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -31,6 +34,7 @@ use crate::guest::GuestMem;
 use crate::protocol::CONFIG_SIZE;
 use crate::sync::lock;
 use crate::vm::{Frontend, Link, Ring, TakenChain, Vm};
+use crate::vm_socket::{self, Handoff, Relay, VmListener};
 
 /// Largest queue the frontend may set up.
 pub const MAX_QUEUE_SIZE: usize = 1024;
@@ -55,18 +59,18 @@ pub enum Error {
     Listen {
         path: PathBuf,
         #[source]
-        source: vhost::vhost_user::Error,
+        source: io::Error,
+    },
+    #[error("vhost-user socket {path}: accept: {source}")]
+    Accept {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
     },
     #[error("vhost-user socket {path}: {msg}")]
     Serve { path: PathBuf, msg: String },
     #[error("cannot create the completion eventfd: {0}")]
     EventFd(#[source] io::Error),
-    #[error("vhost-user socket {path}: cannot set its mode or owner: {source}")]
-    SocketPermissions {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
 }
 
 impl From<Error> for io::Error {
@@ -235,15 +239,16 @@ pub struct VgpuBackend {
 }
 
 /// Whether the daemon may use a frontend's memory table: not larger than
-/// `max_guest_memory`, and (when required) sealed against shrinking.
-fn acceptable(mem: &GuestMem, policy: &SocketPolicy) -> Result<(), String> {
+/// the VM's bound (`max_bytes`: its own in the database, else the daemon's
+/// `max_guest_memory_mib`), and (when required) sealed against shrinking.
+fn acceptable(mem: &GuestMem, max_bytes: u64, policy: &SocketPolicy) -> Result<(), String> {
     use vm_memory::GuestMemoryBackend;
     let total: u64 = mem.iter().map(vm_memory::GuestMemoryRegion::len).sum();
-    if total > policy.max_guest_memory {
+    if total > max_bytes {
         return Err(format!(
-            "{} MiB of guest memory, more than max_guest_memory_mib ({})",
+            "{} MiB of guest memory, more than its bound ({} MiB, max_guest_memory_mib)",
             total >> 20,
-            policy.max_guest_memory >> 20
+            max_bytes >> 20
         ));
     }
     if policy.require_sealed_memory {
@@ -347,7 +352,8 @@ impl VhostUserBackend for VgpuBackend {
                 crate::executor::worker::sandbox::set_cloexec(f.file().as_raw_fd());
             }
         }
-        if let Err(why) = acceptable(&table, &self.policy) {
+        let max = self.vm.settings().max_guest_memory;
+        if let Err(why) = acceptable(&table, max, &self.policy) {
             // The table is already mapped: nothing may touch it. The
             // frontend's SET_MEM_TABLE fails and it is disconnected.
             log::error!("vm{}: refusing its guest memory: {why}", self.vm.id());
@@ -406,113 +412,157 @@ impl VhostUserBackend for VgpuBackend {
     }
 }
 
-/// Serves `socket` for `vm` until the process exits: one frontend at a time,
-/// and a new one may connect after the previous went away.
+/// Serves `socket` for `vm` until the VM is retired or the daemon stops:
+/// one frontend at a time, and a new one may connect after the previous
+/// went away. The listener is ours (`vm_socket.rs`): a peer is checked
+/// before anything of it is read, a retired VM's thread is woken by its
+/// [`Vm::retire`], and the socket file goes only while it is still the one
+/// this thread bound (a VM registered again under the same id has its own).
 pub fn serve_forever(vm: Arc<Vm>, socket: PathBuf, policy: SocketPolicy) -> Result<(), Error> {
-    loop {
-        if vm.is_retired() {
-            let _ = std::fs::remove_file(&socket);
-            log::info!("vm{}: removed, socket closed", vm.id());
-            return Ok(());
-        }
-        if vm.is_stopping() {
-            return Ok(());
-        }
-        let mem = GuestMemoryAtomic::new(GuestMem::default());
-        let conn = Arc::new(Connection::new(vm.id(), &socket)?);
-        let link = Link::new(conn.clone());
-        let backend = VgpuBackend {
-            vm: vm.clone(),
-            mem: mem.clone(),
-            conn: conn.clone(),
-            link: link.clone(),
-            policy,
-        };
-        let mut daemon = VhostUserDaemon::new(format!("vgpu-vm{}", vm.id()), backend, mem)
-            .map_err(|e| Error::Daemon(e.to_string()))?;
-        // Completions come back to this connection's ring thread.
-        if let Some(handler) = daemon.get_epoll_handlers().first() {
-            handler
-                .register_listener(
-                    conn.completions.as_raw_fd(),
-                    EventSet::IN,
-                    u64::from(COMPLETION_EVENT),
-                )
-                .map_err(Error::CompletionEvent)?;
-        }
-        log::info!("vm{}: listening on {}", vm.id(), socket.display());
-        let result = serve_one(&mut daemon, &socket, &policy, &vm, &conn, &link);
-        vm.disconnect(&link);
-        conn.close();
-        // Joins the vring threads and closes their epolls.
-        drop(daemon);
-        conn.close_exit_consumers();
-        match result {
-            Ok(()) => log::info!("vm{}: frontend disconnected", vm.id()),
-            // The daemon removed the socket on its way out.
-            Err(_) if vm.is_stopping() => return Ok(()),
-            Err(e) => {
-                log::warn!("vm{}: connection ended: {e}", vm.id());
-                // A socket we cannot bind would spin: give up on this VM.
-                if !socket.exists() {
-                    return Err(e);
-                }
-            }
-        }
+    let listener = VmListener::bind(&socket, &policy).map_err(|source| Error::Listen {
+        path: socket.clone(),
+        source,
+    })?;
+    vm.set_listener_wake(Some(listener.waker()));
+    let result = serve_listener(&vm, &listener, policy);
+    vm.set_listener_wake(None);
+    if vm.is_retired() {
+        log::info!("vm{}: removed, socket closed", vm.id());
     }
+    // Dropping the listener removes the socket file if it is still ours.
+    drop(listener);
+    result
+}
+
+fn serve_listener(vm: &Arc<Vm>, listener: &VmListener, policy: SocketPolicy) -> Result<(), Error> {
+    let socket = listener.path();
+    let refused_log = Mutex::new(crate::vm::LogLimit::new());
+    log::info!("vm{}: listening on {}", vm.id(), socket.display());
+    loop {
+        if vm.is_retired() || vm.is_stopping() {
+            return Ok(());
+        }
+        let stream = match listener.accept() {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(source) => {
+                return Err(Error::Accept {
+                    path: socket.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        if vm.is_retired() || vm.is_stopping() {
+            return Ok(());
+        }
+        if let Err(who) = vm_socket::peer_allowed(&stream, &policy) {
+            use crate::vm::LogDecision;
+            if let LogDecision::Log { suppressed } =
+                lock(&refused_log).check(std::time::Instant::now())
+            {
+                log::warn!(
+                    "vm{}: connection refused: {who} ({suppressed} more refused since the last line)",
+                    vm.id()
+                );
+            }
+            continue;
+        }
+        serve_connection(vm, stream, socket, policy)?;
+    }
+}
+
+/// Serves one admitted frontend until it goes away (or is hung up on).
+fn serve_connection(
+    vm: &Arc<Vm>,
+    stream: UnixStream,
+    socket: &Path,
+    policy: SocketPolicy,
+) -> Result<(), Error> {
+    let mem = GuestMemoryAtomic::new(GuestMem::default());
+    let conn = Arc::new(Connection::new(vm.id(), socket)?);
+    let link = Link::new(conn.clone());
+    let backend = VgpuBackend {
+        vm: vm.clone(),
+        mem: mem.clone(),
+        conn: conn.clone(),
+        link: link.clone(),
+        policy,
+    };
+    let mut daemon = VhostUserDaemon::new(format!("vgpu-vhu{}", vm.id()), backend, mem)
+        .map_err(|e| Error::Daemon(e.to_string()))?;
+    // Completions come back to this connection's ring thread.
+    if let Some(handler) = daemon.get_epoll_handlers().first() {
+        handler
+            .register_listener(
+                conn.completions.as_raw_fd(),
+                EventSet::IN,
+                u64::from(COMPLETION_EVENT),
+            )
+            .map_err(Error::CompletionEvent)?;
+    }
+    let result = serve_one(&mut daemon, stream, socket, vm, &conn, &link);
+    vm.disconnect(&link);
+    conn.close();
+    // Joins the vring threads and closes their epolls.
+    drop(daemon);
+    conn.close_exit_consumers();
+    match result {
+        Ok(()) => log::info!("vm{}: frontend disconnected", vm.id()),
+        Err(e) => log::warn!("vm{}: connection ended: {e}", vm.id()),
+    }
+    Ok(())
 }
 
 fn serve_one(
     daemon: &mut VhostUserDaemon<VgpuBackend>,
+    stream: UnixStream,
     socket: &Path,
-    policy: &SocketPolicy,
     vm: &Arc<Vm>,
     conn: &Connection,
     link: &Arc<Link>,
 ) -> Result<(), Error> {
-    let mut listener =
-        vhost::vhost_user::Listener::new(socket, true).map_err(|source| Error::Listen {
-            path: socket.to_path_buf(),
-            source,
-        })?;
-    // Bound under the process umask (0022 by default, or stricter), which
-    // lets nobody else connect before the mode below is set.
-    set_socket_permissions(socket, policy).map_err(|source| Error::SocketPermissions {
+    let serve_err = |msg: String| Error::Serve {
         path: socket.to_path_buf(),
-        source,
-    })?;
-    let err = |e: vhost_user_backend::Error| Error::Serve {
-        path: socket.to_path_buf(),
-        msg: e.to_string(),
+        msg,
     };
-    daemon.start(&mut listener).map_err(err)?;
+    let io_err = |e: io::Error| serve_err(e.to_string());
+    // The library connects to a private socket; its end and the frontend's
+    // are joined by the relay.
+    let handoff = Handoff::bind(socket).map_err(io_err)?;
+    let path = handoff
+        .path()
+        .to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| serve_err("the socket path is not UTF-8".into()))?;
+    daemon
+        .start_client(&path)
+        .map_err(|e| serve_err(e.to_string()))?;
+    let library = handoff.accept_own().map_err(io_err)?;
+    let relay = Relay::start(stream, library, vm.id()).map_err(io_err)?;
     if let Some(handle) = daemon.shutdown_handle() {
         *lock(&conn.hangup) = Some(Box::new(move || handle.shutdown()));
     }
     vm.connect(link.clone());
     log::info!("vm{}: frontend connected", vm.id());
+    if vm.is_retired() || vm.is_stopping() {
+        // Retired while this frontend was being admitted: nobody else
+        // would hang up on it.
+        conn.hang_up();
+    }
     let result = match daemon.wait() {
         // A frontend that goes away mid-message is an ordinary disconnect.
         Err(vhost_user_backend::Error::HandleRequest(
             vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
         )) => Ok(()),
-        other => other.map_err(err),
+        other => other.map_err(|e| serve_err(e.to_string())),
     };
+    // The library's end is closed: the relay ends and closes the frontend's.
+    relay.join();
     // Stop this connection's vring threads.
     for handler in daemon.get_epoll_handlers() {
         handler.send_exit_event();
     }
     result
-}
-
-/// Gives the socket its owner, then its mode (`vm_socket_owner`,
-/// `vm_socket_mode` of `config/vgpu.toml`).
-fn set_socket_permissions(socket: &Path, policy: &SocketPolicy) -> io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some((uid, gid)) = policy.owner {
-        std::os::unix::fs::chown(socket, Some(uid), Some(gid))?;
-    }
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(policy.mode))
 }
 
 #[cfg(test)]

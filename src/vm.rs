@@ -93,6 +93,8 @@ pub struct VmSettings {
     pub gpu_mem_quota: u64,
     /// Whether its guest memory is registered for DMA, or staged.
     pub register: crate::config::Register,
+    /// Largest memory table (all regions) its frontend may share, bytes.
+    pub max_guest_memory: u64,
 }
 
 impl VmSettings {
@@ -111,6 +113,9 @@ impl VmSettings {
         }
     }
 }
+
+/// Wakes a VM's socket thread (see [`Vm::set_listener_wake`]).
+pub type ListenerWake = Box<dyn Fn() + Send + Sync>;
 
 /// A chain taken off a ring, as the VM sees it.
 pub struct TakenChain {
@@ -194,6 +199,9 @@ pub struct Vm {
     retired: AtomicBool,
     /// The connected frontend, if any.
     link: Mutex<Option<Arc<Link>>>,
+    /// Wakes the VM's socket thread out of waiting for a frontend (set by
+    /// that thread while it listens).
+    listener_wake: Mutex<Option<ListenerWake>>,
     /// The current memory table, handed to a new GPU when the VM moves.
     mem: Mutex<Option<Arc<GuestMem>>>,
     /// Chains taken off the ring and not yet back in it (or settled).
@@ -231,6 +239,7 @@ impl Vm {
             stopping,
             retired: AtomicBool::new(false),
             link: Mutex::new(None),
+            listener_wake: Mutex::new(None),
             mem: Mutex::new(None),
             outstanding: AtomicUsize::new(0),
             at_cap: AtomicBool::new(false),
@@ -303,6 +312,20 @@ impl Vm {
                 gpu.submit(job);
             }
         }
+        if settings.max_guest_memory < old.max_guest_memory {
+            let held = self.guest_mem_bytes();
+            if held > settings.max_guest_memory {
+                log::warn!(
+                    "vm{}: its {} MiB of guest memory are now past its bound ({} MiB): disconnecting",
+                    settings.vm_id,
+                    held >> 20,
+                    settings.max_guest_memory >> 20
+                );
+                if let Some(link) = self.link() {
+                    link.frontend.hang_up();
+                }
+            }
+        }
         if old.config() != settings.config() {
             log::info!(
                 "vm{}: now pool {} priority {}",
@@ -321,7 +344,7 @@ impl Vm {
     }
 
     pub fn is_retired(&self) -> bool {
-        self.retired.load(Ordering::Acquire)
+        self.retired.load(Ordering::SeqCst)
     }
 
     /// The daemon is stopping.
@@ -334,13 +357,31 @@ impl Vm {
     }
 
     /// Removes the VM from service: no more chains are taken, what it has
-    /// queued is answered, then its connection is closed.
+    /// queued is answered, then its connection is closed and its socket
+    /// thread woken (it then removes the socket, if the path is still its
+    /// own, and ends).
     pub fn retire(&self) {
-        self.retired.store(true, Ordering::Release);
+        self.retired.store(true, Ordering::SeqCst);
         self.wait_drained();
         if let Some(link) = self.link() {
             link.frontend.hang_up();
         }
+        self.wake_listener();
+    }
+
+    /// Gets the VM's socket thread out of waiting for a frontend, so that
+    /// it sees a retirement or the daemon's stop.
+    pub fn wake_listener(&self) {
+        if let Some(wake) = lock(&self.listener_wake).as_ref() {
+            wake();
+        }
+    }
+
+    /// The socket thread listens: `wake` gets it out of waiting for a
+    /// frontend. Set before it checks [`Vm::is_retired`], so a retirement is
+    /// never missed.
+    pub fn set_listener_wake(&self, wake: Option<ListenerWake>) {
+        *lock(&self.listener_wake) = wake;
     }
 
     /// A frontend connected through `link`.
@@ -415,6 +456,14 @@ impl Vm {
         true
     }
 
+    /// Bytes of the memory table its frontend shares now.
+    fn guest_mem_bytes(&self) -> u64 {
+        lock(&self.mem).as_ref().map_or(0, |m| {
+            use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+            m.iter().map(|r| r.len()).sum()
+        })
+    }
+
     pub fn stats(&self) -> VmStatus {
         let (wait_p50_ns, wait_p99_ns) = {
             let w = lock(&self.waits);
@@ -424,10 +473,7 @@ impl Vm {
         let gpu = self.gpu();
         let queued = gpu.queued_for(s.vm_id) as u64;
         let outstanding = self.outstanding.load(Ordering::Acquire) as u64;
-        let guest_mem_bytes = lock(&self.mem).as_ref().map_or(0, |m| {
-            use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-            m.iter().map(|r| r.len()).sum()
-        });
+        let guest_mem_bytes = self.guest_mem_bytes();
         VmStatus {
             vm_id: s.vm_id,
             connected: self.is_connected(),
@@ -835,6 +881,7 @@ mod tests {
             max_queued,
             gpu_mem_quota: 0,
             register: crate::config::Register::All,
+            max_guest_memory: 1 << 30,
         }
     }
 

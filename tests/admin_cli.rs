@@ -107,7 +107,7 @@ fn data(name: &str) -> String {
 fn full_session() {
     let env = Env::new();
     let out = env.ok(&["init"]);
-    assert!(out.contains("ready (schema version 2)"), "{out}");
+    assert!(out.contains("ready (schema version 3)"), "{out}");
     assert!(env.db().is_file());
     env.ok(&[
         "register-vm",

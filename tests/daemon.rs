@@ -908,3 +908,60 @@ fn a_memory_table_larger_than_the_bound_is_refused() {
     .unwrap();
     assert_eq!(status(&common::ping(&mut small)), Status::Ok);
 }
+
+/// `vm_socket_peer_uid`: a frontend of another uid is closed before the
+/// daemon reads anything of it, and the socket keeps listening for the
+/// right one. As root the test also connects with the expected uid (a
+/// thread's own effective uid, which SO_PEERCRED records).
+#[test]
+fn a_peer_of_another_uid_is_refused_and_the_socket_keeps_listening() {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let other = me.wrapping_add(1000);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("vgpu.toml");
+    std::fs::write(
+        &cfg,
+        format!("vm_socket_peer_uid = \"{other}\"\nvm_socket_mode = 0o666\n"),
+    )
+    .unwrap();
+    let cfg = cfg.display().to_string();
+    let d = DaemonProc::start(&[(1, "A", "high")], &["--config", &cfg]);
+    wait_for(&d.socket(1));
+    for _ in 0..3 {
+        assert!(
+            SimGuest::connect(&d.socket(1), SimOptions::default()).is_err(),
+            "uid {me} admitted, only {other} may connect"
+        );
+    }
+    assert!(d.socket(1).exists(), "the socket keeps listening");
+    if me == 0 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let sock = d.socket(1);
+        let pong = std::thread::spawn(move || {
+            // SAFETY: the raw syscall changes this thread's effective uid
+            // only (glibc's wrapper would change every thread's); the saved
+            // uid stays 0, so it can be changed back.
+            let r = unsafe { libc::syscall(libc::SYS_setresuid, -1i32, other, -1i32) };
+            assert_eq!(r, 0);
+            let g = SimGuest::connect(&sock, SimOptions::default());
+            // SAFETY: as above, back to root.
+            unsafe { libc::syscall(libc::SYS_setresuid, -1i32, 0, -1i32) };
+            let mut g = g.expect("the expected uid connects");
+            common::ping(&mut g).status
+        })
+        .join()
+        .unwrap();
+        assert_eq!(pong, 0);
+    }
+    // The right uid (a daemon that expects ours) is served.
+    std::fs::write(
+        dir.path().join("vgpu.toml"),
+        format!("vm_socket_peer_uid = \"{me}\"\n"),
+    )
+    .unwrap();
+    let d2 = DaemonProc::start(&[(1, "A", "high")], &["--config", &cfg]);
+    let mut g = d2.guest(1);
+    assert_eq!(status(&common::ping(&mut g)), Status::Ok);
+}

@@ -868,3 +868,98 @@ fn in_process_remoting_serves_a_single_vm_only() {
     vm1.free(&mut ex, b).expect("VM 1's buffer survived");
     ex.release_vm(1);
 }
+
+/// PTX of a module with a `.global` array of `bytes` bytes and a kernel
+/// that writes to it (so that no compiler drops it).
+fn ptx_with_global(bytes: u64) -> String {
+    format!(
+        ".version 9.0\n.target sm_80\n.address_size 64\n\n\
+         .visible .global .align 8 .u64 big[{}];\n\n\
+         .visible .entry touch()\n{{\n\t.reg .b64 %rd<3>;\n\
+         \tmov.u64 %rd1, big;\n\tmov.u64 %rd2, 1;\n\
+         \tst.global.u64 [%rd1], %rd2;\n\tret;\n}}\n",
+        bytes / 8
+    )
+}
+
+/// CU_MEM_INFO of a VM: (free, total) as the VM sees them (its quota).
+fn cu_mem_info(vm: &mut Vm<'_>, ex: &mut IsolatedCuda) -> (u64, u64) {
+    let r = vm.call(ex, Opcode::CuMemInfo, &[], 24).unwrap();
+    assert_eq!(
+        u32::from_le_bytes(r[0..4].try_into().unwrap()),
+        0,
+        "CUDA_SUCCESS"
+    );
+    let free = u64::from_le_bytes(r[8..16].try_into().unwrap());
+    let total = u64::from_le_bytes(r[16..24].try_into().unwrap());
+    (free, total)
+}
+
+/// A module's `.global` arrays are charged to the VM's quota: one larger
+/// than the quota is refused (and unloaded), a small one loads and its
+/// charge shows in what the VM may still allocate, and goes with it.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn module_globals_are_charged_to_the_quota() {
+    const GIB: u64 = 1 << 30;
+    let mut ex = cuda();
+    let mut g = Guest::new(4 << 20);
+    g.set_quota(GIB);
+    let mut vm = Vm { id: 41, g: &mut g };
+    let big = ptx_with_global(4 * GIB);
+    let small = ptx_with_global(64 << 20);
+
+    // MODULE_LOAD (0x02xx): over the quota is the quota's answer.
+    assert_eq!(
+        vm.handle(&mut ex, Opcode::ModuleLoad, big.as_bytes()),
+        Err(Status::NoResources),
+        "a 4 GiB .global with a 1 GiB quota"
+    );
+    let (free0, total) = cu_mem_info(&mut vm, &mut ex);
+    assert_eq!(total, GIB);
+    assert_eq!(free0, GIB, "nothing charged after the refused load");
+    let m = vm
+        .handle(&mut ex, Opcode::ModuleLoad, small.as_bytes())
+        .expect("a 64 MiB .global loads");
+    let (free1, _) = cu_mem_info(&mut vm, &mut ex);
+    eprintln!(
+        "MODULE_LOAD of a 64 MiB .global charged {} bytes",
+        free0 - free1
+    );
+    assert!(free0 - free1 >= 64 << 20, "charged {}", free0 - free1);
+    // What fits without the module's charge does not fit with it.
+    let want = free0 - (32 << 20);
+    assert_eq!(vm.alloc(&mut ex, want), Err(Status::NoResources));
+    vm.call(&mut ex, Opcode::ModuleUnload, &m.to_le_bytes(), 0)
+        .unwrap();
+    assert_eq!(cu_mem_info(&mut vm, &mut ex).0, GIB, "released at unload");
+    let b = vm
+        .alloc(&mut ex, want)
+        .expect("fits once the module is gone");
+    vm.free(&mut ex, b).unwrap();
+
+    // CU_MODULE_LOAD (0x03xx): CUDA_ERROR_OUT_OF_MEMORY, nothing else.
+    let r = vm
+        .call(&mut ex, Opcode::CuModuleLoad, big.as_bytes(), 16)
+        .unwrap();
+    assert_eq!(r.len(), 8, "a reply without data: {r:?}");
+    assert_eq!(u32::from_le_bytes(r[0..4].try_into().unwrap()), 2);
+    assert_eq!(cu_mem_info(&mut vm, &mut ex).0, GIB);
+    let r = vm
+        .call(&mut ex, Opcode::CuModuleLoad, small.as_bytes(), 16)
+        .unwrap();
+    assert_eq!(u32::from_le_bytes(r[0..4].try_into().unwrap()), 0);
+    let h = u64::from_le_bytes(r[8..16].try_into().unwrap());
+    let (free2, _) = cu_mem_info(&mut vm, &mut ex);
+    eprintln!(
+        "CU_MODULE_LOAD of a 64 MiB .global charged {} bytes",
+        GIB - free2
+    );
+    assert!(GIB - free2 >= 64 << 20);
+    let r = vm
+        .call(&mut ex, Opcode::CuModuleUnload, &h.to_le_bytes(), 8)
+        .unwrap();
+    assert_eq!(u32::from_le_bytes(r[0..4].try_into().unwrap()), 0);
+    assert_eq!(cu_mem_info(&mut vm, &mut ex).0, GIB);
+    ex.release_vm(41);
+}

@@ -94,6 +94,11 @@ pub enum Command {
         /// [default: gpu_mem_quota_mib of config/vgpu.toml]
         #[arg(long)]
         gpu_mem_quota_mib: Option<u64>,
+        /// Largest guest memory (all regions) the VM's frontend may share,
+        /// MiB: a larger memory table is refused. [default: the daemon's
+        /// max_guest_memory_mib, followed when it changes]
+        #[arg(long, value_parser = store::parse_memory_bound)]
+        max_guest_memory_mib: Option<store::MemoryBound>,
     },
     /// List the hypervisor's VMs (xe or virsh) by pool, registered or not.
     ScanVms {
@@ -148,6 +153,11 @@ pub enum Command {
         /// nothing and stages every copy (docs/gpu.md). Applies at once.
         #[arg(long, value_enum)]
         register: Option<Register>,
+        /// Largest guest memory the VM's frontend may share, MiB, or
+        /// `default` (the daemon's max_guest_memory_mib). Applies at once:
+        /// a connected frontend whose memory is now larger is disconnected.
+        #[arg(long, value_parser = store::parse_memory_bound)]
+        max_guest_memory_mib: Option<store::MemoryBound>,
     },
     /// Remove a VM from the database.
     RemoveVm { vm: VmRef },
@@ -355,8 +365,10 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), Error> {
             name,
             max_queued,
             gpu_mem_quota_mib,
+            max_guest_memory_mib,
         } => {
             let mut new = NewVm::new(uuid.clone(), *pool, *priority, &VmDefaults::embedded()?);
+            new.max_guest_memory_mib = max_guest_memory_mib.and_then(|b| b.0);
             new.vm_id = *vm_id;
             new.name = name.clone();
             if let Some(n) = max_queued {
@@ -422,6 +434,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), Error> {
             max_queued,
             gpu_mem_quota_mib,
             register,
+            max_guest_memory_mib,
         } => {
             let change = VmChange {
                 vm_id: None,
@@ -435,6 +448,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), Error> {
                 max_queued: *max_queued,
                 gpu_mem_quota_mib: *gpu_mem_quota_mib,
                 register: *register,
+                max_guest_memory_mib: max_guest_memory_mib.map(|b| b.0),
             };
             let c = store.update_vm(vm, &change)?;
             print_change(out, &c)?;
@@ -685,6 +699,7 @@ fn show_vm(out: &mut dyn Write, vm: &VmRecord, socket_dir: &Path) -> io::Result<
         ("max_queued", vm.max_queued.to_string()),
         ("gpu_mem_quota_mib", vm.gpu_mem_quota_mib.to_string()),
         ("register", vm.register.to_string()),
+        ("max_guest_memory", mem_bound(vm.max_guest_memory_mib)),
         (
             "socket",
             crate::config::vm_socket(socket_dir, vm.vm_id)
@@ -698,6 +713,11 @@ fn show_vm(out: &mut dyn Write, vm: &VmRecord, socket_dir: &Path) -> io::Result<
         writeln!(out, "{:<18} {v}", format!("{k}:"))?;
     }
     Ok(())
+}
+
+/// A VM's guest-memory bound as shown: "4096 MiB" or "default".
+fn mem_bound(m: Option<u64>) -> String {
+    m.map_or_else(|| "default".into(), |v| format!("{v} MiB"))
 }
 
 /// "web-1 (vm_id 3): pool A -> B, priority low -> high".
@@ -725,6 +745,11 @@ fn print_change(out: &mut dyn Write, c: &Change<VmRecord>) -> io::Result<()> {
         a.gpu_mem_quota_mib.to_string(),
     );
     diff("register", b.register.to_string(), a.register.to_string());
+    diff(
+        "max_guest_memory",
+        mem_bound(b.max_guest_memory_mib),
+        mem_bound(a.max_guest_memory_mib),
+    );
     if parts.is_empty() {
         parts.push("unchanged".into());
     }

@@ -140,6 +140,7 @@ mod tests {
             max_queued: 64,
             gpu_mem_quota_mib: 4096,
             register: crate::config::Register::All,
+            max_guest_memory_mib: None,
             gpu_index: 0,
             created_at: String::new(),
             updated_at: String::new(),

@@ -21,6 +21,7 @@ use crate::protocol::{DeviceConfig, PoolId, Priority};
 const MIGRATIONS: &[&str] = &[
     include_str!("../../config/migrations/0001_init.sql"),
     include_str!("../../config/migrations/0002_register.sql"),
+    include_str!("../../config/migrations/0003_max_guest_memory.sql"),
 ];
 
 /// How long a connection waits for another writer before giving up.
@@ -55,6 +56,8 @@ pub enum Error {
     InvalidMaxQueued,
     #[error("gpu_mem_quota_mib {0} is too large")]
     InvalidQuota(u64),
+    #[error("max_guest_memory_mib {0} is not 1 to {MAX_GUEST_MEMORY_MIB}")]
+    InvalidMemoryBound(u64),
     #[error("unknown pool '{0}' (see pool-list)")]
     UnknownPool(PoolId),
     #[error("pool {0} already exists")]
@@ -206,6 +209,37 @@ fn quota_to_sql(q: u64) -> Result<i64> {
     i64::try_from(q).map_err(|_| Error::InvalidQuota(q))
 }
 
+/// Largest per-VM guest memory bound, MiB (just under 1 EiB: its bytes fit
+/// in a u64). The schema checks the same range.
+pub const MAX_GUEST_MEMORY_MIB: u64 = (1 << 40) - 1;
+
+fn mem_bound_to_sql(m: Option<u64>) -> Result<Option<i64>> {
+    match m {
+        None => Ok(None),
+        Some(v @ 1..=MAX_GUEST_MEMORY_MIB) => Ok(Some(v as i64)),
+        Some(v) => Err(Error::InvalidMemoryBound(v)),
+    }
+}
+
+/// A per-VM guest-memory bound as given on the command line: MiB, or
+/// `None` for the daemon's `max_guest_memory_mib`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryBound(pub Option<u64>);
+
+/// `--max-guest-memory-mib`: MiB (1 to [`MAX_GUEST_MEMORY_MIB`]), or
+/// `default` for the daemon's `max_guest_memory_mib`.
+pub fn parse_memory_bound(s: &str) -> std::result::Result<MemoryBound, String> {
+    if s.trim() == "default" {
+        return Ok(MemoryBound(None));
+    }
+    match s.trim().parse::<u64>() {
+        Ok(v @ 1..=MAX_GUEST_MEMORY_MIB) => Ok(MemoryBound(Some(v))),
+        _ => Err(format!(
+            "'{s}' is not a size in MiB (1 to {MAX_GUEST_MEMORY_MIB}) or 'default'"
+        )),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PoolRecord {
     #[serde(serialize_with = "ser_display")]
@@ -233,6 +267,9 @@ pub struct VmRecord {
     /// Registration of its guest memory: all (pinned, DMA) or staging.
     #[serde(serialize_with = "ser_display")]
     pub register: Register,
+    /// Largest guest memory its frontend may share, MiB; `None`: the
+    /// daemon's `max_guest_memory_mib`.
+    pub max_guest_memory_mib: Option<u64>,
     /// GPU of the VM's pool.
     pub gpu_index: u32,
     pub created_at: String,
@@ -277,6 +314,8 @@ pub struct NewVm {
     pub max_queued: u32,
     pub gpu_mem_quota_mib: u64,
     pub register: Register,
+    /// `None`: the daemon's `max_guest_memory_mib`.
+    pub max_guest_memory_mib: Option<u64>,
 }
 
 impl NewVm {
@@ -291,6 +330,7 @@ impl NewVm {
             max_queued: u32::try_from(defaults.max_queued).unwrap_or(u32::MAX),
             gpu_mem_quota_mib: defaults.gpu_mem_quota_mib,
             register: defaults.register,
+            max_guest_memory_mib: None,
         }
     }
 }
@@ -306,6 +346,8 @@ pub struct VmChange {
     pub max_queued: Option<u32>,
     pub gpu_mem_quota_mib: Option<u64>,
     pub register: Option<Register>,
+    /// `Some(None)`: back to the daemon's `max_guest_memory_mib`.
+    pub max_guest_memory_mib: Option<Option<u64>>,
 }
 
 impl VmChange {
@@ -377,7 +419,8 @@ impl Replaced {
 }
 
 const VM_SELECT: &str = "SELECT v.uuid, v.vm_id, v.name, v.pool_id, v.priority, v.max_queued, \
-     v.gpu_mem_quota_mib, p.gpu_index, v.created_at, v.updated_at, v.register \
+     v.gpu_mem_quota_mib, p.gpu_index, v.created_at, v.updated_at, v.register, \
+     v.max_guest_memory_mib \
      FROM vms v JOIN pools p ON p.id = v.pool_id";
 
 const POOL_SELECT: &str = "SELECT p.id, p.name, p.gpu_index, p.description, \
@@ -417,6 +460,13 @@ fn vm_from_row(row: &Row) -> Result<VmRecord> {
         register: {
             let r: String = row.get(10)?;
             r.parse().map_err(|_| corrupt("register", &r))?
+        },
+        max_guest_memory_mib: {
+            let m: Option<i64> = row.get(11)?;
+            match m {
+                None => None,
+                Some(m) => Some(u64::try_from(m).map_err(|_| corrupt("max_guest_memory_mib", m))?),
+            }
         },
     })
 }
@@ -690,7 +740,7 @@ impl Store {
         };
         tx.execute(
             "INSERT INTO vms (uuid, vm_id, name, pool_id, priority, max_queued, gpu_mem_quota_mib, \
-             register) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+             register, max_guest_memory_mib) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 new.uuid.as_str(),
                 vm_id,
@@ -699,7 +749,8 @@ impl Store {
                 new.priority as u32,
                 new.max_queued,
                 quota,
-                new.register.as_str()
+                new.register.as_str(),
+                mem_bound_to_sql(new.max_guest_memory_mib)?
             ],
         )?;
         let rec = find_vm_in(&tx, &VmRef::Uuid(new.uuid.clone()))?;
@@ -744,7 +795,8 @@ impl Store {
         tx.execute(
             &format!(
                 "UPDATE vms SET vm_id = ?1, name = ?2, pool_id = ?3, priority = ?4, \
-                 max_queued = ?5, gpu_mem_quota_mib = ?6, register = ?8, updated_at = {NOW} \
+                 max_queued = ?5, gpu_mem_quota_mib = ?6, register = ?8, \
+                 max_guest_memory_mib = ?9, updated_at = {NOW} \
                  WHERE uuid = ?7"
             ),
             params![
@@ -755,7 +807,12 @@ impl Store {
                 change.max_queued.unwrap_or(before.max_queued),
                 quota,
                 before.uuid.as_str(),
-                change.register.unwrap_or(before.register).as_str()
+                change.register.unwrap_or(before.register).as_str(),
+                mem_bound_to_sql(
+                    change
+                        .max_guest_memory_mib
+                        .unwrap_or(before.max_guest_memory_mib)
+                )?
             ],
         )?;
         let after = find_vm_in(&tx, &VmRef::Uuid(before.uuid.clone()))?;
@@ -1020,6 +1077,58 @@ mod tests {
             .conn
             .execute("UPDATE vms SET register = 'some' WHERE vm_id = 5", [])
             .is_err());
+    }
+
+    /// A version-2 database gains the per-VM guest-memory bound, unset (the
+    /// daemon's max_guest_memory_mib) for the VMs it has; the schema keeps
+    /// it in range.
+    #[test]
+    fn migration_3_adds_max_guest_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v2.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(MIGRATIONS[1]).unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.execute(
+                &format!("INSERT INTO vms (uuid, vm_id) VALUES ('{U1}', 5)"),
+                [],
+            )
+            .unwrap();
+        }
+        let mut store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), 3);
+        assert_eq!(
+            store.find_vm(&vm_ref("5")).unwrap().max_guest_memory_mib,
+            None
+        );
+        let change = VmChange {
+            max_guest_memory_mib: Some(Some(2048)),
+            ..VmChange::default()
+        };
+        let c = store.update_vm(&vm_ref("5"), &change).unwrap();
+        assert_eq!(c.after.max_guest_memory_mib, Some(2048));
+        let bad = VmChange {
+            max_guest_memory_mib: Some(Some(0)),
+            ..VmChange::default()
+        };
+        assert!(matches!(
+            store.update_vm(&vm_ref("5"), &bad),
+            Err(Error::InvalidMemoryBound(0))
+        ));
+        for bad in ["0", "-3", "1099511627776"] {
+            assert!(store
+                .conn
+                .execute(
+                    &format!("UPDATE vms SET max_guest_memory_mib = {bad} WHERE vm_id = 5"),
+                    []
+                )
+                .is_err());
+        }
+        assert_eq!(parse_memory_bound("default"), Ok(MemoryBound(None)));
+        assert_eq!(parse_memory_bound("64"), Ok(MemoryBound(Some(64))));
+        assert!(parse_memory_bound("0").is_err());
     }
 
     fn new_vm(uuid: &str) -> NewVm {

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use cudarc::driver::result::DriverError;
 use cudarc::driver::sys::{self, CUdevice, CUresult};
 
+use super::meter::Meter;
 use crate::bytes::Writer;
 use crate::executor::cuda_api::{self as api, cu, ApiTables, Command, ParamLayout, Record};
 use crate::executor::remoting::Quota;
@@ -24,7 +25,8 @@ use crate::protocol::{Opcode, Status};
 
 /// Raw CUDA objects, kept as addresses so that the tables are `Send` (they
 /// are only used on the worker's one thread, with the context current).
-pub type ApiState = ApiTables<usize, usize, usize, usize>;
+/// A module comes with the device memory its load took (its charge).
+pub type ApiState = ApiTables<(usize, u64), usize, usize, usize>;
 
 /// How a CUDA API call fails as a request.
 pub enum Fail {
@@ -90,6 +92,7 @@ fn host(code: u32) -> Outcome {
 pub fn call(
     st: &mut ApiState,
     quota: &mut Quota,
+    meter: &Meter,
     opcode: Opcode,
     p: &[u8],
     out: &mut Writer,
@@ -136,14 +139,15 @@ pub fn call(
                 return dtoh_sync(out, src, len);
             }
         }
-        Opcode::CuModuleLoad => module_load(st, &api::parse_image(p)?),
+        Opcode::CuModuleLoad => module_load(st, quota, meter, &api::parse_image(p)?),
         Opcode::CuModuleUnload => {
             let h = api::parse_u64(p, "MODULE_UNLOAD is 8 bytes")?;
             match st.modules.remove(h) {
                 None => Err(host(cu::INVALID_HANDLE)),
-                Some(m) => {
+                Some((m, charge)) => {
                     st.functions.retain(|_, f| f.module != h);
                     st.allocations.remove_module(h);
+                    quota.release(charge);
                     // SAFETY: a module of this context, no longer in any table.
                     classify(unsafe { sys::cuModuleUnload(m as sys::CUmodule) }).map(|_| Vec::new())
                 }
@@ -377,21 +381,53 @@ fn dtoh_sync(out: &mut Writer, src: u64, len: usize) -> Result<u32, Fail> {
     Ok((api::REPLY_SIZE + len) as u32)
 }
 
-fn module_load(st: &mut ApiState, image: &[u8]) -> Result<Vec<u8>, Outcome> {
+/// Loads a module and charges what its load took (its `.global` arrays) to
+/// the quota; one that does not fit is unloaded and answered
+/// CUDA_ERROR_OUT_OF_MEMORY, as an allocation past the quota is (the guest
+/// learns nothing about the memory left).
+fn module_load(
+    st: &mut ApiState,
+    quota: &mut Quota,
+    meter: &Meter,
+    image: &[u8],
+) -> Result<Vec<u8>, Outcome> {
     if st.modules.is_full() {
         return Err(host(cu::OUT_OF_MEMORY));
     }
     let mut m: sys::CUmodule = std::ptr::null_mut();
+    // One VM, one thread: nothing else of this process allocates between
+    // the two readings (meter.rs).
+    let before = meter.reading();
     // SAFETY: the image is NUL-terminated (parse_image) so PTX text cannot be
     // read past its end; fatbins and cubins are parsed by the driver, which
     // validates their headers and sizes against what it reads.
     classify(unsafe { sys::cuModuleLoadData(&mut m, image.as_ptr() as *const c_void) })?;
-    register(st, |t, h| t.modules.insert(h, m as usize))
+    let charge = meter.since(before);
+    let unload = |m: sys::CUmodule| {
+        // SAFETY: the module just loaded, in no table.
+        let _ = unsafe { sys::cuModuleUnload(m) };
+    };
+    if quota.charge(charge).is_err() {
+        unload(m);
+        log::info!("module load refused: its globals take {charge} bytes, past the quota");
+        return Err(host(cu::OUT_OF_MEMORY));
+    }
+    match st.next_handle() {
+        Some(h) => {
+            st.modules.insert(h, (m as usize, charge));
+            Ok(h.to_le_bytes().to_vec())
+        }
+        None => {
+            quota.release(charge);
+            unload(m);
+            Err(host(cu::OUT_OF_MEMORY))
+        }
+    }
 }
 
 fn get_function(st: &mut ApiState, p: &[u8]) -> Result<Result<Vec<u8>, Outcome>, Fail> {
     let (module, name) = api::parse_symbol(p)?;
-    let Some(&m) = st.modules.get(module) else {
+    let Some(&(m, _)) = st.modules.get(module) else {
         return Ok(Err(host(cu::INVALID_HANDLE)));
     };
     if st.functions.is_full() {
@@ -435,7 +471,7 @@ fn get_function(st: &mut ApiState, p: &[u8]) -> Result<Result<Vec<u8>, Outcome>,
 
 fn get_global(st: &mut ApiState, p: &[u8]) -> Result<Result<Vec<u8>, Outcome>, Fail> {
     let (module, name) = api::parse_symbol(p)?;
-    let Some(&m) = st.modules.get(module) else {
+    let Some(&(m, _)) = st.modules.get(module) else {
         return Ok(Err(host(cu::INVALID_HANDLE)));
     };
     let (mut dptr, mut size) = (0u64, 0usize);

@@ -5,7 +5,9 @@
 //! * `kernels.rs`: the built-in kernels and the requests that run them;
 //! * `memory.rs`: growable buffers, guest-memory registration, copies;
 //! * `batch.rs`: batches of small requests under one synchronize;
-//! * `remoting.rs`: CUDA remoting (guest kernels) with a context per VM.
+//! * `remoting.rs`: CUDA remoting (guest kernels) with a context per VM;
+//! * `meter.rs`: what a module load takes in device memory (charged to the
+//!   VM's quota), and the limits of a VM's context.
 //!
 //! Remoting runs guest code, so the daemon never runs it here: the wrapper
 //! of `isolation.rs` sends those opcodes to a worker process per VM, which
@@ -20,6 +22,7 @@ mod batch;
 mod blas;
 mod kernels;
 mod memory;
+mod meter;
 mod remoting;
 
 use std::ffi::c_void;
@@ -40,6 +43,7 @@ use crate::protocol::{DeviceInfo, ExecutorKind, Opcode, Status};
 pub use batch::{BATCH_PTX, BATCH_SLOTS};
 pub use blas::cublas_present;
 pub use kernels::KERNELS_PTX;
+pub use meter::{Meter, CTX_MALLOC_HEAP_BYTES, CTX_PRINTF_FIFO_BYTES, CTX_STACK_BYTES};
 pub use remoting::{RemotingExecutor, RemotingStats};
 
 use batch::Batch;
@@ -110,6 +114,13 @@ fn bind(ctx: &CudaContext) -> Result<(), DriverError> {
         unsafe { result::ctx::set_current(ctx.cu_ctx()) }?;
     }
     Ok(())
+}
+
+/// Makes `ctx` current and bounds its limits (stack, device malloc heap,
+/// printf FIFO; see `meter.rs`).
+pub fn bound_context_limits(ctx: &CudaContext) -> Result<(), CUresult> {
+    bind(ctx).map_err(|e| e.0)?;
+    meter::bound_context_limits()
 }
 
 pub struct CudaExecutor {

@@ -20,6 +20,7 @@ use cudarc::driver::{CudaContext, CudaModule};
 use cudarc::nvrtc::Ptx;
 
 use super::api::{self, ApiState, Fail};
+use super::meter::{self, Meter};
 use super::{bind, check, check_device, Error};
 use crate::bytes::{Reader, Writer};
 use crate::executor::cuda_api::ApiTables;
@@ -27,9 +28,17 @@ use crate::executor::remoting::{self as wire, Param, VmTables};
 use crate::executor::Tenant;
 use crate::protocol::{Opcode, Status};
 
+/// A module of a VM and the device memory its load took (charged to the
+/// VM's quota, see `meter.rs`).
+#[derive(Clone)]
+struct Loaded {
+    module: Arc<CudaModule>,
+    charge: u64,
+}
+
 /// Remoting state of one VM.
 struct VmState {
-    tables: VmTables<CUdeviceptr, Arc<CudaModule>>,
+    tables: VmTables<CUdeviceptr, Loaded>,
     /// CUDA API (0x03xx) objects; they share the context and the quota.
     api: ApiState,
     ctx: Option<Arc<CudaContext>>,
@@ -74,6 +83,8 @@ pub struct RemotingExecutor {
     /// (whose teardown may wait for the kernel) is left to the driver.
     worker_mode: bool,
     stats: RemotingStats,
+    /// Measures what module loads take (`meter.rs`).
+    meter: Meter,
 }
 
 impl RemotingExecutor {
@@ -84,6 +95,7 @@ impl RemotingExecutor {
             vms: HashMap::new(),
             worker_mode: false,
             stats: RemotingStats::default(),
+            meter: Meter::open(gpu_index),
         })
     }
 
@@ -99,12 +111,14 @@ impl RemotingExecutor {
     }
 
     /// [`Self::for_worker`] with a context the worker created before it
-    /// knew its VM (a warm spare, see `worker/spare.rs`).
+    /// knew its VM (a warm spare, see `worker/spare.rs`), its limits already
+    /// bounded, and a meter opened before the seccomp filter.
     pub fn for_worker_in(
         gpu_index: u32,
         vm_id: u32,
         first_handle: u64,
         ctx: Arc<CudaContext>,
+        meter: Meter,
     ) -> Self {
         let mut ex = RemotingExecutor {
             gpu_index,
@@ -114,6 +128,7 @@ impl RemotingExecutor {
                 contexts_created: 1,
                 ..RemotingStats::default()
             },
+            meter,
         };
         let st = ex.vm_state(vm_id);
         st.tables.start_at(first_handle);
@@ -177,6 +192,11 @@ impl RemotingExecutor {
             None => {
                 let ctx = CudaContext::new_non_primary(gpu as usize, 0).map_err(|e| {
                     log::error!("gpu{gpu}: cannot create a context for vm{vm_id}: {e}");
+                    Status::NoResources
+                })?;
+                bind(&ctx).map_err(|_| Status::NoResources)?;
+                meter::bound_context_limits().map_err(|e| {
+                    log::error!("gpu{gpu}: cannot bound the context limits of vm{vm_id}: {e:?}");
                     Status::NoResources
                 })?;
                 log::info!("gpu{gpu}: created CUDA context for vm{vm_id}");
@@ -270,8 +290,21 @@ impl RemotingExecutor {
         };
         let p = payload.to_vec_max(max)?;
         self.vm_ctx(vm)?;
-        let st = self.vm_state(vm);
-        match api::call(&mut st.api, &mut st.tables.quota, opcode, &p, out, deadline) {
+        let st = self.vms.entry(vm).or_insert_with(|| VmState {
+            tables: VmTables::new(vm, 0),
+            api: ApiTables::new(u64::from(vm) << 32),
+            ctx: None,
+        });
+        let meter = &self.meter;
+        match api::call(
+            &mut st.api,
+            &mut st.tables.quota,
+            meter,
+            opcode,
+            &p,
+            out,
+            deadline,
+        ) {
             Ok(n) => Ok(n),
             Err(Fail::Status(s)) => Err(s),
             Err(Fail::Driver(e)) => Err(self.fault(vm, e)),
@@ -371,25 +404,44 @@ impl RemotingExecutor {
         }
         self.vm_state(vm).tables.can_add_module()?;
         let ctx = self.vm_ctx(vm)?;
+        // The worker serves this VM alone, on this thread: nothing else of
+        // this process allocates between the two readings (meter.rs).
+        let before = self.meter.reading();
         let module = ctx
             .load_module(Ptx::from_src(text))
             .map_err(|e| self.fault(vm, e))?;
-        let h = self.vm_state(vm).tables.add_module(module)?;
+        let charge = self.meter.since(before);
+        let tables = &mut self.vm_state(vm).tables;
+        if let Err(e) = tables.quota.charge(charge) {
+            // Unloaded here (the module drops with the context current);
+            // the guest learns only that its quota does not hold it.
+            drop(module);
+            log::info!("vm{vm}: module load refused: its globals take {charge} bytes ({e})");
+            return Err(e.into());
+        }
+        let h = match tables.add_module(Loaded { module, charge }) {
+            Ok(h) => h,
+            Err(e) => {
+                tables.quota.release(charge);
+                return Err(e.into());
+            }
+        };
         out.write_output(&h.to_le_bytes())
     }
 
     fn module_unload(&mut self, vm: u32, p: Reader) -> Result<u32, Status> {
         let h = wire::parse_handle(&p.to_vec_max(8)?)?;
-        let module = self.vm_state(vm).tables.remove_module(h)?;
+        let loaded = self.vm_state(vm).tables.remove_module(h)?;
+        self.vm_state(vm).tables.quota.release(loaded.charge);
         self.vm_ctx(vm)?;
-        drop(module);
+        drop(loaded);
         Ok(0)
     }
 
     fn launch(&mut self, vm: u32, p: Reader, deadline: Instant) -> Result<u32, Status> {
         let l = wire::parse_launch(&p.to_vec_max(wire::MAX_LAUNCH_LEN)?)?;
         let name = l.name.to_str().map_err(|_| Status::BadRequest)?.to_owned();
-        let module = self.vm_state(vm).tables.module(l.module)?.clone();
+        let module = self.vm_state(vm).tables.module(l.module)?.module.clone();
         // Parameter values, each in its own 8-byte aligned storage.
         let mut values: Vec<Vec<u64>> = Vec::with_capacity(l.params.len());
         {

@@ -16,7 +16,7 @@ use cudarc::driver::CudaContext;
 use super::sandbox::{self, Probe, SandboxConfig};
 use super::{wire, WORKER_BIN};
 use crate::bytes::{Reader, Writer};
-use crate::executor::cuda::{driver_present, RemotingExecutor};
+use crate::executor::cuda::{driver_present, Meter, RemotingExecutor};
 use crate::executor::remoting as rwire;
 use crate::executor::Tenant;
 use crate::protocol::{Opcode, Status};
@@ -57,7 +57,7 @@ struct Args {
 /// driver or device, or where the device can read pageable host memory
 /// (a raw pointer in a guest kernel would then reach this whole process)
 /// and the operator did not allow it.
-fn open_device(gpu: u32, cfg: &SandboxConfig) -> Result<Arc<CudaContext>, Status> {
+fn open_device(gpu: u32, cfg: &SandboxConfig) -> Result<(Arc<CudaContext>, Meter), Status> {
     if !driver_present() {
         log::info!("worker: no CUDA driver: remoting calls answer UNSUPPORTED");
         return Err(Status::Unsupported);
@@ -77,7 +77,14 @@ fn open_device(gpu: u32, cfg: &SandboxConfig) -> Result<Arc<CudaContext>, Status
         );
         return Err(Status::Unsupported);
     }
-    Ok(ctx)
+    // The guest has no opcode that sets a limit: these hold for the
+    // context's life (stack, device malloc heap, printf FIFO).
+    if let Err(e) = crate::executor::cuda::bound_context_limits(&ctx) {
+        log::error!("worker: cannot bound the context limits: {e:?}");
+        return Err(Status::Unsupported);
+    }
+    // Before the seccomp filter: NVML opens its library and devices here.
+    Ok((ctx, Meter::open(gpu)))
 }
 
 /// Main of `vgpu-cuda-worker --gpu N --sandbox JSON`. Exits 0 when stdin
@@ -135,7 +142,7 @@ pub fn worker_main() -> i32 {
     };
     let mut ex = device
         .ok()
-        .map(|ctx| RemotingExecutor::for_worker_in(args.gpu, vm, first, ctx));
+        .map(|(ctx, meter)| RemotingExecutor::for_worker_in(args.gpu, vm, first, ctx, meter));
     loop {
         let call = match wire::read_call(&mut stdin) {
             Ok(Some(c)) => c,
