@@ -31,7 +31,7 @@ use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 
 use super::{
-    ops, past_limit, Executor, ExecutorCounters, Registrar, Registration, Request, Tenant,
+    ops, past_limit, Executor, ExecutorCounters, Fault, Registrar, Registration, Request, Tenant,
 };
 use crate::bytes::{Reader, Writer};
 use crate::guest::GuestMem;
@@ -97,6 +97,39 @@ fn check_device(gpu_index: u32) -> Result<(), Error> {
     Ok(())
 }
 
+/// CUresults that say the device itself is gone or unusable: device
+/// unavailable (46: fell off the bus, Xid 79; or taken by an exclusive
+/// process), no device (100) and invalid device (101) after a reset,
+/// deinitialised (4), uncorrectable ECC (214, Xid 48).
+const DEVICE_LOST: &[u32] = &[4, 46, 100, 101, 214];
+
+/// CUresults after which a context is unusable ("the process must be
+/// terminated and relaunched", or at least the context rebuilt): illegal
+/// address (700), launch timeout (702), context destroyed (709), assert
+/// (710), hardware stack error, illegal instruction, misaligned address,
+/// invalid address space, invalid PC, launch failure (714–719), invalid
+/// context (201), unknown (999).
+const STICKY: &[u32] = &[201, 700, 702, 709, 710, 714, 715, 716, 717, 718, 719, 999];
+
+/// True when `code` leaves its context unusable (or says the device is gone).
+pub(crate) fn ends_context(code: u32) -> bool {
+    DEVICE_LOST.contains(&code) || STICKY.contains(&code)
+}
+
+/// What an error in a context means for the code that owns it: `None`
+/// when the context can go on (a bad argument, out of memory...). One list
+/// for the daemon's executor and the remoting workers (`api.rs`).
+pub fn fault_of(e: DriverError) -> Option<Fault> {
+    let code = e.0 as u32;
+    if DEVICE_LOST.contains(&code) {
+        Some(Fault::Device(format!("{e} ({code})")))
+    } else if STICKY.contains(&code) {
+        Some(Fault::Context(format!("{e} ({code})")))
+    } else {
+        None
+    }
+}
+
 fn check(r: CUresult) -> Result<(), DriverError> {
     r.result()
 }
@@ -127,6 +160,9 @@ pub struct CudaExecutor {
     blas: Option<blas::Blas>,
     regs: Registrations,
     stats: CudaStats,
+    /// The first error that made this executor unusable ([`fault_of`]).
+    /// Set from `&self` paths (error mapping inside closures), hence a Cell.
+    fault: std::cell::Cell<Option<Fault>>,
 }
 
 impl CudaExecutor {
@@ -161,6 +197,7 @@ impl CudaExecutor {
             blas: None,
             regs: Registrations::default(),
             stats: CudaStats::default(),
+            fault: std::cell::Cell::new(None),
         };
         ex.blas = blas::Blas::new(gpu_index, &ex.ctx);
         ex.dev_in.ensure(1)?;
@@ -202,6 +239,27 @@ impl CudaExecutor {
         &self.stream
     }
 
+    /// Test hook for fault handling: runs the SCALAR_ADD kernel with a null
+    /// output pointer in the executor's own context, the write to address 0
+    /// that a null device buffer once caused. The result is a real sticky
+    /// CUDA_ERROR_ILLEGAL_ADDRESS (700), which ends this executor through
+    /// the same path as any other ([`Executor::fault`]). Answers the status
+    /// the request would have got.
+    #[doc(hidden)]
+    pub fn inject_null_write(&mut self) -> Result<u32, Status> {
+        bind(&self.ctx).map_err(|e| self.own_error(e))?;
+        let (mut a, mut b, mut out) = (1i32, 2i32, 0u64);
+        let mut params = [
+            &mut a as *mut i32 as *mut c_void,
+            &mut b as *mut i32 as *mut c_void,
+            &mut out as *mut u64 as *mut c_void,
+        ];
+        self.launch(&self.kernels.scalar_add, (1, 1, 1), (1, 1, 1), &mut params)
+            .map_err(|e| self.own_error(e))?;
+        self.sync().map_err(|e| self.own_error(e))?;
+        Ok(0)
+    }
+
     /// Launches a built-in kernel on the executor's stream.
     fn launch(
         &self,
@@ -229,12 +287,18 @@ impl CudaExecutor {
     }
 
     /// An error in the executor's own context: the daemon's code, not the
-    /// guest's, so it is logged loudly.
+    /// guest's, so it is logged loudly. A sticky one (or one that says the
+    /// device is gone) is recorded: [`Executor::fault`] then tells the GPU's
+    /// worker to rebuild the executor.
     fn own_error(&self, e: DriverError) -> Status {
         log::error!(
             "gpu{}: CUDA error in the executor context: {e}",
             self.gpu_index
         );
+        if let Some(f) = fault_of(e) {
+            let first = self.fault.take();
+            self.fault.set(first.or(Some(f)));
+        }
         match e.0 {
             sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => Status::NoResources,
             _ => Status::DeviceError,
@@ -311,6 +375,21 @@ impl Executor for CudaExecutor {
         self.map_memory(vm_id, mem);
     }
 
+    fn fault(&self) -> Option<Fault> {
+        let f = self.fault.take();
+        self.fault.set(f.clone());
+        f
+    }
+
+    /// Synchronizes the whole context: a device that fell off the bus (or
+    /// a sticky error) shows here and is recorded as the executor's fault.
+    fn probe(&mut self) {
+        let r = bind(&self.ctx).and_then(|()| result::ctx::synchronize());
+        if let Err(e) = r {
+            self.own_error(e);
+        }
+    }
+
     fn counters(&self) -> ExecutorCounters {
         ExecutorCounters {
             registered_bytes: self.stats.registered_bytes,
@@ -346,6 +425,21 @@ impl Drop for CudaExecutor {
             self.dev_out.release();
             self.staging.release();
             self.batch.release();
+        }
+        if let Some(f) = self.fault.take() {
+            // A context with a sticky error stays broken while anyone holds
+            // it, and the next CudaContext::new would retain the same one:
+            // reset the device's primary context so that the executor built
+            // next gets a fresh one. The driver objects still held here
+            // (stream, modules, cuBLAS) fail their destruction harmlessly.
+            // Nothing else in the daemon uses the primary context: guest
+            // code runs in worker processes.
+            // SAFETY: plain driver call on the device this executor opened.
+            let r = unsafe { sys::cuDevicePrimaryCtxReset_v2(self.ctx.cu_device()) };
+            log::warn!(
+                "gpu{}: primary context reset after {f}: {r:?}",
+                self.gpu_index
+            );
         }
     }
 }
