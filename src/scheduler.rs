@@ -498,15 +498,19 @@ impl GpuQueue {
 
     /// Live figures of the GPU.
     pub fn status(&self) -> crate::control::GpuStatus {
+        let (queued, health) = {
+            let s = self.shared();
+            (s.queue.len() as u64, s.health)
+        };
         crate::control::GpuStatus {
             gpu: self.index,
             executor: lock(&self.executor_name).clone(),
-            queued: self.shared().queue.len() as u64,
+            queued,
             dispatched: self.dispatched.load(Ordering::Relaxed),
             busy_ns: self.busy_ns.load(Ordering::Relaxed),
             counters: *lock(&self.counters),
-            state: self.health().state.as_str().to_string(),
-            epoch: self.health().epoch,
+            state: health.state.as_str().to_string(),
+            epoch: health.epoch,
             faults: self.faults.load(Ordering::Relaxed),
             recovery_attempts: self.recovery_attempts.load(Ordering::Relaxed),
             last_fault: lock(&self.last_fault).clone(),
