@@ -303,6 +303,8 @@ wire_enum! {
     }
 }
 
+// `wire_enum!` owns the derives of the enums it defines.
+#[allow(clippy::derivable_impls)]
 impl Default for GpuState {
     fn default() -> Self {
         GpuState::Ok

@@ -769,11 +769,10 @@ impl GpuQueue {
             let fault = if panicked {
                 Some(Fault::Context("the executor panicked".into()))
             } else {
-                executor
-                    .as_ref()
-                    .and_then(|ex| catch(index, || ex.fault()).unwrap_or_else(|| {
-                        Some(Fault::Context("the executor panicked".into()))
-                    }))
+                executor.as_ref().and_then(|ex| {
+                    catch(index, || ex.fault())
+                        .unwrap_or_else(|| Some(Fault::Context("the executor panicked".into())))
+                })
             };
             if let Some(fault) = fault {
                 // The executor's state is unknown: everything queued is
@@ -1496,12 +1495,128 @@ mod tests {
         got.sort();
         let dev = Status::DeviceError as u32;
         assert_eq!(got, vec![(1, dev), (2, dev), (3, dev), (666, dev)]);
-        // A new executor serves what comes next.
+        // A new executor serves what comes next (while it is being built
+        // the GPU is RECOVERING and requests answer DEVICE_ERROR at once).
+        let t = Instant::now();
+        while gpu.health().state != GpuState::Ok {
+            assert!(t.elapsed() < Duration::from_secs(30), "never rebuilt");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         submit(7);
         let r = rx.recv_timeout(Duration::from_secs(30)).expect("answered");
         assert_eq!((r.tag, r.status), (7, Status::Ok as u32));
         assert_eq!(builds.load(Ordering::Relaxed), 2);
         assert_eq!(gpu.restarts(), 1);
+        assert_eq!(
+            gpu.health(),
+            GpuHealth {
+                state: GpuState::Ok,
+                epoch: 1
+            }
+        );
+        assert_eq!(gpu.status().faults, 1);
+        gpu.shutdown();
+    }
+
+    /// Reports a lost device after the request tagged 13; OK otherwise.
+    struct Loses {
+        lost: bool,
+    }
+
+    impl Executor for Loses {
+        fn info(&self) -> crate::protocol::DeviceInfo {
+            crate::executor::CpuExecutor::new(0, Duration::from_secs(1)).info()
+        }
+        fn execute(&mut self, _t: Tenant, req: &Request, _l: Duration) -> Result<u32, Status> {
+            if req.tag == 13 {
+                self.lost = true;
+            }
+            if self.lost {
+                Err(Status::DeviceError)
+            } else {
+                Ok(0)
+            }
+        }
+        fn fault(&self) -> Option<Fault> {
+            self.lost
+                .then(|| Fault::Device("injected: fell off the bus".into()))
+        }
+    }
+
+    /// A lost device: the GPU goes FAILED, requests answer DEVICE_ERROR at
+    /// once, the worker retries building the executor with growing waits
+    /// (every failed build counted), and once one builds the GPU is OK
+    /// with the next epoch. The watchers hear of each change.
+    #[test]
+    fn a_lost_device_is_retried_with_backoff_until_it_comes_back() {
+        let builds = Arc::new(AtomicU64::new(0));
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (b, f) = (builds.clone(), failing.clone());
+        let gpu = GpuQueue::start_supervised(
+            0,
+            move || {
+                b.fetch_add(1, Ordering::SeqCst);
+                if f.load(Ordering::SeqCst) {
+                    return Some(Err(Error::Executor(crate::executor::Error::Unavailable(
+                        "gone".into(),
+                    ))));
+                }
+                Some(Ok(Box::new(Loses { lost: false }) as Box<dyn Executor>))
+            },
+            Policy::Strict,
+            Duration::from_secs(10),
+            Recovery {
+                first: Duration::from_millis(1),
+                max: Duration::from_millis(8),
+            },
+        )
+        .unwrap();
+        let (watch_tx, watch_rx) = std::sync::mpsc::channel();
+        gpu.watch_health(watch_tx);
+        let (tx, rx) = std::sync::mpsc::channel::<RespHdr>();
+        struct Tx(std::sync::mpsc::Sender<RespHdr>);
+        impl Completion for Tx {
+            fn complete(self: Box<Self>, resp: RespHdr) {
+                let _ = self.0.send(resp);
+            }
+        }
+        let submit = |tag: u64| {
+            let mut j = job(Priority::Medium, tag, Instant::now());
+            j.req.tag = tag;
+            j.done = Box::new(Tx(tx.clone()));
+            gpu.submit(j);
+            let r = rx.recv_timeout(Duration::from_secs(30)).expect("answered");
+            assert_eq!(r.tag, tag);
+            Status::from_u32(r.status).unwrap()
+        };
+        assert_eq!(submit(1), Status::Ok);
+        failing.store(true, Ordering::SeqCst);
+        assert_eq!(submit(13), Status::DeviceError);
+        assert_eq!(watch_rx.recv_timeout(Duration::from_secs(30)), Ok(0));
+        assert_eq!(gpu.health().state, GpuState::Failed);
+        // Refused at once while FAILED.
+        assert_eq!(submit(2), Status::DeviceError);
+        // The worker keeps trying: several failed builds.
+        let t = Instant::now();
+        while builds.load(Ordering::SeqCst) < 5 {
+            assert!(t.elapsed() < Duration::from_secs(30), "no retries");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(gpu.health().state, GpuState::Failed);
+        failing.store(false, Ordering::SeqCst);
+        assert_eq!(watch_rx.recv_timeout(Duration::from_secs(30)), Ok(0));
+        assert_eq!(
+            gpu.health(),
+            GpuHealth {
+                state: GpuState::Ok,
+                epoch: 1
+            }
+        );
+        assert_eq!(submit(3), Status::Ok);
+        let st = gpu.status();
+        assert_eq!((st.state.as_str(), st.epoch, st.faults), ("ok", 1, 1));
+        assert!(st.recovery_attempts >= 5, "{st:?}");
+        assert!(st.last_fault.contains("fell off the bus"), "{st:?}");
         gpu.shutdown();
     }
 

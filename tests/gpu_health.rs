@@ -155,10 +155,13 @@ fn health_child() {
             return Ok(Box::new(CpuExecutor::new(gpu, limit)) as Box<dyn Executor>);
         }
         if *p.lost.lock().unwrap() {
-            return Err(executor::Error::Unavailable("injected: GPU 0 is gone".into()));
+            return Err(executor::Error::Unavailable(
+                "injected: GPU 0 is gone".into(),
+            ));
         }
         Ok(if cuda {
-            let ex = executor::CudaExecutor::new(0, limit).map_err(executor::Error::CudaUnavailable)?;
+            let ex =
+                executor::CudaExecutor::new(0, limit).map_err(executor::Error::CudaUnavailable)?;
             Box::new(Faulty {
                 inner: executor::Isolated::new(ex, &executor::CudaConfig::default()),
                 plug: p.clone(),
@@ -368,7 +371,10 @@ fn a_lost_gpu_fails_its_pools_alone_and_comes_back() {
     assert_eq!(scalar_add(&mut g1, 4, 20, 22), Ok(42));
 
     // A sticky error in the executor: rebuilt at once.
-    assert_eq!(scalar_add(&mut g1, STICKY_TAG, 1, 1), Err(Status::DeviceError));
+    assert_eq!(
+        scalar_add(&mut g1, STICKY_TAG, 1, 1),
+        Err(Status::DeviceError)
+    );
     let h = wait_health(&mut g1, |h| h.state == GpuState::Ok && h.epoch == 2);
     assert_eq!(h.state, GpuState::Ok);
     assert_eq!(scalar_add(&mut g1, 5, -3, 3), Ok(0));
@@ -394,7 +400,10 @@ fn a_sticky_fault_in_the_cuda_context_is_rebuilt() {
     assert_eq!(scalar_add(&mut g1, 2, 2, 3), Ok(5));
     assert_eq!(health(&mut g1), OK0);
 
-    assert_eq!(scalar_add(&mut g1, STICKY_TAG, 1, 1), Err(Status::DeviceError));
+    assert_eq!(
+        scalar_add(&mut g1, STICKY_TAG, 1, 1),
+        Err(Status::DeviceError)
+    );
     let h = wait_health(&mut g1, |h| h.state == GpuState::Ok && h.epoch == 1);
     eprintln!("after the sticky fault: {h:?}");
     for i in 0..5 {
@@ -410,7 +419,10 @@ fn a_sticky_fault_in_the_cuda_context_is_rebuilt() {
     let got = vgpu_sim::workload::f32s(&out);
     assert!(got.iter().zip(&a).zip(&b).all(|((g, x), y)| *g == x + y));
     // A second fault is handled the same way.
-    assert_eq!(scalar_add(&mut g1, STICKY_TAG, 1, 1), Err(Status::DeviceError));
+    assert_eq!(
+        scalar_add(&mut g1, STICKY_TAG, 1, 1),
+        Err(Status::DeviceError)
+    );
     wait_health(&mut g1, |h| h.state == GpuState::Ok && h.epoch == 2);
     assert_eq!(scalar_add(&mut g1, 30, 1, 2), Ok(3));
     assert_eq!(scalar_add(&mut g2, 1, 4, 5), Ok(9));

@@ -415,10 +415,8 @@ impl CudaExecutor {
             src.read_at(off, self.staging.slice(len))?;
             // SAFETY: the staging buffer holds `len` bytes; synchronized below
             // before the buffer is reused.
-            check(unsafe {
-                sys::cuMemcpyHtoDAsync_v2(dst, staging as *const c_void, len, stream)
-            })
-            .map_err(|e| self.own_error(e))?;
+            check(unsafe { sys::cuMemcpyHtoDAsync_v2(dst, staging as *const c_void, len, stream) })
+                .map_err(|e| self.own_error(e))?;
             self.sync().map_err(|e| self.own_error(e))?;
             self.stats.staged += 1;
         }

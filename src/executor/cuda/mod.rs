@@ -170,6 +170,22 @@ impl CudaExecutor {
     /// executor (the context is made current there).
     pub fn new(gpu_index: u32, exec_limit: Duration) -> Result<Self, Error> {
         check_device(gpu_index)?;
+        match CudaExecutor::open(gpu_index, exec_limit) {
+            Err(Error::Driver(e)) if fault_of(e).is_some() => {
+                // The primary context is still poisoned (a sticky error
+                // that an executor's drop could not reset): reset it, once.
+                log::warn!("gpu{gpu_index}: context unusable ({e}): resetting it");
+                let dev = result::device::get(gpu_index as i32)?;
+                // SAFETY: plain driver call on an existing device.
+                let r = unsafe { sys::cuDevicePrimaryCtxReset_v2(dev) };
+                log::warn!("gpu{gpu_index}: primary context reset: {r:?}");
+                CudaExecutor::open(gpu_index, exec_limit)
+            }
+            other => other,
+        }
+    }
+
+    fn open(gpu_index: u32, exec_limit: Duration) -> Result<Self, Error> {
         let ctx = CudaContext::new(gpu_index as usize)?;
         let stream = ctx.new_stream()?;
         let kernels = Kernels::load(&ctx)?;
