@@ -163,6 +163,8 @@ pub struct CudaExecutor {
     /// The first error that made this executor unusable ([`fault_of`]).
     /// Set from `&self` paths (error mapping inside closures), hence a Cell.
     fault: std::cell::Cell<Option<Fault>>,
+    /// Keep last: dropped after everything above.
+    reset: ResetOnDrop,
 }
 
 impl CudaExecutor {
@@ -199,6 +201,7 @@ impl CudaExecutor {
             exec_limit_ms: u32::try_from(exec_limit.as_millis()).unwrap_or(u32::MAX),
             name: ctx.name()?,
         };
+        let dev = ctx.cu_device();
         let mut ex = CudaExecutor {
             gpu_index,
             info,
@@ -214,6 +217,11 @@ impl CudaExecutor {
             regs: Registrations::default(),
             stats: CudaStats::default(),
             fault: std::cell::Cell::new(None),
+            reset: ResetOnDrop {
+                gpu: gpu_index,
+                dev,
+                armed: None,
+            },
         };
         ex.blas = blas::Blas::new(gpu_index, &ex.ctx);
         ex.dev_in.ensure(1)?;
@@ -442,20 +450,33 @@ impl Drop for CudaExecutor {
             self.staging.release();
             self.batch.release();
         }
+        // A sticky error leaves the primary context broken for whoever
+        // retains it next: reset it once every object of ours in it is gone
+        // (the last field's drop, see `ResetOnDrop`).
         if let Some(f) = self.fault.take() {
-            // A context with a sticky error stays broken while anyone holds
-            // it, and the next CudaContext::new would retain the same one:
-            // reset the device's primary context so that the executor built
-            // next gets a fresh one. The driver objects still held here
-            // (stream, modules, cuBLAS) fail their destruction harmlessly.
-            // Nothing else in the daemon uses the primary context: guest
-            // code runs in worker processes.
-            // SAFETY: plain driver call on the device this executor opened.
-            let r = unsafe { sys::cuDevicePrimaryCtxReset_v2(self.ctx.cu_device()) };
-            log::warn!(
-                "gpu{}: primary context reset after {f}: {r:?}",
-                self.gpu_index
-            );
+            self.reset.armed = Some(f);
+        }
+    }
+}
+
+/// Resets the device's primary context when dropped, if armed: the last
+/// field of [`CudaExecutor`], so it runs after the stream, modules, cuBLAS
+/// and buffers were destroyed (their destruction fails harmlessly in a
+/// broken context). Without it the next `CudaContext::new` would retain
+/// the same poisoned context. Nothing else in the daemon uses the primary
+/// context: guest code runs in worker processes.
+struct ResetOnDrop {
+    gpu: u32,
+    dev: sys::CUdevice,
+    armed: Option<Fault>,
+}
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        if let Some(f) = self.armed.take() {
+            // SAFETY: plain driver call on the device the executor opened.
+            let r = unsafe { sys::cuDevicePrimaryCtxReset_v2(self.dev) };
+            log::warn!("gpu{}: primary context reset after {f}: {r:?}", self.gpu);
         }
     }
 }
