@@ -7,7 +7,8 @@
  * device, response header and output writable by it. User space submits
  * requests through /dev/vgpuN (VGPU_IOC_SUBMIT); the host-assigned pool,
  * priority and VM id from config space are shown in sysfs, one value per
- * attribute. Driver counters are in debugfs (virtio_vgpu/vgpuN/stats).
+ * attribute, and so are the health and recovery epoch of the host GPU that
+ * serves the VM (gpu_state, gpu_state_name, gpu_epoch). Driver counters are in debugfs (virtio_vgpu/vgpuN/stats).
  *
  * The contract (layouts, opcodes, status codes) lives in the uapi header,
  * include/uapi/vgpu.h.
@@ -52,6 +53,8 @@ struct vgpu_cfg {
 	u32 pool_id;
 	u32 priority;
 	u32 vm_id;
+	u32 gpu_state;
+	u32 gpu_epoch;
 };
 
 struct vgpu {
@@ -113,6 +116,22 @@ struct vgpu_request {
 
 static DEFINE_IDA(vgpu_ida);
 static struct dentry *vgpu_debugfs_root;	/* virtio_vgpu/ */
+
+static const char *vgpu_gpu_state_name(u32 state)
+{
+	switch (state) {
+	case VGPU_GPU_OK:
+		return "ok";
+	case VGPU_GPU_DEGRADED:
+		return "degraded";
+	case VGPU_GPU_FAILED:
+		return "failed";
+	case VGPU_GPU_RECOVERING:
+		return "recovering";
+	default:
+		return "unknown";
+	}
+}
 
 static const char *vgpu_prio_name(u32 prio)
 {
@@ -587,12 +606,52 @@ static ssize_t version_show(struct device *dev, struct device_attribute *attr,
 }
 static DEVICE_ATTR_RO(version);
 
+static void vgpu_read_config(struct virtio_device *vdev, struct vgpu_cfg *cfg);
+
+/*
+ * The GPU's health changes without the guest doing anything; a host without
+ * the backend channel sends no config-change interrupt, so these read
+ * config space afresh instead of the copy the other attributes show.
+ */
+static ssize_t gpu_state_show(struct device *dev, struct device_attribute *attr,
+			      char *buf)
+{
+	struct vgpu_cfg cfg;
+
+	vgpu_read_config(dev_to_vgpu(dev)->vdev, &cfg);
+	return sysfs_emit(buf, "%u\n", cfg.gpu_state);
+}
+static DEVICE_ATTR_RO(gpu_state);
+
+static ssize_t gpu_state_name_show(struct device *dev,
+				   struct device_attribute *attr, char *buf)
+{
+	struct vgpu_cfg cfg;
+
+	vgpu_read_config(dev_to_vgpu(dev)->vdev, &cfg);
+	return sysfs_emit(buf, "%s\n", vgpu_gpu_state_name(cfg.gpu_state));
+}
+static DEVICE_ATTR_RO(gpu_state_name);
+
+static ssize_t gpu_epoch_show(struct device *dev, struct device_attribute *attr,
+			      char *buf)
+{
+	struct vgpu_cfg cfg;
+
+	vgpu_read_config(dev_to_vgpu(dev)->vdev, &cfg);
+	return sysfs_emit(buf, "%u\n", cfg.gpu_epoch);
+}
+static DEVICE_ATTR_RO(gpu_epoch);
+
 static struct attribute *vgpu_attrs[] = {
 	&dev_attr_pool_id.attr,
 	&dev_attr_priority.attr,
 	&dev_attr_priority_name.attr,
 	&dev_attr_vm_id.attr,
 	&dev_attr_version.attr,
+	&dev_attr_gpu_state.attr,
+	&dev_attr_gpu_state_name.attr,
+	&dev_attr_gpu_epoch.attr,
 	NULL,
 };
 ATTRIBUTE_GROUPS(vgpu);
@@ -635,6 +694,8 @@ static void vgpu_read_config(struct virtio_device *vdev, struct vgpu_cfg *cfg)
 	cfg->pool_id = le32_to_cpu(raw.pool_id);
 	cfg->priority = le32_to_cpu(raw.priority);
 	cfg->vm_id = le32_to_cpu(raw.vm_id);
+	cfg->gpu_state = le32_to_cpu(raw.gpu_state);
+	cfg->gpu_epoch = le32_to_cpu(raw.gpu_epoch);
 }
 
 static void vgpu_log_config(struct vgpu *vgpu, const char *what)
@@ -642,11 +703,12 @@ static void vgpu_log_config(struct vgpu *vgpu, const char *what)
 	const struct vgpu_cfg *c = &vgpu->cfg;
 
 	dev_info(&vgpu->vdev->dev,
-		 "%s: %s pool %c priority %u (%s) vm_id %u\n",
+		 "%s: %s pool %c priority %u (%s) vm_id %u gpu %s (epoch %u)\n",
 		 vgpu->name, what,
 		 c->pool_id < 0x80 && isgraph(c->pool_id) ?
 		 (char)c->pool_id : '?', c->priority,
-		 vgpu_prio_name(c->priority), c->vm_id);
+		 vgpu_prio_name(c->priority), c->vm_id,
+		 vgpu_gpu_state_name(c->gpu_state), c->gpu_epoch);
 }
 
 static void vgpu_config_work(struct work_struct *work)
@@ -666,6 +728,9 @@ static void vgpu_config_work(struct work_struct *work)
 	sysfs_notify(&mdev->kobj, NULL, "priority");
 	sysfs_notify(&mdev->kobj, NULL, "priority_name");
 	sysfs_notify(&mdev->kobj, NULL, "vm_id");
+	sysfs_notify(&mdev->kobj, NULL, "gpu_state");
+	sysfs_notify(&mdev->kobj, NULL, "gpu_state_name");
+	sysfs_notify(&mdev->kobj, NULL, "gpu_epoch");
 }
 
 /* May run in interrupt context: defer the config reads to a work item. */

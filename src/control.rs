@@ -126,6 +126,21 @@ pub struct GpuStatus {
     /// CUDA worker starts and faults, registered guest memory.
     #[serde(default, flatten)]
     pub counters: crate::executor::ExecutorCounters,
+    /// Health (docs/gpu.md): ok, degraded, failed, recovering.
+    #[serde(default)]
+    pub state: String,
+    /// Executors rebuilt after faults (config space `gpu_epoch`).
+    #[serde(default)]
+    pub epoch: u32,
+    /// Executors ended by a fault or a panic.
+    #[serde(default)]
+    pub faults: u64,
+    /// Attempts to build an executor after a fault (successful or not).
+    #[serde(default)]
+    pub recovery_attempts: u64,
+    /// The last fault, empty if none.
+    #[serde(default)]
+    pub last_fault: String,
 }
 
 /// A reply line. `vms` is present in answers to `status`.

@@ -67,6 +67,10 @@ struct Inner {
     store: Option<Mutex<Store>>,
     socket_dir: Option<PathBuf>,
     metrics: Arc<Metrics>,
+    /// Builds each GPU's executor (again after a fault).
+    factory: executor::Factory,
+    /// Where the GPUs announce health changes (see `watch_health`).
+    health_tx: Mutex<std::sync::mpsc::Sender<u32>>,
 }
 
 struct ServedVm {
@@ -91,6 +95,17 @@ impl Daemon {
 
     /// Starts serving, from fixed VMs or from the database.
     pub fn start_with(cfg: &DaemonConfig, source: VmSource) -> Result<Daemon, Error> {
+        Daemon::start_with_executors(cfg, source, default_factory(cfg))
+    }
+
+    /// [`Daemon::start_with`], with each GPU's executor built by `factory`
+    /// (instead of `--executor`): for executors of the caller's own, such
+    /// as one that injects faults in a test.
+    pub fn start_with_executors(
+        cfg: &DaemonConfig,
+        source: VmSource,
+        factory: executor::Factory,
+    ) -> Result<Daemon, Error> {
         let (store, socket_dir) = match &source {
             VmSource::Static(_) => (None, None),
             VmSource::Database { db, socket_dir } => {
@@ -101,7 +116,10 @@ impl Daemon {
                 (Some(Mutex::new(Store::open(db)?)), Some(socket_dir.clone()))
             }
         };
+        let (health_tx, health_rx) = std::sync::mpsc::channel();
         let inner = Arc::new(Inner {
+            factory,
+            health_tx: Mutex::new(health_tx),
             cfg: cfg.clone(),
             arrivals: Arc::new(ArrivalCounter::default()),
             stopping: Arc::new(AtomicBool::new(false)),
@@ -111,6 +129,7 @@ impl Daemon {
             socket_dir,
             metrics: Arc::new(Metrics::new()),
         });
+        inner.clone().watch_health(health_rx)?;
         match source {
             VmSource::Static(specs) => {
                 let wanted = specs.iter().map(|s| inner.wanted_static(s)).collect();
@@ -231,19 +250,12 @@ impl Inner {
         if let Some(g) = gpus.get(&index) {
             return Ok(g.clone());
         }
-        let (choice, limit) = (self.cfg.executor, self.cfg.exec_limit);
-        let cuda = executor::CudaConfig {
-            worker: self.cfg.worker.clone(),
-            ..executor::CudaConfig::default()
-        };
-        // Supervised: after a panic the worker builds a new executor.
-        let make = move || {
-            Some(
-                executor::create_with(choice, index, limit, &cuda)
-                    .map_err(crate::scheduler::Error::Executor),
-            )
-        };
-        let gpu = GpuQueue::start_restartable(index, make, self.cfg.policy, limit)?;
+        // Supervised: after a panic or a fault the worker builds a new
+        // executor (docs/gpu.md).
+        let factory = self.factory.clone();
+        let make = move || Some(factory(index).map_err(crate::scheduler::Error::Executor));
+        let gpu = GpuQueue::start_restartable(index, make, self.cfg.policy, self.cfg.exec_limit)?;
+        gpu.watch_health(lock(&self.health_tx).clone());
         gpu.set_poll(self.cfg.poll);
         gpus.insert(index, gpu.clone());
         Ok(gpu)
@@ -361,6 +373,29 @@ impl Inner {
         lock(&self.gpus).values().map(|g| g.status()).collect()
     }
 
+    /// Tells the guests of a GPU when its health changes, on a thread of its
+    /// own (never the GPU's worker, which announces the change).
+    fn watch_health(self: Arc<Self>, rx: std::sync::mpsc::Receiver<u32>) -> Result<(), Error> {
+        let inner = Arc::downgrade(&self);
+        std::thread::Builder::new()
+            .name("vgpu-health".into())
+            .spawn(move || {
+                for gpu in rx {
+                    let Some(inner) = inner.upgrade() else { return };
+                    let vms: Vec<Arc<Vm>> = lock(&inner.vms)
+                        .values()
+                        .filter(|s| s.vm.gpu().index() == gpu)
+                        .map(|s| s.vm.clone())
+                        .collect();
+                    for vm in vms {
+                        vm.gpu_health_changed();
+                    }
+                }
+            })
+            .map_err(Error::Thread)?;
+        Ok(())
+    }
+
     /// The control socket (see src/control.rs).
     fn serve_control(self: Arc<Self>) -> Result<(), Error> {
         let Some(dir) = self.socket_dir.clone() else {
@@ -403,6 +438,28 @@ impl Inner {
             .map_err(Error::Thread)?;
         Ok(())
     }
+}
+
+/// The executors `--executor` asks for. With `auto`, the kind the first
+/// build of a GPU gets is kept for its rebuilds: a CUDA GPU that is lost
+/// stays FAILED (and retried) instead of coming back as the CPU executor.
+fn default_factory(cfg: &DaemonConfig) -> executor::Factory {
+    let (choice, limit) = (cfg.executor, cfg.exec_limit);
+    let cuda = executor::CudaConfig {
+        worker: cfg.worker.clone(),
+        ..executor::CudaConfig::default()
+    };
+    let kinds: Mutex<BTreeMap<u32, executor::ExecutorChoice>> = Mutex::default();
+    Arc::new(move |index| {
+        let choice = lock(&kinds).get(&index).copied().unwrap_or(choice);
+        let ex = executor::create_with(choice, index, limit, &cuda)?;
+        let kind = match ex.info().executor {
+            crate::protocol::ExecutorKind::Cuda => executor::ExecutorChoice::Cuda,
+            crate::protocol::ExecutorKind::Cpu => executor::ExecutorChoice::Cpu,
+        };
+        lock(&kinds).insert(index, kind);
+        Ok(ex)
+    })
 }
 
 /// How long a stopping daemon waits for the ring threads to return what the

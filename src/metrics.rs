@@ -36,7 +36,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::control::{GpuStatus, Handler};
-use crate::protocol::{Opcode, Priority, Status};
+use crate::protocol::{GpuState, Opcode, Priority, Status};
 use crate::sync::lock;
 
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +180,10 @@ pub struct Metrics {
     gpu_worker_starts: Family<GpuLabels, Counter>,
     gpu_worker_faults: Family<GpuLabels, Counter>,
     gpu_registered: Family<GpuLabels, Gauge>,
+    gpu_state: Family<GpuLabels, Gauge>,
+    gpu_epoch: Family<GpuLabels, Gauge>,
+    gpu_faults: Family<GpuLabels, Counter>,
+    gpu_recovery_attempts: Family<GpuLabels, Counter>,
     /// Last totals seen per GPU (the counters advance by the difference).
     gpu_seen: Mutex<BTreeMap<u32, GpuTotals>>,
 }
@@ -191,6 +195,8 @@ struct GpuTotals {
     dispatched: u64,
     worker_starts: u64,
     worker_faults: u64,
+    faults: u64,
+    recovery_attempts: u64,
 }
 
 impl Default for Metrics {
@@ -219,6 +225,10 @@ impl Metrics {
             gpu_worker_starts: Family::default(),
             gpu_worker_faults: Family::default(),
             gpu_registered: Family::default(),
+            gpu_state: Family::default(),
+            gpu_epoch: Family::default(),
+            gpu_faults: Family::default(),
+            gpu_recovery_attempts: Family::default(),
             gpu_seen: Mutex::default(),
         };
         let r = &mut m.registry;
@@ -302,6 +312,26 @@ impl Metrics {
             "Guest memory registered with the CUDA driver for zero-copy DMA",
             Unit::Bytes,
             m.gpu_registered.clone(),
+        );
+        r.register(
+            "gpu_state",
+            "Health of the GPU: 0 ok, 1 degraded, 2 failed, 3 recovering (config space gpu_state)",
+            m.gpu_state.clone(),
+        );
+        r.register(
+            "gpu_epoch",
+            "Executors of the GPU rebuilt after faults (config space gpu_epoch)",
+            m.gpu_epoch.clone(),
+        );
+        r.register(
+            "gpu_faults",
+            "Executors of the GPU ended by a fault (sticky CUDA error, lost device) or a panic",
+            m.gpu_faults.clone(),
+        );
+        r.register(
+            "gpu_recovery_attempts",
+            "Attempts to build the GPU's executor after a fault, successful or not",
+            m.gpu_recovery_attempts.clone(),
         );
         m
     }
@@ -393,10 +423,18 @@ impl Metrics {
             busy_ns,
             dispatched,
             counters,
+            state,
+            epoch,
+            faults,
+            recovery_attempts,
             ..
         } in handler.gpus()
         {
             let l = GpuLabels { gpu };
+            if let Some(s) = GpuState::ALL.iter().find(|s| s.as_str() == state) {
+                self.gpu_state.get_or_create(&l).set(*s as i64);
+            }
+            self.gpu_epoch.get_or_create(&l).set(i64::from(epoch));
             self.gpu_queued
                 .get_or_create(&l)
                 .set(i64::try_from(queued).unwrap_or(i64::MAX));
@@ -416,6 +454,12 @@ impl Metrics {
             self.gpu_worker_faults
                 .get_or_create(&l)
                 .inc_by(counters.worker_faults.saturating_sub(last.worker_faults));
+            self.gpu_faults
+                .get_or_create(&l)
+                .inc_by(faults.saturating_sub(last.faults));
+            self.gpu_recovery_attempts
+                .get_or_create(&l)
+                .inc_by(recovery_attempts.saturating_sub(last.recovery_attempts));
             seen.insert(
                 gpu,
                 GpuTotals {
@@ -423,6 +467,8 @@ impl Metrics {
                     dispatched: dispatched.max(last.dispatched),
                     worker_starts: counters.worker_starts.max(last.worker_starts),
                     worker_faults: counters.worker_faults.max(last.worker_faults),
+                    faults: faults.max(last.faults),
+                    recovery_attempts: recovery_attempts.max(last.recovery_attempts),
                 },
             );
         }
@@ -564,6 +610,10 @@ mod tests {
                     worker_faults: 1,
                     registered_bytes: 4096,
                 },
+                state: "failed".into(),
+                epoch: 3,
+                faults: 4,
+                recovery_attempts: 7,
                 ..GpuStatus::default()
             }]
         }
@@ -592,6 +642,14 @@ mod tests {
             text.contains(r#"vgpu_gpu_busy_seconds_total{gpu="0"} 1.5"#),
             "{text}"
         );
+        for line in [
+            r#"vgpu_gpu_state{gpu="0"} 2"#,
+            r#"vgpu_gpu_epoch{gpu="0"} 3"#,
+            r#"vgpu_gpu_faults_total{gpu="0"} 4"#,
+            r#"vgpu_gpu_recovery_attempts_total{gpu="0"} 7"#,
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
         assert!(text.trim_end().ends_with("# EOF"));
         m.enable();
         m.request(&l, Opcode::ScalarAddI32, 0, 1000, 2000);

@@ -24,6 +24,13 @@ pub const CFG_VERSION: usize = 0x04;
 pub const CFG_POOL_ID: usize = 0x08;
 pub const CFG_PRIORITY: usize = 0x0C;
 pub const CFG_VM_ID: usize = 0x10;
+/// Health of the GPU serving the VM ([`GpuState`]); host-changed, announced
+/// by a config-change notification.
+pub const CFG_GPU_STATE: usize = 0x14;
+/// How many times that GPU's executor was rebuilt after a fault: when it
+/// moves, device state the guest held there (remoting handles, device
+/// memory) is gone.
+pub const CFG_GPU_EPOCH: usize = 0x18;
 
 pub const REQ_HDR_SIZE: usize = 24;
 pub const RESP_HDR_SIZE: usize = 40;
@@ -133,6 +140,16 @@ pub struct DeviceConfig {
     pub pool: PoolId,
     pub priority: Priority,
     pub vm_id: u32,
+    /// The health of the GPU that serves the VM's pool.
+    pub health: GpuHealth,
+}
+
+/// The GPU's side of config space: its state and recovery epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GpuHealth {
+    pub state: GpuState,
+    /// Rebuilds of the GPU's executor after faults (wraps at 2^32).
+    pub epoch: u32,
 }
 
 impl DeviceConfig {
@@ -143,6 +160,8 @@ impl DeviceConfig {
             pool_id: u32::from(self.pool.letter()).into(),
             priority: (self.priority as u32).into(),
             vm_id: self.vm_id.into(),
+            gpu_state: (self.health.state as u32).into(),
+            gpu_epoch: self.health.epoch.into(),
             reserved: Default::default(),
         }
     }
@@ -261,6 +280,57 @@ wire_enum! {
         /// Reserved for policy refusals (a request the host forbids this VM);
         /// v1 defines it so that guests handle it, and nothing sends it yet.
         Denied = 9 => "VGPU_S_DENIED",
+    }
+}
+
+wire_enum! {
+    /// Health of the GPU serving a VM: config space `gpu_state`
+    /// (docs/protocol.md, docs/gpu.md).
+    GpuState: u32, from_u32 {
+        /// Serving requests.
+        Ok = 0 => "VGPU_GPU_OK",
+        /// Reserved for a GPU that serves with reduced function; v1 defines
+        /// it so that guests handle it, and nothing sends it yet.
+        Degraded = 1 => "VGPU_GPU_DEGRADED",
+        /// Lost (fell off the bus, reset, uncorrectable ECC, or its executor
+        /// cannot be rebuilt): every request answers DEVICE_ERROR while the
+        /// daemon retries bringing it back.
+        Failed = 2 => "VGPU_GPU_FAILED",
+        /// A fault ended its executor (a sticky error in the daemon's own
+        /// context, a panic) and a new one is being built; requests answer
+        /// DEVICE_ERROR meanwhile.
+        Recovering = 3 => "VGPU_GPU_RECOVERING",
+    }
+}
+
+// `wire_enum!` owns the derives of the enums it defines.
+#[allow(clippy::derivable_impls)]
+impl Default for GpuState {
+    fn default() -> Self {
+        GpuState::Ok
+    }
+}
+
+impl GpuState {
+    /// True when requests run (OK, DEGRADED); otherwise they answer
+    /// DEVICE_ERROR at once.
+    pub fn serves(self) -> bool {
+        matches!(self, GpuState::Ok | GpuState::Degraded)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GpuState::Ok => "ok",
+            GpuState::Degraded => "degraded",
+            GpuState::Failed => "failed",
+            GpuState::Recovering => "recovering",
+        }
+    }
+}
+
+impl fmt::Display for GpuState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
     }
 }
 
@@ -443,8 +513,10 @@ pub struct ConfigSpace {
     pub pool_id: Le32,
     pub priority: Le32,
     pub vm_id: Le32,
-    /// `__u8 reserved[44]` in the header: the same bytes.
-    pub reserved: [Le32; 11],
+    pub gpu_state: Le32,
+    pub gpu_epoch: Le32,
+    /// `__u8 reserved[36]` in the header: the same bytes.
+    pub reserved: [Le32; 9],
 }
 
 /// `struct vgpu_req_hdr`.
@@ -570,6 +642,7 @@ mod tests {
             pool: "b".parse().unwrap(),
             priority: Priority::High,
             vm_id: 7,
+            health: GpuHealth::default(),
         };
         let b = cfg.to_bytes();
         assert_eq!(&b[0..4], b"VGPU");
@@ -578,6 +651,20 @@ mod tests {
         assert_eq!(b[12], 2);
         assert_eq!(b[16], 7);
         assert!(b[0x14..].iter().all(|&x| x == 0));
+        let failed = DeviceConfig {
+            health: GpuHealth {
+                state: GpuState::Failed,
+                epoch: 0x0102_0304,
+            },
+            ..cfg
+        }
+        .to_bytes();
+        assert_eq!(&failed[CFG_GPU_STATE..CFG_GPU_STATE + 4], &[2, 0, 0, 0]);
+        assert_eq!(&failed[CFG_GPU_EPOCH..CFG_GPU_EPOCH + 4], &[4, 3, 2, 1]);
+        assert!(failed[0x1C..].iter().all(|&x| x == 0));
+        for &s in GpuState::ALL {
+            assert_eq!(GpuState::from_u32(s as u32), Some(s));
+        }
     }
 
     #[test]

@@ -14,9 +14,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::executor::{Executor, Registrar, Registration, Request, Tenant};
+use crate::executor::{Executor, Fault, Registrar, Registration, Request, Tenant};
 use crate::guest::GuestMem;
-use crate::protocol::{Priority, RespHdr, Status};
+use crate::protocol::{GpuHealth, GpuState, Priority, RespHdr, Status};
 use crate::sync::lock;
 
 #[derive(Debug, thiserror::Error)]
@@ -316,6 +316,35 @@ struct Shared {
     queue: RunQueue,
     control: VecDeque<Control>,
     shutdown: bool,
+    /// The GPU's state and recovery epoch; not OK: [`GpuQueue::submit`]
+    /// answers DEVICE_ERROR at once.
+    health: GpuHealth,
+}
+
+/// What the worker does next.
+enum Work {
+    Control(Control),
+    Jobs(Vec<Job>),
+    /// Try building an executor again (none since a fault).
+    Retry,
+}
+
+/// How a GPU's worker retries building its executor while it cannot: the
+/// first attempt right after the fault, the next after `first`, each wait
+/// twice the last, at most `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recovery {
+    pub first: Duration,
+    pub max: Duration,
+}
+
+impl Default for Recovery {
+    fn default() -> Self {
+        Recovery {
+            first: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+        }
+    }
 }
 
 /// One GPU's queue and worker: the run queue plus the worker thread that
@@ -341,6 +370,15 @@ pub struct GpuQueue {
     /// The executor's running totals, published after each piece of work.
     counters: Mutex<crate::executor::ExecutorCounters>,
     restarts: AtomicU64,
+    /// Executors ended by a fault or panic, attempts to build one after
+    /// that, and the last fault.
+    faults: AtomicU64,
+    recovery_attempts: AtomicU64,
+    last_fault: Mutex<String>,
+    recovery: Recovery,
+    /// Told the GPU's index whenever its state changes (the daemon tells
+    /// the VMs' guests).
+    watchers: Mutex<Vec<std::sync::mpsc::Sender<u32>>>,
 }
 
 impl GpuQueue {
@@ -374,9 +412,23 @@ impl GpuQueue {
     /// it cannot build another.
     pub fn start_restartable<F>(
         index: u32,
+        make: F,
+        policy: Policy,
+        exec_limit: Duration,
+    ) -> Result<Arc<GpuQueue>, Error>
+    where
+        F: FnMut() -> Option<Result<Box<dyn Executor>, Error>> + Send + 'static,
+    {
+        GpuQueue::start_supervised(index, make, policy, exec_limit, Recovery::default())
+    }
+
+    /// [`GpuQueue::start_restartable`] with explicit retry timing.
+    pub fn start_supervised<F>(
+        index: u32,
         mut make: F,
         policy: Policy,
         exec_limit: Duration,
+        recovery: Recovery,
     ) -> Result<Arc<GpuQueue>, Error>
     where
         F: FnMut() -> Option<Result<Box<dyn Executor>, Error>> + Send + 'static,
@@ -387,6 +439,7 @@ impl GpuQueue {
                 queue: RunQueue::new(policy),
                 control: VecDeque::new(),
                 shutdown: false,
+                health: GpuHealth::default(),
             }),
             wake: Condvar::new(),
             arrivals: AtomicU64::new(0),
@@ -398,6 +451,11 @@ impl GpuQueue {
             busy_ns: AtomicU64::new(0),
             counters: Mutex::default(),
             restarts: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
+            recovery_attempts: AtomicU64::new(0),
+            last_fault: Mutex::default(),
+            recovery,
+            watchers: Mutex::default(),
         });
         let worker_gpu = gpu.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -440,26 +498,53 @@ impl GpuQueue {
 
     /// Live figures of the GPU.
     pub fn status(&self) -> crate::control::GpuStatus {
+        let (queued, health) = {
+            let s = self.shared();
+            (s.queue.len() as u64, s.health)
+        };
         crate::control::GpuStatus {
             gpu: self.index,
             executor: lock(&self.executor_name).clone(),
-            queued: self.shared().queue.len() as u64,
+            queued,
             dispatched: self.dispatched.load(Ordering::Relaxed),
             busy_ns: self.busy_ns.load(Ordering::Relaxed),
             counters: *lock(&self.counters),
+            state: health.state.as_str().to_string(),
+            epoch: health.epoch,
+            faults: self.faults.load(Ordering::Relaxed),
+            recovery_attempts: self.recovery_attempts.load(Ordering::Relaxed),
+            last_fault: lock(&self.last_fault).clone(),
         }
+    }
+
+    /// The GPU's state and recovery epoch (config space `gpu_state`,
+    /// `gpu_epoch`).
+    pub fn health(&self) -> GpuHealth {
+        self.shared().health
+    }
+
+    /// `tx` is sent the GPU's index whenever its health changes.
+    pub fn watch_health(&self, tx: std::sync::mpsc::Sender<u32>) {
+        lock(&self.watchers).push(tx);
     }
 
     fn shared(&self) -> MutexGuard<'_, Shared> {
         lock(&self.shared)
     }
 
-    /// Queues a job; after shutdown it is answered CANCELLED at once.
+    /// Queues a job; after shutdown it is answered CANCELLED at once, and
+    /// DEVICE_ERROR at once while the GPU is not serving (FAILED,
+    /// RECOVERING).
     pub fn submit(&self, job: Job) {
         let mut s = self.shared();
         if s.shutdown {
             drop(s);
             job.cancel();
+            return;
+        }
+        if !s.health.state.serves() {
+            drop(s);
+            job.fail(Status::DeviceError);
             return;
         }
         s.queue.push(job);
@@ -536,9 +621,13 @@ impl GpuQueue {
         }
     }
 
-    /// The worker's loop, supervised: `executor` is `None` after a panic
-    /// when no new one could be built; jobs are then answered DEVICE_ERROR
-    /// and every job retries building one.
+    /// The worker's loop, supervised. An executor ends when it panics or
+    /// reports a [`Fault`] after a piece of work; then everything queued
+    /// is answered DEVICE_ERROR, the GPU's state goes to RECOVERING (or
+    /// FAILED for a lost device) and a new executor is built. While none
+    /// can be built, the state is FAILED, every request answers
+    /// DEVICE_ERROR at once (in [`GpuQueue::submit`]), and the worker retries
+    /// with exponential backoff ([`Recovery`]).
     fn supervise<F>(self: &Arc<Self>, executor: Box<dyn Executor>, make: &mut F)
     where
         F: FnMut() -> Option<Result<Box<dyn Executor>, Error>>,
@@ -549,6 +638,10 @@ impl GpuQueue {
         // The VMs' memory tables and register settings, handed again to a
         // rebuilt executor.
         let mut tables: HashMap<u32, (Arc<GuestMem>, bool)> = HashMap::new();
+        // Without an executor: when to try building one next, and the wait
+        // after that attempt.
+        let mut retry_at: Option<Instant> = None;
+        let mut backoff = self.recovery.first;
         loop {
             let work = {
                 let mut s = self.shared();
@@ -556,7 +649,10 @@ impl GpuQueue {
                 let mut polled = false;
                 loop {
                     if let Some(c) = s.control.pop_front() {
-                        break Some(Err(c));
+                        break Some(Work::Control(c));
+                    }
+                    if executor.is_none() && retry_at.is_some_and(|t| Instant::now() >= t) {
+                        break Some(Work::Retry);
                     }
                     if let Some(job) = s.queue.pop(Instant::now()) {
                         let mut jobs = vec![job];
@@ -571,10 +667,19 @@ impl GpuQueue {
                                 }
                             }
                         }
-                        break Some(Ok(jobs));
+                        break Some(Work::Jobs(jobs));
                     }
                     if s.shutdown {
                         break None;
+                    }
+                    if let (None, Some(at)) = (executor.as_ref(), retry_at) {
+                        let left = at.saturating_duration_since(Instant::now());
+                        s = self
+                            .wake
+                            .wait_timeout(s, left)
+                            .map(|(g, _)| g)
+                            .unwrap_or_else(|p| p.into_inner().0);
+                        continue;
                     }
                     if !polled {
                         polled = true;
@@ -587,17 +692,27 @@ impl GpuQueue {
                     s = self.wake.wait(s).unwrap_or_else(|p| p.into_inner());
                 }
             };
-            if executor.is_none() {
-                executor = self.rebuild(make, &tables, &mut regs);
-            }
             let index = self.index;
             let panicked = match (work, executor.as_mut()) {
                 (None, _) => {
                     regs.stop();
                     return;
                 }
+                (Some(Work::Retry), _) => {
+                    self.recovery_attempts.fetch_add(1, Ordering::Relaxed);
+                    executor = self.rebuild(make, &tables, &mut regs);
+                    if executor.is_some() {
+                        retry_at = None;
+                        backoff = self.recovery.first;
+                    } else {
+                        backoff = (backoff * 2).min(self.recovery.max);
+                        retry_at = Some(Instant::now() + backoff);
+                        log::warn!("gpu{index}: next attempt in {backoff:?}");
+                    }
+                    false
+                }
                 (
-                    Some(Err(Control::MapMemory {
+                    Some(Work::Control(Control::MapMemory {
                         vm_id,
                         mem,
                         register,
@@ -610,7 +725,7 @@ impl GpuQueue {
                     })
                 }
                 (
-                    Some(Err(Control::Registered {
+                    Some(Work::Control(Control::Registered {
                         vm_id,
                         mem,
                         reg,
@@ -627,7 +742,7 @@ impl GpuQueue {
                         false
                     }
                 },
-                (Some(Err(Control::ReleaseVm { vm_id })), ex) => {
+                (Some(Work::Control(Control::ReleaseVm { vm_id })), ex) => {
                     tables.remove(&vm_id);
                     match ex {
                         Some(ex) => catch(index, || {
@@ -641,33 +756,58 @@ impl GpuQueue {
                         }
                     }
                 }
-                (Some(Ok(jobs)), Some(ex)) => !self.dispatch(ex.as_mut(), jobs, &mut dispatch_seq),
-                (Some(Ok(jobs)), None) => {
+                (Some(Work::Jobs(jobs)), Some(ex)) => {
+                    !self.dispatch(ex.as_mut(), jobs, &mut dispatch_seq)
+                }
+                (Some(Work::Jobs(jobs)), None) => {
                     for job in jobs {
                         job.fail(Status::DeviceError);
                     }
                     false
                 }
             };
-            if panicked {
+            let fault = if panicked {
+                Some(Fault::Context("the executor panicked".into()))
+            } else {
+                executor.as_ref().and_then(|ex| {
+                    catch(index, || ex.fault())
+                        .unwrap_or_else(|| Some(Fault::Context("the executor panicked".into())))
+                })
+            };
+            if let Some(fault) = fault {
                 // The executor's state is unknown: everything queued is
                 // answered, and a new executor takes over.
-                if let Some(old) = executor.take() {
-                    // Its drop may fail too: contained like the rest.
-                    catch(self.index, move || drop(old));
-                }
-                let queued = self.shared().queue.drain_all();
+                log::error!("gpu{index}: {fault}: ending the executor");
+                self.faults.fetch_add(1, Ordering::Relaxed);
+                *lock(&self.last_fault) = fault.to_string();
+                let state = match fault {
+                    Fault::Context(_) => GpuState::Recovering,
+                    Fault::Device(_) => GpuState::Failed,
+                };
+                let queued = self.set_state(state, false);
                 if !queued.is_empty() {
                     log::error!(
-                        "gpu{}: {} queued request(s) answered DEVICE_ERROR",
-                        self.index,
+                        "gpu{index}: {} queued request(s) answered DEVICE_ERROR",
                         queued.len()
                     );
                 }
                 for job in queued {
                     job.fail(Status::DeviceError);
                 }
+                if let Some(old) = executor.take() {
+                    // Its drop may fail too: contained like the rest.
+                    catch(index, move || drop(old));
+                }
+                self.recovery_attempts.fetch_add(1, Ordering::Relaxed);
                 executor = self.rebuild(make, &tables, &mut regs);
+                backoff = self.recovery.first;
+                retry_at = match executor {
+                    Some(_) => None,
+                    None => {
+                        log::warn!("gpu{index}: next attempt in {backoff:?}");
+                        Some(Instant::now() + backoff)
+                    }
+                };
             }
             if let Some(ex) = executor.as_ref() {
                 *lock(&self.counters) = ex.counters();
@@ -675,7 +815,58 @@ impl GpuQueue {
         }
     }
 
+    /// Sets the GPU's state (and bumps its epoch after a rebuild); tells
+    /// the watchers when it changed. Leaving OK empties the queue under the
+    /// same lock that [`GpuQueue::submit`] checks the state under, so no job
+    /// is queued behind the change: the jobs returned are for the caller to
+    /// answer.
+    fn set_state(&self, state: GpuState, rebuilt: bool) -> Vec<Job> {
+        let (changed, jobs) = {
+            let mut s = self.shared();
+            let before = s.health;
+            s.health.state = state;
+            if rebuilt {
+                s.health.epoch = s.health.epoch.wrapping_add(1);
+            }
+            let jobs = if state == GpuState::Ok {
+                Vec::new()
+            } else {
+                s.queue.drain_all()
+            };
+            (before != s.health, jobs)
+        };
+        if changed {
+            log::warn!("gpu{}: state {state}", self.index);
+            lock(&self.watchers).retain(|w| w.send(self.index).is_ok());
+        }
+        jobs
+    }
+
+    /// Tries to build a new executor; sets the GPU's state to what came of it.
     fn rebuild<F>(
+        self: &Arc<Self>,
+        make: &mut F,
+        tables: &HashMap<u32, (Arc<GuestMem>, bool)>,
+        regs: &mut RegThread,
+    ) -> Option<Box<dyn Executor>>
+    where
+        F: FnMut() -> Option<Result<Box<dyn Executor>, Error>>,
+    {
+        let built = self.try_build(make, tables, regs);
+        let jobs = match built {
+            Some(_) => {
+                self.restarts.fetch_add(1, Ordering::Relaxed);
+                self.set_state(GpuState::Ok, true)
+            }
+            None => self.set_state(GpuState::Failed, false),
+        };
+        for job in jobs {
+            job.fail(Status::DeviceError);
+        }
+        built
+    }
+
+    fn try_build<F>(
         self: &Arc<Self>,
         make: &mut F,
         tables: &HashMap<u32, (Arc<GuestMem>, bool)>,
@@ -686,7 +877,6 @@ impl GpuQueue {
     {
         match catch(self.index, make) {
             Some(Some(Ok(mut ex))) => {
-                self.restarts.fetch_add(1, Ordering::Relaxed);
                 log::warn!("gpu{}: executor restarted", self.index);
                 // Registrations belong to the executor that made them: a new
                 // registration thread registers the tables for the new one.
@@ -1305,12 +1495,128 @@ mod tests {
         got.sort();
         let dev = Status::DeviceError as u32;
         assert_eq!(got, vec![(1, dev), (2, dev), (3, dev), (666, dev)]);
-        // A new executor serves what comes next.
+        // A new executor serves what comes next (while it is being built
+        // the GPU is RECOVERING and requests answer DEVICE_ERROR at once).
+        let t = Instant::now();
+        while gpu.health().state != GpuState::Ok {
+            assert!(t.elapsed() < Duration::from_secs(30), "never rebuilt");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         submit(7);
         let r = rx.recv_timeout(Duration::from_secs(30)).expect("answered");
         assert_eq!((r.tag, r.status), (7, Status::Ok as u32));
         assert_eq!(builds.load(Ordering::Relaxed), 2);
         assert_eq!(gpu.restarts(), 1);
+        assert_eq!(
+            gpu.health(),
+            GpuHealth {
+                state: GpuState::Ok,
+                epoch: 1
+            }
+        );
+        assert_eq!(gpu.status().faults, 1);
+        gpu.shutdown();
+    }
+
+    /// Reports a lost device after the request tagged 13; OK otherwise.
+    struct Loses {
+        lost: bool,
+    }
+
+    impl Executor for Loses {
+        fn info(&self) -> crate::protocol::DeviceInfo {
+            crate::executor::CpuExecutor::new(0, Duration::from_secs(1)).info()
+        }
+        fn execute(&mut self, _t: Tenant, req: &Request, _l: Duration) -> Result<u32, Status> {
+            if req.tag == 13 {
+                self.lost = true;
+            }
+            if self.lost {
+                Err(Status::DeviceError)
+            } else {
+                Ok(0)
+            }
+        }
+        fn fault(&self) -> Option<Fault> {
+            self.lost
+                .then(|| Fault::Device("injected: fell off the bus".into()))
+        }
+    }
+
+    /// A lost device: the GPU goes FAILED, requests answer DEVICE_ERROR at
+    /// once, the worker retries building the executor with growing waits
+    /// (every failed build counted), and once one builds the GPU is OK
+    /// with the next epoch. The watchers hear of each change.
+    #[test]
+    fn a_lost_device_is_retried_with_backoff_until_it_comes_back() {
+        let builds = Arc::new(AtomicU64::new(0));
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (b, f) = (builds.clone(), failing.clone());
+        let gpu = GpuQueue::start_supervised(
+            0,
+            move || {
+                b.fetch_add(1, Ordering::SeqCst);
+                if f.load(Ordering::SeqCst) {
+                    return Some(Err(Error::Executor(crate::executor::Error::Unavailable(
+                        "gone".into(),
+                    ))));
+                }
+                Some(Ok(Box::new(Loses { lost: false }) as Box<dyn Executor>))
+            },
+            Policy::Strict,
+            Duration::from_secs(10),
+            Recovery {
+                first: Duration::from_millis(1),
+                max: Duration::from_millis(8),
+            },
+        )
+        .unwrap();
+        let (watch_tx, watch_rx) = std::sync::mpsc::channel();
+        gpu.watch_health(watch_tx);
+        let (tx, rx) = std::sync::mpsc::channel::<RespHdr>();
+        struct Tx(std::sync::mpsc::Sender<RespHdr>);
+        impl Completion for Tx {
+            fn complete(self: Box<Self>, resp: RespHdr) {
+                let _ = self.0.send(resp);
+            }
+        }
+        let submit = |tag: u64| {
+            let mut j = job(Priority::Medium, tag, Instant::now());
+            j.req.tag = tag;
+            j.done = Box::new(Tx(tx.clone()));
+            gpu.submit(j);
+            let r = rx.recv_timeout(Duration::from_secs(30)).expect("answered");
+            assert_eq!(r.tag, tag);
+            Status::from_u32(r.status).unwrap()
+        };
+        assert_eq!(submit(1), Status::Ok);
+        failing.store(true, Ordering::SeqCst);
+        assert_eq!(submit(13), Status::DeviceError);
+        assert_eq!(watch_rx.recv_timeout(Duration::from_secs(30)), Ok(0));
+        assert_eq!(gpu.health().state, GpuState::Failed);
+        // Refused at once while FAILED.
+        assert_eq!(submit(2), Status::DeviceError);
+        // The worker keeps trying: several failed builds.
+        let t = Instant::now();
+        while builds.load(Ordering::SeqCst) < 5 {
+            assert!(t.elapsed() < Duration::from_secs(30), "no retries");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(gpu.health().state, GpuState::Failed);
+        failing.store(false, Ordering::SeqCst);
+        assert_eq!(watch_rx.recv_timeout(Duration::from_secs(30)), Ok(0));
+        assert_eq!(
+            gpu.health(),
+            GpuHealth {
+                state: GpuState::Ok,
+                epoch: 1
+            }
+        );
+        assert_eq!(submit(3), Status::Ok);
+        let st = gpu.status();
+        assert_eq!((st.state.as_str(), st.epoch, st.faults), ("ok", 1, 1));
+        assert!(st.recovery_attempts >= 5, "{st:?}");
+        assert!(st.last_fault.contains("fell off the bus"), "{st:?}");
         gpu.shutdown();
     }
 

@@ -327,7 +327,7 @@ impl VhostUserBackend for VgpuBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let bytes = self.vm.settings().config().to_bytes();
+        let bytes = self.vm.device_config().to_bytes();
         let start = offset as usize;
         match start.checked_add(size as usize) {
             Some(end) if end <= CONFIG_SIZE => bytes[start..end].to_vec(),

@@ -19,7 +19,7 @@ use crate::control::VmStatus;
 use crate::executor::Tenant;
 use crate::guest::{GuestBufs, GuestMem};
 use crate::metrics::{Metrics, VmLabels};
-use crate::protocol::{DeviceConfig, Opcode, PoolId, Priority, RespHdr, Status};
+use crate::protocol::{DeviceConfig, GpuHealth, Opcode, PoolId, Priority, RespHdr, Status};
 use crate::scheduler::{ArrivalCounter, Completion, Control, GpuQueue, Job};
 use crate::stats::WaitSamples;
 use crate::sync::lock;
@@ -103,6 +103,7 @@ impl VmSettings {
             pool: self.pool,
             priority: self.priority,
             vm_id: self.vm_id,
+            health: GpuHealth::default(),
         }
     }
 
@@ -277,10 +278,36 @@ impl Vm {
         lock(&self.link).clone()
     }
 
+    /// What the guest reads from config space: its settings and the health
+    /// of the GPU that serves it.
+    pub fn device_config(&self) -> DeviceConfig {
+        DeviceConfig {
+            health: self.gpu().health(),
+            ..self.settings().config()
+        }
+    }
+
+    /// The health of the VM's GPU changed: tell the guest (a config-change
+    /// notification where the frontend took the backend channel).
+    pub fn gpu_health_changed(&self) {
+        let h = self.gpu().health();
+        log::info!(
+            "vm{}: gpu{} now {} (epoch {})",
+            self.id(),
+            self.gpu().index(),
+            h.state,
+            h.epoch
+        );
+        if let Some(link) = self.link() {
+            link.frontend.config_changed();
+        }
+    }
+
     /// Applies new settings at once: requests already queued move to the
     /// new priority (and GPU) keeping their arrival order, and the guest is
     /// told when what it sees in config space changed.
     pub fn update(&self, settings: VmSettings, gpu: Arc<GpuQueue>) {
+        let seen = self.device_config();
         let old = std::mem::replace(&mut *lock(&self.settings), settings.clone());
         let old_gpu = std::mem::replace(&mut *lock(&self.gpu), gpu.clone());
         let moved_gpu = !Arc::ptr_eq(&old_gpu, &gpu);
@@ -326,7 +353,7 @@ impl Vm {
                 }
             }
         }
-        if old.config() != settings.config() {
+        if seen != self.device_config() {
             log::info!(
                 "vm{}: now pool {} priority {}",
                 settings.vm_id,

@@ -24,6 +24,7 @@ int main(void) {
     OFF(vgpu_resp_hdr, dispatch_seq); OFF(vgpu_resp_hdr, queue_ns); OFF(vgpu_resp_hdr, exec_ns);
     OFF(virtio_vgpu_config, magic); OFF(virtio_vgpu_config, version);
     OFF(virtio_vgpu_config, pool_id); OFF(virtio_vgpu_config, priority); OFF(virtio_vgpu_config, vm_id);
+    OFF(virtio_vgpu_config, gpu_state); OFF(virtio_vgpu_config, gpu_epoch);
     OFF(vgpu_info, executor); OFF(vgpu_info, gpu_index); OFF(vgpu_info, memory_total);
     OFF(vgpu_info, compute_capability); OFF(vgpu_info, exec_limit_ms); OFF(vgpu_info, name);
     P("VIRTIO_ID_VGPU", VIRTIO_ID_VGPU); P("VGPU_MAGIC", VGPU_MAGIC); P("VGPU_VERSION", VGPU_VERSION);
@@ -142,6 +143,8 @@ fn c_header_matches_rust_definition() {
         ("pool_id", CFG_POOL_ID),
         ("priority", CFG_PRIORITY),
         ("vm_id", CFG_VM_ID),
+        ("gpu_state", CFG_GPU_STATE),
+        ("gpu_epoch", CFG_GPU_EPOCH),
     ] {
         assert_eq!(
             c[&format!("virtio_vgpu_config.{f}")],
@@ -232,6 +235,9 @@ fn every_opcode_status_and_struct_matches() {
     for &st in Status::ALL {
         want.push((st.c_name().into(), st.c_name().into(), st as u64));
     }
+    for &g in GpuState::ALL {
+        want.push((g.c_name().into(), g.c_name().into(), g as u64));
+    }
     macro_rules! layout {
         ($c:literal, $t:ty { $($f:ident),* }) => {{
             want.push((format!("sizeof.{}", $c), format!("sizeof(struct {})", $c), size_of::<$t>() as u64));
@@ -250,6 +256,8 @@ fn every_opcode_status_and_struct_matches() {
             pool_id,
             priority,
             vm_id,
+            gpu_state,
+            gpu_epoch,
             reserved
         }
     );

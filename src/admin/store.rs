@@ -15,7 +15,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transactio
 use serde::Serialize;
 
 use crate::config::{Register, VmDefaults};
-use crate::protocol::{DeviceConfig, PoolId, Priority};
+use crate::protocol::{DeviceConfig, GpuHealth, PoolId, Priority};
 
 /// Migrations in order; migration `i` brings the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -283,6 +283,8 @@ impl VmRecord {
             pool: self.pool,
             priority: self.priority,
             vm_id: self.vm_id,
+            // The database knows assignments, not the GPU's live health.
+            health: GpuHealth::default(),
         }
     }
 
@@ -1232,7 +1234,8 @@ mod tests {
             DeviceConfig {
                 pool: pool('B'),
                 priority: Priority::High,
-                vm_id: 1
+                vm_id: 1,
+                health: GpuHealth::default(),
             }
         );
         for key in [U1, "1", "web-1"] {

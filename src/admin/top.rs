@@ -222,7 +222,7 @@ fn wait(ns: u64) -> String {
 const VM_HEADER: [&str; 10] = [
     "VM", "POOL", "PRIO", "CONN", "QUEUED", "INFLIGHT", "REQ/S", "P50WAIT", "P99WAIT", "ERRORS",
 ];
-const GPU_HEADER: [&str; 5] = ["GPU", "QUEUED", "DISPATCH/S", "BUSY%", "EXECUTOR"];
+const GPU_HEADER: [&str; 6] = ["GPU", "STATE", "QUEUED", "DISPATCH/S", "BUSY%", "EXECUTOR"];
 
 fn vm_cells(r: &VmRow) -> [String; 10] {
     [
@@ -239,9 +239,10 @@ fn vm_cells(r: &VmRow) -> [String; 10] {
     ]
 }
 
-fn gpu_cells(g: &GpuRow) -> [String; 5] {
+fn gpu_cells(g: &GpuRow) -> [String; 6] {
     [
         g.s.gpu.to_string(),
+        g.s.state.clone(),
         g.s.queued.to_string(),
         format!("{:.0}", g.rate),
         format!("{:.1}", g.busy),
@@ -301,6 +302,7 @@ fn draw(f: &mut Frame, view: &View, o: &Options) {
         gpu_rows,
         [
             Constraint::Length(4),
+            Constraint::Length(11),
             Constraint::Length(7),
             Constraint::Length(11),
             Constraint::Length(6),

@@ -180,6 +180,9 @@ impl<E: Executor> Isolated<E> {
         };
         if matches!(res, Err(Status::DeviceError) | Err(Status::Timeout)) {
             self.faulted += 1;
+            // A worker's fault is usually its guest's doing, but may be the
+            // GPU going away: the daemon's own context tells which.
+            self.inner.probe();
         }
         res
     }
@@ -251,6 +254,14 @@ impl<E: Executor> Executor for Isolated<E> {
     fn map_guest_memory(&mut self, vm_id: u32, mem: &Arc<GuestMem>) {
         self.note_vm(vm_id);
         self.inner.map_guest_memory(vm_id, mem)
+    }
+
+    fn fault(&self) -> Option<super::Fault> {
+        self.inner.fault()
+    }
+
+    fn probe(&mut self) {
+        self.inner.probe()
     }
 
     fn counters(&self) -> ExecutorCounters {

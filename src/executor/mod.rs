@@ -84,6 +84,18 @@ pub trait Executor: Send {
     /// work, through a staging copy.
     fn map_guest_memory(&mut self, _vm_id: u32, _mem: &Arc<GuestMem>) {}
 
+    /// Whether the executor can go on serving. The GPU's worker asks after
+    /// every piece of work: `Some` ends this executor (the running request
+    /// already has its answer, DEVICE_ERROR), answers everything queued
+    /// DEVICE_ERROR, and builds a new one (docs/gpu.md, "GPU health").
+    fn fault(&self) -> Option<Fault> {
+        None
+    }
+
+    /// Checks that the device still works (after a fault elsewhere, such as
+    /// a remoting worker's), recording a [`Executor::fault`] if not.
+    fn probe(&mut self) {}
+
     /// Running totals for status and metrics.
     fn counters(&self) -> ExecutorCounters {
         ExecutorCounters::default()
@@ -112,6 +124,36 @@ pub trait Executor: Send {
     /// dropped (unregistered) off the execution thread.
     fn detach_memory(&mut self, _vm_id: u32) -> Option<Registration> {
         None
+    }
+}
+
+/// Why an executor cannot go on serving ([`Executor::fault`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Its own state is broken, the GPU probably is not: a sticky CUDA
+    /// error in the daemon's context (illegal address, launch failure...),
+    /// a panic. Rebuilt at once; the GPU shows RECOVERING meanwhile.
+    Context(String),
+    /// The device is gone or unusable: it fell off the bus or was reset
+    /// (`CUDA_ERROR_DEVICE_UNAVAILABLE`, `CUDA_ERROR_NO_DEVICE`),
+    /// uncorrectable ECC. The GPU shows FAILED until a rebuild succeeds.
+    Device(String),
+}
+
+impl Fault {
+    pub fn reason(&self) -> &str {
+        match self {
+            Fault::Context(r) | Fault::Device(r) => r,
+        }
+    }
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::Context(r) => write!(f, "executor fault: {r}"),
+            Fault::Device(r) => write!(f, "device lost: {r}"),
+        }
     }
 }
 
@@ -161,7 +203,14 @@ pub enum ExecutorChoice {
 pub enum Error {
     #[error("CUDA executor requested but not available: {0}")]
     CudaUnavailable(#[source] cuda::Error),
+    /// An executor of another kind (a caller's own factory) cannot start.
+    #[error("executor not available: {0}")]
+    Unavailable(String),
 }
+
+/// Builds the executor of a GPU (by index), on the thread that will drive
+/// it; called again after a fault to rebuild it (docs/gpu.md).
+pub type Factory = Arc<dyn Fn(u32) -> Result<Box<dyn Executor>, Error> + Send + Sync>;
 
 /// Builds the executor for GPU `gpu_index`, with the default CUDA settings.
 /// Call it on the thread that will drive the executor.

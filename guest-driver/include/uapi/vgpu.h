@@ -24,12 +24,24 @@ struct virtio_vgpu_config {
 	__le32 pool_id;		/* ASCII letter: 'A' = 0x41 */
 	__le32 priority;	/* 0 low, 1 medium, 2 high */
 	__le32 vm_id;
-	__u8 reserved[44];
+	__le32 gpu_state;	/* VGPU_GPU_*: health of the GPU serving the VM */
+	__le32 gpu_epoch;	/* rebuilds of that GPU's executor after faults */
+	__u8 reserved[36];
 };
 
 #define VGPU_PRIO_LOW		0
 #define VGPU_PRIO_MEDIUM	1
 #define VGPU_PRIO_HIGH		2
+
+/*
+ * gpu_state. The host changes it and sends a config-change notification.
+ * Not OK: every request answers VGPU_S_DEVICE_ERROR. A new gpu_epoch: the
+ * device state the guest held (remoting handles, device memory) is gone.
+ */
+#define VGPU_GPU_OK		0
+#define VGPU_GPU_DEGRADED	1	/* reserved: nothing sends it yet */
+#define VGPU_GPU_FAILED		2	/* lost; the host retries bringing it back */
+#define VGPU_GPU_RECOVERING	3	/* its executor is being rebuilt */
 
 /* Request: device-readable header + payload, then device-writable response
  * header + output, in one descriptor chain, split any way. */

@@ -56,14 +56,12 @@ enum Outcome {
     Fatal(DriverError),
 }
 
-/// CUresults after which the context is unusable (CUDA: "the process must
-/// be terminated and relaunched"): deinitialised, uncorrectable ECC, illegal
-/// address, launch timeout, context destroyed, assert, hardware stack
-/// error, illegal instruction, misaligned address, invalid address space,
-/// invalid PC, launch failure, unknown. Everything else is the guest's
-/// error to handle, answered as its CUresult.
+/// CUresults after which the context is unusable: the list of
+/// `cuda/mod.rs` ([`super::ends_context`]), shared with the daemon's own
+/// executor. Everything else is the guest's error to handle, answered as
+/// its CUresult.
 fn poisons_context(code: u32) -> bool {
-    matches!(code, 4 | 214 | 700 | 702 | 709 | 710 | 714..=719 | 999)
+    super::ends_context(code)
 }
 
 fn classify(r: CUresult) -> Result<(), Outcome> {

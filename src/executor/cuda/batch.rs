@@ -144,9 +144,18 @@ impl CudaExecutor {
     /// kernel (or one per pair), copy the results out, synchronize.
     fn run_scalar_slots(&mut self, n: usize) -> Result<(), Status> {
         let stream = self.stream.cu_stream();
-        let hin = self.batch.host.addr();
+        // Allocated at start-up: these only hand the addresses back.
+        let hin = self
+            .batch
+            .host
+            .ensure(BATCH_BYTES)
+            .map_err(|e| self.own_error(e))?;
         let hout = hin + BATCH_OUT as u64;
-        let din = self.batch.dev.addr();
+        let din = self
+            .batch
+            .dev
+            .ensure(BATCH_BYTES)
+            .map_err(|e| self.own_error(e))?;
         let dout = din + BATCH_OUT as u64;
         let run = || -> Result<(), DriverError> {
             if let Some((f, _)) = &self.batch.kernel {

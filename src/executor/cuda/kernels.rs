@@ -89,9 +89,8 @@ impl CudaExecutor {
         if req.output.len() < 4 {
             return Err(Status::TooLarge);
         }
-        self.dev_out.ensure(4).map_err(|e| self.own_error(e))?;
         // The operands travel as kernel parameters: no copy-in needed.
-        let mut out = self.dev_out.addr();
+        let mut out = self.dev_out.ensure(4).map_err(|e| self.own_error(e))?;
         let mut params = [
             &mut a as *mut i32 as *mut c_void,
             &mut b as *mut i32 as *mut c_void,
@@ -112,11 +111,11 @@ impl CudaExecutor {
     ) -> Result<u32, Status> {
         let bytes = 4 * n;
         let b_off = align_up(bytes);
-        self.dev_in
+        let din = self
+            .dev_in
             .ensure(2 * b_off)
             .map_err(|e| self.own_error(e))?;
-        self.dev_out.ensure(bytes).map_err(|e| self.own_error(e))?;
-        let (din, dout) = (self.dev_in.addr(), self.dev_out.addr());
+        let dout = self.dev_out.ensure(bytes).map_err(|e| self.own_error(e))?;
         let payload = Reader::Guest(&req.payload);
         self.copy_in(vm, payload, 8, bytes, din)?;
         self.copy_in(vm, payload, 8 + bytes, bytes, din + b_off as u64)?;
@@ -156,13 +155,14 @@ impl CudaExecutor {
             return self.sgemm_cublas(vm, req, d);
         }
         let b_off = align_up(d.a_bytes());
-        self.dev_in
+        let din = self
+            .dev_in
             .ensure(b_off + d.b_bytes())
             .map_err(|e| self.own_error(e))?;
-        self.dev_out
+        let dout = self
+            .dev_out
             .ensure(d.c_bytes())
             .map_err(|e| self.own_error(e))?;
-        let (din, dout) = (self.dev_in.addr(), self.dev_out.addr());
         let payload = Reader::Guest(&req.payload);
         self.copy_in(vm, payload, GemmDims::A_OFFSET, d.a_bytes(), din)?;
         self.copy_in(vm, payload, d.b_offset(), d.b_bytes(), din + b_off as u64)?;
@@ -177,13 +177,14 @@ impl CudaExecutor {
     fn sgemm_cublas(&mut self, vm: u32, req: &Request, d: GemmDims) -> Result<u32, Status> {
         let tf32 = ops::sgemm_tf32(Reader::Guest(&req.payload))?;
         let b_off = align_up(d.a_bytes());
-        self.dev_in
+        let da = self
+            .dev_in
             .ensure(b_off + d.b_bytes())
             .map_err(|e| self.own_error(e))?;
-        self.dev_out
+        let dout = self
+            .dev_out
             .ensure(d.c_bytes())
             .map_err(|e| self.own_error(e))?;
-        let (da, dout) = (self.dev_in.addr(), self.dev_out.addr());
         let db = da + b_off as u64;
         let payload = Reader::Guest(&req.payload);
         let zero_copy = self.regs.zero_copy(vm, Some(req.payload.memory()))
@@ -256,8 +257,11 @@ impl CudaExecutor {
 
     fn blas_error(&self, e: CublasError) -> Status {
         log::error!("gpu{}: cuBLAS error: {e}", self.gpu_index);
-        // Leave nothing queued behind a failed call.
-        let _ = self.sync();
+        // Leave nothing queued behind a failed call; a sticky error behind
+        // it ends the executor (see `own_error`).
+        if let Err(e) = self.sync() {
+            self.own_error(e);
+        }
         match e.0 {
             cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED => Status::NoResources,
             _ => Status::DeviceError,

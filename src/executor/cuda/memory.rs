@@ -122,21 +122,24 @@ impl<P: Place> Default for Grow<P> {
 }
 
 impl<P: Place> Grow<P> {
-    /// Makes room for `bytes` (the context must be current and idle).
-    pub fn ensure(&mut self, bytes: usize) -> Result<(), DriverError> {
-        if bytes <= self.cap {
-            return Ok(());
+    /// Makes room for `bytes` (the context must be current and idle) and
+    /// returns the buffer's address: the only way to get it, so nothing
+    /// uses a buffer it did not ensure. Never null on success (at least
+    /// [`MIN_BUF`] is allocated, even for 0 bytes). A failed growth leaves
+    /// the old buffer as it was: the new one is allocated first.
+    pub fn ensure(&mut self, bytes: usize) -> Result<u64, DriverError> {
+        if bytes <= self.cap && self.cap > 0 {
+            return Ok(self.addr);
         }
-        let want = bytes.next_power_of_two().max(MIN_BUF);
+        let want = bytes
+            .checked_next_power_of_two()
+            .ok_or(DriverError(sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY))?
+            .max(MIN_BUF);
         let addr = P::alloc(want)?;
         self.release();
         self.addr = addr;
         self.cap = want;
-        Ok(())
-    }
-
-    pub fn addr(&self) -> u64 {
-        self.addr
+        Ok(addr)
     }
 
     pub fn release(&mut self) {
@@ -408,14 +411,12 @@ impl CudaExecutor {
             self.stats.zero_copy += 1;
         } else {
             self.log_staging("guest memory not registered");
-            self.staging.ensure(len).map_err(|e| self.own_error(e))?;
+            let staging = self.staging.ensure(len).map_err(|e| self.own_error(e))?;
             src.read_at(off, self.staging.slice(len))?;
             // SAFETY: the staging buffer holds `len` bytes; synchronized below
             // before the buffer is reused.
-            check(unsafe {
-                sys::cuMemcpyHtoDAsync_v2(dst, self.staging.addr() as *const c_void, len, stream)
-            })
-            .map_err(|e| self.own_error(e))?;
+            check(unsafe { sys::cuMemcpyHtoDAsync_v2(dst, staging as *const c_void, len, stream) })
+                .map_err(|e| self.own_error(e))?;
             self.sync().map_err(|e| self.own_error(e))?;
             self.stats.staged += 1;
         }
@@ -456,11 +457,11 @@ impl CudaExecutor {
             }
         } else {
             self.log_staging("guest memory not registered");
-            self.staging.ensure(len).map_err(|e| self.own_error(e))?;
+            let staging = self.staging.ensure(len).map_err(|e| self.own_error(e))?;
             if len > 0 {
                 // SAFETY: staging holds `len` bytes, synchronized right after.
                 check(unsafe {
-                    sys::cuMemcpyDtoHAsync_v2(self.staging.addr() as *mut c_void, src, len, stream)
+                    sys::cuMemcpyDtoHAsync_v2(staging as *mut c_void, src, len, stream)
                 })
                 .map_err(|e| self.own_error(e))?;
             }

@@ -34,7 +34,7 @@ use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 
 use super::{
-    ops, past_limit, Executor, ExecutorCounters, Registrar, Registration, Request, Tenant,
+    ops, past_limit, Executor, ExecutorCounters, Fault, Registrar, Registration, Request, Tenant,
 };
 use crate::bytes::{Reader, Writer};
 use crate::guest::GuestMem;
@@ -101,6 +101,39 @@ fn check_device(gpu_index: u32) -> Result<(), Error> {
     Ok(())
 }
 
+/// CUresults that say the device itself is gone or unusable: device
+/// unavailable (46: fell off the bus, Xid 79; or taken by an exclusive
+/// process), no device (100) and invalid device (101) after a reset,
+/// deinitialised (4), uncorrectable ECC (214, Xid 48).
+const DEVICE_LOST: &[u32] = &[4, 46, 100, 101, 214];
+
+/// CUresults after which a context is unusable ("the process must be
+/// terminated and relaunched", or at least the context rebuilt): illegal
+/// address (700), launch timeout (702), context destroyed (709), assert
+/// (710), hardware stack error, illegal instruction, misaligned address,
+/// invalid address space, invalid PC, launch failure (714–719), invalid
+/// context (201), unknown (999).
+const STICKY: &[u32] = &[201, 700, 702, 709, 710, 714, 715, 716, 717, 718, 719, 999];
+
+/// True when `code` leaves its context unusable (or says the device is gone).
+pub(crate) fn ends_context(code: u32) -> bool {
+    DEVICE_LOST.contains(&code) || STICKY.contains(&code)
+}
+
+/// What an error in a context means for the code that owns it: `None`
+/// when the context can go on (a bad argument, out of memory...). One list
+/// for the daemon's executor and the remoting workers (`api.rs`).
+pub fn fault_of(e: DriverError) -> Option<Fault> {
+    let code = e.0 as u32;
+    if DEVICE_LOST.contains(&code) {
+        Some(Fault::Device(format!("{e} ({code})")))
+    } else if STICKY.contains(&code) {
+        Some(Fault::Context(format!("{e} ({code})")))
+    } else {
+        None
+    }
+}
+
 fn check(r: CUresult) -> Result<(), DriverError> {
     r.result()
 }
@@ -138,6 +171,11 @@ pub struct CudaExecutor {
     blas: Option<blas::Blas>,
     regs: Registrations,
     stats: CudaStats,
+    /// The first error that made this executor unusable ([`fault_of`]).
+    /// Set from `&self` paths (error mapping inside closures), hence a Cell.
+    fault: std::cell::Cell<Option<Fault>>,
+    /// Keep last: dropped after everything above.
+    reset: ResetOnDrop,
 }
 
 impl CudaExecutor {
@@ -145,6 +183,22 @@ impl CudaExecutor {
     /// executor (the context is made current there).
     pub fn new(gpu_index: u32, exec_limit: Duration) -> Result<Self, Error> {
         check_device(gpu_index)?;
+        match CudaExecutor::open(gpu_index, exec_limit) {
+            Err(Error::Driver(e)) if fault_of(e).is_some() => {
+                // The primary context is still poisoned (a sticky error
+                // that an executor's drop could not reset): reset it, once.
+                log::warn!("gpu{gpu_index}: context unusable ({e}): resetting it");
+                let dev = result::device::get(gpu_index as i32)?;
+                // SAFETY: plain driver call on an existing device.
+                let r = unsafe { sys::cuDevicePrimaryCtxReset_v2(dev) };
+                log::warn!("gpu{gpu_index}: primary context reset: {r:?}");
+                CudaExecutor::open(gpu_index, exec_limit)
+            }
+            other => other,
+        }
+    }
+
+    fn open(gpu_index: u32, exec_limit: Duration) -> Result<Self, Error> {
         let ctx = CudaContext::new(gpu_index as usize)?;
         let stream = ctx.new_stream()?;
         let kernels = Kernels::load(&ctx)?;
@@ -158,6 +212,7 @@ impl CudaExecutor {
             exec_limit_ms: u32::try_from(exec_limit.as_millis()).unwrap_or(u32::MAX),
             name: ctx.name()?,
         };
+        let dev = ctx.cu_device();
         let mut ex = CudaExecutor {
             gpu_index,
             info,
@@ -172,6 +227,12 @@ impl CudaExecutor {
             blas: None,
             regs: Registrations::default(),
             stats: CudaStats::default(),
+            fault: std::cell::Cell::new(None),
+            reset: ResetOnDrop {
+                gpu: gpu_index,
+                dev,
+                armed: None,
+            },
         };
         ex.blas = blas::Blas::new(gpu_index, &ex.ctx);
         ex.dev_in.ensure(1)?;
@@ -213,6 +274,27 @@ impl CudaExecutor {
         &self.stream
     }
 
+    /// Test hook for fault handling: runs the SCALAR_ADD kernel with a null
+    /// output pointer in the executor's own context, the write to address 0
+    /// that a null device buffer once caused. The result is a real sticky
+    /// CUDA_ERROR_ILLEGAL_ADDRESS (700), which ends this executor through
+    /// the same path as any other ([`Executor::fault`]). Answers the status
+    /// the request would have got.
+    #[doc(hidden)]
+    pub fn inject_null_write(&mut self) -> Result<u32, Status> {
+        bind(&self.ctx).map_err(|e| self.own_error(e))?;
+        let (mut a, mut b, mut out) = (1i32, 2i32, 0u64);
+        let mut params = [
+            &mut a as *mut i32 as *mut c_void,
+            &mut b as *mut i32 as *mut c_void,
+            &mut out as *mut u64 as *mut c_void,
+        ];
+        self.launch(&self.kernels.scalar_add, (1, 1, 1), (1, 1, 1), &mut params)
+            .map_err(|e| self.own_error(e))?;
+        self.sync().map_err(|e| self.own_error(e))?;
+        Ok(0)
+    }
+
     /// Launches a built-in kernel on the executor's stream.
     fn launch(
         &self,
@@ -240,12 +322,18 @@ impl CudaExecutor {
     }
 
     /// An error in the executor's own context: the daemon's code, not the
-    /// guest's, so it is logged loudly.
+    /// guest's, so it is logged loudly. A sticky one (or one that says the
+    /// device is gone) is recorded: [`Executor::fault`] then tells the GPU's
+    /// worker to rebuild the executor.
     fn own_error(&self, e: DriverError) -> Status {
         log::error!(
             "gpu{}: CUDA error in the executor context: {e}",
             self.gpu_index
         );
+        if let Some(f) = fault_of(e) {
+            let first = self.fault.take();
+            self.fault.set(first.or(Some(f)));
+        }
         match e.0 {
             sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => Status::NoResources,
             _ => Status::DeviceError,
@@ -322,6 +410,21 @@ impl Executor for CudaExecutor {
         self.map_memory(vm_id, mem);
     }
 
+    fn fault(&self) -> Option<Fault> {
+        let f = self.fault.take();
+        self.fault.set(f.clone());
+        f
+    }
+
+    /// Synchronizes the whole context: a device that fell off the bus (or
+    /// a sticky error) shows here and is recorded as the executor's fault.
+    fn probe(&mut self) {
+        let r = bind(&self.ctx).and_then(|()| result::ctx::synchronize());
+        if let Err(e) = r {
+            self.own_error(e);
+        }
+    }
+
     fn counters(&self) -> ExecutorCounters {
         ExecutorCounters {
             registered_bytes: self.stats.registered_bytes,
@@ -357,6 +460,34 @@ impl Drop for CudaExecutor {
             self.dev_out.release();
             self.staging.release();
             self.batch.release();
+        }
+        // A sticky error leaves the primary context broken for whoever
+        // retains it next: reset it once every object of ours in it is gone
+        // (the last field's drop, see `ResetOnDrop`).
+        if let Some(f) = self.fault.take() {
+            self.reset.armed = Some(f);
+        }
+    }
+}
+
+/// Resets the device's primary context when dropped, if armed: the last
+/// field of [`CudaExecutor`], so it runs after the stream, modules, cuBLAS
+/// and buffers were destroyed (their destruction fails harmlessly in a
+/// broken context). Without it the next `CudaContext::new` would retain
+/// the same poisoned context. Nothing else in the daemon uses the primary
+/// context: guest code runs in worker processes.
+struct ResetOnDrop {
+    gpu: u32,
+    dev: sys::CUdevice,
+    armed: Option<Fault>,
+}
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        if let Some(f) = self.armed.take() {
+            // SAFETY: plain driver call on the device the executor opened.
+            let r = unsafe { sys::cuDevicePrimaryCtxReset_v2(self.dev) };
+            log::warn!("gpu{}: primary context reset after {f}: {r:?}", self.gpu);
         }
     }
 }
