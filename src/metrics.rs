@@ -179,6 +179,7 @@ pub struct Metrics {
     gpu_dispatched: Family<GpuLabels, Counter>,
     gpu_worker_starts: Family<GpuLabels, Counter>,
     gpu_worker_faults: Family<GpuLabels, Counter>,
+    gpu_worker_pipe_bytes: Family<GpuLabels, Counter>,
     gpu_registered: Family<GpuLabels, Gauge>,
     /// Last totals seen per GPU (the counters advance by the difference).
     gpu_seen: Mutex<BTreeMap<u32, GpuTotals>>,
@@ -191,6 +192,7 @@ struct GpuTotals {
     dispatched: u64,
     worker_starts: u64,
     worker_faults: u64,
+    worker_pipe_bytes: u64,
 }
 
 impl Default for Metrics {
@@ -218,6 +220,7 @@ impl Metrics {
             gpu_dispatched: Family::default(),
             gpu_worker_starts: Family::default(),
             gpu_worker_faults: Family::default(),
+            gpu_worker_pipe_bytes: Family::default(),
             gpu_registered: Family::default(),
             gpu_seen: Mutex::default(),
         };
@@ -296,6 +299,12 @@ impl Metrics {
             "gpu_worker_faults",
             "Remoting calls that ended their CUDA worker (fault or timeout)",
             m.gpu_worker_faults.clone(),
+        );
+        r.register_with_unit(
+            "gpu_worker_pipe",
+            "Request payload and output bytes that crossed the CUDA workers' pipes (guest ranges only once a VM's memory table is passed)",
+            Unit::Bytes,
+            m.gpu_worker_pipe_bytes.clone(),
         );
         r.register_with_unit(
             "gpu_registered_guest_memory",
@@ -416,6 +425,11 @@ impl Metrics {
             self.gpu_worker_faults
                 .get_or_create(&l)
                 .inc_by(counters.worker_faults.saturating_sub(last.worker_faults));
+            self.gpu_worker_pipe_bytes.get_or_create(&l).inc_by(
+                counters
+                    .worker_pipe_bytes
+                    .saturating_sub(last.worker_pipe_bytes),
+            );
             seen.insert(
                 gpu,
                 GpuTotals {
@@ -423,6 +437,7 @@ impl Metrics {
                     dispatched: dispatched.max(last.dispatched),
                     worker_starts: counters.worker_starts.max(last.worker_starts),
                     worker_faults: counters.worker_faults.max(last.worker_faults),
+                    worker_pipe_bytes: counters.worker_pipe_bytes.max(last.worker_pipe_bytes),
                 },
             );
         }
@@ -563,6 +578,7 @@ mod tests {
                     worker_starts: 2,
                     worker_faults: 1,
                     registered_bytes: 4096,
+                    worker_pipe_bytes: 512,
                 },
                 ..GpuStatus::default()
             }]
@@ -621,6 +637,7 @@ mod tests {
         for line in [
             r#"vgpu_gpu_worker_starts_total{gpu="0"} 2"#,
             r#"vgpu_gpu_worker_faults_total{gpu="0"} 1"#,
+            r#"vgpu_gpu_worker_pipe_bytes_total{gpu="0"} 512"#,
             r#"vgpu_gpu_registered_guest_memory_bytes{gpu="0"} 4096"#,
         ] {
             assert!(text.contains(line), "{line} in {text}");

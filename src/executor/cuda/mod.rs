@@ -19,7 +19,7 @@ mod api;
 mod batch;
 mod blas;
 mod kernels;
-mod memory;
+pub(crate) mod memory;
 mod remoting;
 
 use std::ffi::c_void;
