@@ -2,8 +2,10 @@
 //! non-primary CUDA context, created on first use, with its handle tables and
 //! quota ([`VmTables`]). A fault or timeout tears the context down (its
 //! handles become NOT_FOUND). Payloads come through a [`Reader`] and outputs
-//! go through a [`Writer`], so the same code serves guest memory and the
-//! plain bytes of the worker's pipe.
+//! go through a [`Writer`], so the same code serves guest memory (in a
+//! worker: its own mapping of the VM's table, `worker/table.rs`) and the
+//! plain bytes of the worker's pipe. Copies go in pieces that each lie in
+//! one registration, queued and waited for once (`api::copy_pieces`).
 //!
 //! This runs guest code: in the daemon it runs only inside a VM's worker
 //! process (`worker/`), never in a process that holds other VMs' memory

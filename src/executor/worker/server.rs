@@ -241,9 +241,7 @@ impl Memory {
             // The old table may still be mapped while its registration ends.
             let old_bytes = old.as_ref().map_or(0, |m| {
                 use vm_memory::GuestMemoryBackend;
-                m.iter()
-                    .map(|r| vm_memory::GuestMemoryRegion::len(r))
-                    .sum::<u64>()
+                m.iter().map(vm_memory::GuestMemoryRegion::len).sum::<u64>()
             });
             let want = self
                 .base_as

@@ -21,7 +21,7 @@
 //! memfds, and the calls keep crossing the pipe.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use super::wire::{RegionWire, MAX_REGIONS};
 
@@ -137,6 +137,7 @@ pub fn recv_fds(sock: RawFd, max: usize) -> io::Result<Vec<OwnedFd>> {
 /// file (memfd guest RAM) and there are few enough to pass at once.
 #[cfg(not(feature = "xen"))]
 pub fn table_of(mem: &crate::guest::GuestMem) -> Option<(Vec<RegionWire>, Vec<RawFd>)> {
+    use std::os::fd::AsRawFd;
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     let mut regions = Vec::new();
     let mut fds = Vec::new();
@@ -216,6 +217,7 @@ pub fn map_table(
 #[cfg(all(test, not(feature = "xen")))]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 

@@ -244,7 +244,7 @@ pub fn encode_table(regions: &[RegionWire]) -> Vec<u8> {
 /// [`MAX_REGIONS`], each non-empty.
 pub fn decode_table(p: &[u8]) -> io::Result<Vec<RegionWire>> {
     let size = std::mem::size_of::<RegionWire>();
-    if p.len() % size != 0 || p.len() / size > MAX_REGIONS || p.is_empty() {
+    if !p.len().is_multiple_of(size) || p.len() / size > MAX_REGIONS || p.is_empty() {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "memory table"));
     }
     p.chunks_exact(size)
