@@ -376,7 +376,8 @@ fn dtoh_sync(out: &mut Writer, src: u64, len: usize) -> Result<u32, Fail> {
 }
 
 /// Copies between host ranges and device memory from `dev` on, in pieces
-/// that each lie in one registration (`dma_pieces`), queued on the null
+/// that each lie in one registration of the worker (`WORKER_REG_CHUNK`,
+/// see `worker/table.rs`), queued on the null
 /// stream and waited for once: registered guest pages move by DMA at the
 /// link's rate; other memory goes through the driver's staging. Waits even
 /// after a failed piece, so that no queued copy outlives its source.
@@ -392,7 +393,9 @@ pub(crate) unsafe fn copy_pieces(
     let stream: sys::CUstream = std::ptr::null_mut();
     let mut done = 0u64;
     let mut first_err = CUresult::CUDA_SUCCESS;
-    for (ptr, n) in ranges.flat_map(|(p, n)| super::memory::dma_pieces(p, n)) {
+    for (ptr, n) in ranges
+        .flat_map(|(p, n)| super::memory::dma_pieces_in(p, n, super::memory::WORKER_REG_CHUNK))
+    {
         // SAFETY: per the caller's contract.
         let r = unsafe {
             if to_device {

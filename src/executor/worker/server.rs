@@ -286,7 +286,8 @@ fn register_in_background(
         .name("vgpu-worker-reg".into())
         .spawn(move || {
             let started = std::time::Instant::now();
-            let tok = crate::executor::cuda::memory::RegToken::register(&ctx, gpu, vm, &mem);
+            use crate::executor::cuda::memory::{RegToken, WORKER_REG_CHUNK};
+            let tok = RegToken::register_in(&ctx, gpu, vm, &mem, WORKER_REG_CHUNK);
             log::info!(
                 "vm{vm}: worker registered {} MiB of guest memory in {:?}",
                 tok.bytes() >> 20,

@@ -7,8 +7,8 @@
 //! the H200: 0.7-1.0 GB/s through the pipe, 55 GB/s pinned).
 //!
 //! The worker then registers the mapping with `cuMemHostRegister` on a
-//! thread of its own (only this VM's calls share the process's driver, and
-//! only they wait for it); until that ends, and for good if it fails, the
+//! thread of its own, in 64 MiB pieces (`WORKER_REG_CHUNK`; only this VM's
+//! calls share the process's driver, and only they wait for it); until that ends, and for good if it fails, the
 //! copies go from the same pages through the driver's own staging buffers.
 //! A VM with `register=staging` is never pinned: its worker maps the table
 //! but does not register it.
