@@ -162,6 +162,7 @@ impl WorkerFile {
                 namespaces: required(self.namespaces, &k("namespaces"))?,
                 rlimit_as: required(self.rlimit_as_mib, &k("rlimit_as_mib"))?
                     .saturating_mul(1 << 20),
+                rlimit_as_guest: 0,
                 rlimit_nofile: nofile,
                 seccomp: required(self.seccomp, &k("seccomp"))?,
                 cgroup: (!cgroup.as_os_str().is_empty()).then_some(cgroup),
@@ -178,7 +179,14 @@ impl FileConfig {
     /// The `[worker]` settings, checked (every key must be set: merge over
     /// the embedded defaults first).
     pub fn worker_config(&self) -> Result<WorkerConfig, Error> {
-        self.worker.clone().unwrap_or_default().resolve()
+        let mut w = self.worker.clone().unwrap_or_default().resolve()?;
+        // A worker maps its VM's guest RAM (the whole table, at most this
+        // much): its address-space limit may grow by that.
+        w.sandbox.rlimit_as_guest = self
+            .max_guest_memory_mib
+            .unwrap_or_default()
+            .saturating_mul(1 << 20);
+        Ok(w)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Self, Error> {

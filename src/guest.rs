@@ -81,6 +81,12 @@ impl GuestBufs {
         &self.mem
     }
 
+    /// The guest-physical ranges of the view, in order (each checked
+    /// against the memory map when pushed).
+    pub fn segments(&self) -> impl ExactSizeIterator<Item = (u64, usize)> + '_ {
+        self.segs.iter().map(|&(a, n)| (a.0, n))
+    }
+
     /// The `len` bytes at `off` as a new view.
     pub fn sub(&self, off: usize, len: usize) -> Result<GuestBufs, Error> {
         self.check(off, len)?;

@@ -179,6 +179,7 @@ pub struct Metrics {
     gpu_dispatched: Family<GpuLabels, Counter>,
     gpu_worker_starts: Family<GpuLabels, Counter>,
     gpu_worker_faults: Family<GpuLabels, Counter>,
+    gpu_worker_pipe_bytes: Family<GpuLabels, Counter>,
     gpu_registered: Family<GpuLabels, Gauge>,
     gpu_state: Family<GpuLabels, Gauge>,
     gpu_epoch: Family<GpuLabels, Gauge>,
@@ -197,6 +198,7 @@ struct GpuTotals {
     worker_faults: u64,
     faults: u64,
     recovery_attempts: u64,
+    worker_pipe_bytes: u64,
 }
 
 impl Default for Metrics {
@@ -224,6 +226,7 @@ impl Metrics {
             gpu_dispatched: Family::default(),
             gpu_worker_starts: Family::default(),
             gpu_worker_faults: Family::default(),
+            gpu_worker_pipe_bytes: Family::default(),
             gpu_registered: Family::default(),
             gpu_state: Family::default(),
             gpu_epoch: Family::default(),
@@ -306,6 +309,12 @@ impl Metrics {
             "gpu_worker_faults",
             "Remoting calls that ended their CUDA worker (fault or timeout)",
             m.gpu_worker_faults.clone(),
+        );
+        r.register_with_unit(
+            "gpu_worker_pipe",
+            "Request payload and output bytes that crossed the CUDA workers' pipes (guest ranges only once a VM's memory table is passed)",
+            Unit::Bytes,
+            m.gpu_worker_pipe_bytes.clone(),
         );
         r.register_with_unit(
             "gpu_registered_guest_memory",
@@ -460,6 +469,11 @@ impl Metrics {
             self.gpu_recovery_attempts
                 .get_or_create(&l)
                 .inc_by(recovery_attempts.saturating_sub(last.recovery_attempts));
+            self.gpu_worker_pipe_bytes.get_or_create(&l).inc_by(
+                counters
+                    .worker_pipe_bytes
+                    .saturating_sub(last.worker_pipe_bytes),
+            );
             seen.insert(
                 gpu,
                 GpuTotals {
@@ -469,6 +483,7 @@ impl Metrics {
                     worker_faults: counters.worker_faults.max(last.worker_faults),
                     faults: faults.max(last.faults),
                     recovery_attempts: recovery_attempts.max(last.recovery_attempts),
+                    worker_pipe_bytes: counters.worker_pipe_bytes.max(last.worker_pipe_bytes),
                 },
             );
         }
@@ -609,6 +624,7 @@ mod tests {
                     worker_starts: 2,
                     worker_faults: 1,
                     registered_bytes: 4096,
+                    worker_pipe_bytes: 512,
                 },
                 state: "failed".into(),
                 epoch: 3,
@@ -679,6 +695,7 @@ mod tests {
         for line in [
             r#"vgpu_gpu_worker_starts_total{gpu="0"} 2"#,
             r#"vgpu_gpu_worker_faults_total{gpu="0"} 1"#,
+            r#"vgpu_gpu_worker_pipe_bytes_total{gpu="0"} 512"#,
             r#"vgpu_gpu_registered_guest_memory_bytes{gpu="0"} 4096"#,
         ] {
             assert!(text.contains(line), "{line} in {text}");

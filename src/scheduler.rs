@@ -721,7 +721,11 @@ impl GpuQueue {
                 ) => {
                     tables.insert(vm_id, (mem.clone(), register));
                     ex.is_some_and(|ex| {
-                        catch(index, || regs.map(ex.as_mut(), vm_id, mem, register)).is_none()
+                        catch(index, || {
+                            ex.memory_policy(vm_id, register);
+                            regs.map(ex.as_mut(), vm_id, mem, register)
+                        })
+                        .is_none()
                     })
                 }
                 (

@@ -424,3 +424,56 @@ fn remoting_round_trip_through_the_daemon() {
         Ok(4i32.to_le_bytes().to_vec())
     );
 }
+
+/// 64 MiB copies through the daemon, both remoting opcodes and the CUDA
+/// API's: the VM's memfd table went to its worker, so the bytes move
+/// between guest pages and the device without crossing the worker's pipe
+/// (the daemon's pipe-bytes counter stays at the size of the ranges).
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn large_remoting_copies_do_not_cross_the_pipe() {
+    const LEN: usize = 64 << 20;
+    let (d, addr) = common::start_with_metrics("cuda", &[(1, "A", "high")], &[]);
+    let mut g = big(&d, 1, 160, 66);
+    let mut rng = Rng::seeded();
+    let data: Vec<u8> = (0..LEN).map(|_| rng.next_u64() as u8).collect();
+    let pipe =
+        || common::scrape(&addr, r#"vgpu_gpu_worker_pipe_bytes_total{gpu="0"}"#).unwrap_or(-1.0);
+
+    let buf = handle(&mut g, Opcode::MemAlloc, &(LEN as u64).to_le_bytes()).unwrap();
+    let mut p = buf.to_le_bytes().to_vec();
+    p.extend(0u64.to_le_bytes());
+    p.extend(&data);
+    assert_eq!(call(&mut g, Opcode::MemcpyHtoD, &p, 0), Ok(vec![]));
+    let mut p = buf.to_le_bytes().to_vec();
+    p.extend(0u64.to_le_bytes());
+    p.extend((LEN as u64).to_le_bytes());
+    let out = call(&mut g, Opcode::MemcpyDtoH, &p, LEN).unwrap();
+    assert!(out == data, "MEMCPY_DTOH returned other bytes");
+
+    // The CUDA API's copies (reply header, then data).
+    let out = call(&mut g, Opcode::CuMemAlloc, &(LEN as u64).to_le_bytes(), 16).unwrap();
+    assert_eq!(out[..4], 0u32.to_le_bytes(), "cuMemAlloc result");
+    let dptr = u64::from_le_bytes(out[8..16].try_into().unwrap());
+    let mut p = dptr.to_le_bytes().to_vec();
+    p.extend(data.iter().rev());
+    let out = call(&mut g, Opcode::CuMemcpyHtoD, &p, 8).unwrap();
+    assert_eq!(out[..4], 0u32.to_le_bytes(), "cuMemcpyHtoD result");
+    let mut p = dptr.to_le_bytes().to_vec();
+    p.extend((LEN as u64).to_le_bytes());
+    let out = call(&mut g, Opcode::CuMemcpyDtoH, &p, 8 + LEN).unwrap();
+    assert_eq!(out[..4], 0u32.to_le_bytes(), "cuMemcpyDtoH result");
+    assert!(
+        out[8..].iter().eq(data.iter().rev()),
+        "CU_MEMCPY_DTOH returned other bytes"
+    );
+
+    // Metrics are published once a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let crossed = pipe();
+    eprintln!("bytes through the worker's pipe for 4 x 64 MiB of copies: {crossed}");
+    assert!(
+        (0.0..65536.0).contains(&crossed),
+        "{crossed} bytes crossed the pipe"
+    );
+}

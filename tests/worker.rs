@@ -293,3 +293,156 @@ fn the_worker_moves_into_its_cgroup() {
     assert!(line.starts_with("fds="), "{line}");
     assert_eq!(procs.trim(), pid.to_string());
 }
+
+/// Guest RAM as the daemon gets it from a frontend: one memfd per region.
+fn memfd_memory(regions: &[(u64, usize)]) -> std::sync::Arc<vgpu::guest::GuestMem> {
+    use vm_memory::{FileOffset, GuestAddress};
+    let ranges: Vec<_> = regions
+        .iter()
+        .map(|&(addr, len)| {
+            // SAFETY: a NUL-terminated name; the fd is owned by the File.
+            let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+            assert!(fd >= 0);
+            // SAFETY: a fresh fd of ours.
+            let f = unsafe { std::fs::File::from_raw_fd(fd) };
+            f.set_len(len as u64).unwrap();
+            (GuestAddress(addr), len, Some(FileOffset::new(f, 0)))
+        })
+        .collect();
+    std::sync::Arc::new(vgpu::guest::GuestMem::from_ranges_with_files(ranges).unwrap())
+}
+
+fn guest_request(
+    mem: &std::sync::Arc<vgpu::guest::GuestMem>,
+    payload: (u64, usize),
+    output: (u64, usize),
+) -> vgpu::executor::Request {
+    use vgpu::guest::GuestBufs;
+    use vm_memory::GuestAddress;
+    let view = |(addr, len): (u64, usize)| {
+        let mut b = GuestBufs::new(mem.clone());
+        b.push(GuestAddress(addr), len).unwrap();
+        b
+    };
+    vgpu::executor::Request {
+        opcode: Opcode::MemcpyDtoH,
+        tag: 1,
+        payload: view(payload),
+        output: view(output),
+    }
+}
+
+/// What a sandboxed worker can touch of guest memory: the table its parent
+/// passes it (over its socket, under the seccomp filter and an address-space
+/// limit sized by the table), and within it only the ranges that lie in it:
+/// a range of another VM's memory, or past the end of a region, is refused
+/// by the worker's own check whatever its parent sends.
+#[test]
+fn the_worker_touches_only_the_memory_table_it_was_given() {
+    if !no_gpu() {
+        return;
+    }
+    let deadline = || Instant::now() + LIMIT;
+    let vm1 = memfd_memory(&[(0, 2 << 20), (1 << 32, 1 << 20)]);
+    let vm2 = memfd_memory(&[(0x4000_0000, 1 << 20)]);
+    let mut cfg = WorkerConfig::embedded();
+    assert!(cfg.sandbox.enabled);
+    // A small address space: the table must fit the allowance on top.
+    cfg.sandbox.rlimit_as = 1 << 30;
+    cfg.sandbox.rlimit_as_guest = 4 << 20;
+    let mut w = Worker::spawn(&worker_bin(), 0, &cfg.sandbox, None).unwrap();
+    w.assign(1, 1).unwrap();
+    assert_eq!(w.send_table(&vm1, true, deadline()).unwrap(), Status::Ok);
+    let t = vgpu::executor::Tenant {
+        vm_id: 1,
+        gpu_mem_quota: 1 << 20,
+    };
+    // In VM 1's table: past the worker's check, to the executor (none
+    // without a GPU: its ready status).
+    for (p, o) in [
+        ((0x1000, 24), (0x2000, 4096)),
+        ((1 << 32, 24), ((2 << 20) - 4096, 4096)),
+    ] {
+        let req = guest_request(&vm1, p, o);
+        assert_eq!(
+            w.call_guest(t, &req, deadline()).unwrap(),
+            (Status::Unsupported, 0)
+        );
+    }
+    // VM 2's memory is not in the table: refused by the worker itself.
+    let req = guest_request(&vm2, (0x4000_0000, 24), (0x4000_1000, 8));
+    assert_eq!(
+        w.call_guest(t, &req, deadline()).unwrap(),
+        (Status::BadRequest, 0)
+    );
+    // A range valid in a larger table (the parent's bug or a lie) but past
+    // the end of VM 1's second region.
+    let big = memfd_memory(&[(1 << 32, 2 << 20)]);
+    let req = guest_request(&big, ((1 << 32) + (1 << 20) - 8, 24), (1 << 32, 8));
+    assert_eq!(
+        w.call_guest(t, &req, deadline()).unwrap(),
+        (Status::BadRequest, 0)
+    );
+    // A table larger than the address-space allowance is refused; the
+    // worker keeps serving (no seccomp stop, no crash) without a table.
+    let huge = memfd_memory(&[(0, 8 << 20)]);
+    assert_eq!(
+        w.send_table(&huge, true, deadline()).unwrap(),
+        Status::BadRequest
+    );
+    let req = guest_request(&vm1, (0x1000, 24), (0x2000, 8));
+    assert_eq!(
+        w.call_guest(t, &req, deadline()).unwrap(),
+        (Status::BadRequest, 0)
+    );
+    // And a table that fits is taken again.
+    assert_eq!(w.send_table(&vm2, false, deadline()).unwrap(), Status::Ok);
+    let req = guest_request(&vm2, (0x4000_0000, 24), (0x4000_1000, 8));
+    assert_eq!(
+        w.call_guest(t, &req, deadline()).unwrap(),
+        (Status::Unsupported, 0)
+    );
+    assert!(w.exited().is_none(), "the worker died: {:?}", w.exited());
+    // Anonymous memory has no fds to pass: the pipe path stays.
+    let anon = vgpu::guest::anonymous_memory(&[(0, 1 << 20)]).unwrap();
+    assert_eq!(
+        w.send_table(&anon, true, deadline()).unwrap(),
+        Status::Unsupported
+    );
+}
+
+/// Through the client as the daemon uses it: with a memfd table the calls
+/// cross the pipe as guest ranges only (a few bytes each), however large
+/// the copy; with anonymous memory the bytes themselves cross.
+#[test]
+fn with_a_memfd_table_only_ranges_cross_the_pipe() {
+    if !no_gpu() {
+        return;
+    }
+    let mut cfg = WorkerConfig::embedded();
+    cfg.spare = false;
+    let mut launcher = Launcher::new(&worker_bin(), 0, cfg);
+    let t = vgpu::executor::Tenant {
+        vm_id: 1,
+        gpu_mem_quota: 1 << 30,
+    };
+    let mem = memfd_memory(&[(0, 32 << 20)]);
+    let mut req = guest_request(&mem, (0x1000, 16 + (8 << 20)), (0x100_0000, 0));
+    req.opcode = Opcode::MemcpyHtoD;
+    let mut vm = VmWorker::default();
+    vm.set_register(true);
+    for _ in 0..3 {
+        // No GPU here: UNSUPPORTED, but decided in the worker after the
+        // call crossed, as ranges.
+        let (res, _) = vm.execute(&mut launcher, t, &req, LIMIT);
+        assert_eq!(res, Err(Status::Unsupported));
+    }
+    assert!(vm.pipe_bytes() < 3 * 64, "{} bytes", vm.pipe_bytes());
+    let mut g = Guest::new(16 << 20);
+    let mut anon = g.request(1, Opcode::MemcpyHtoD, &vec![0u8; 16 + (1 << 20)], 0);
+    anon.tenant = t;
+    let mut vm = VmWorker::default();
+    let (res, _) = vm.execute(&mut launcher, anon.tenant, &anon, LIMIT);
+    assert_eq!(res, Err(Status::Unsupported));
+    assert!(vm.pipe_bytes() >= 1 << 20, "{} bytes", vm.pipe_bytes());
+}

@@ -75,6 +75,10 @@ pub struct Isolated<E> {
     vms: std::collections::BTreeSet<u32>,
     /// In-process remoting refused for sharing: logged once.
     refusal_logged: bool,
+    /// The VMs' registration choices, for their workers.
+    register: HashMap<u32, bool>,
+    /// Payload and output bytes that crossed the workers' pipes.
+    pipe_bytes: u64,
 }
 
 /// The CUDA executor as the daemon runs it.
@@ -109,6 +113,8 @@ impl<E: Executor> Isolated<E> {
             faulted: 0,
             vms: Default::default(),
             refusal_logged: false,
+            register: HashMap::new(),
+            pipe_bytes: 0,
         }
     }
 
@@ -145,7 +151,11 @@ impl<E: Executor> Isolated<E> {
                     return Err(Status::Unsupported);
                 };
                 let w = vms.entry(tenant.vm_id).or_default();
+                // Not pinned unless the VM's table said it may be.
+                w.set_register(self.register.get(&tenant.vm_id).copied().unwrap_or(false));
+                let before = w.pipe_bytes();
                 let (res, spawned) = w.execute(launcher, tenant, req, limit);
+                self.pipe_bytes += w.pipe_bytes().saturating_sub(before);
                 if spawned {
                     self.started += 1;
                 }
@@ -248,7 +258,14 @@ impl<E: Executor> Executor for Isolated<E> {
 
     fn release_vm(&mut self, vm_id: u32) {
         self.vms.remove(&vm_id);
+        self.register.remove(&vm_id);
+        // Its worker ends, and with it the worker's mapping of its memory.
         self.release_remoting(vm_id);
+    }
+
+    fn memory_policy(&mut self, vm_id: u32, register: bool) {
+        self.register.insert(vm_id, register);
+        self.inner.memory_policy(vm_id, register)
     }
 
     fn map_guest_memory(&mut self, vm_id: u32, mem: &Arc<GuestMem>) {
@@ -268,6 +285,7 @@ impl<E: Executor> Executor for Isolated<E> {
         ExecutorCounters {
             worker_starts: self.started,
             worker_faults: self.faulted,
+            worker_pipe_bytes: self.pipe_bytes,
             ..self.inner.counters()
         }
     }

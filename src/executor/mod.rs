@@ -95,6 +95,11 @@ pub trait Executor: Send {
     /// Checks that the device still works (after a fault elsewhere, such as
     /// a remoting worker's), recording a [`Executor::fault`] if not.
     fn probe(&mut self) {}
+    /// The VM's registration choice (`register=all|staging`), told with
+    /// every memory table before it is registered, whichever the choice:
+    /// an executor that hands guest memory on (the CUDA remoting workers,
+    /// which map their VM's table) pins it only where the VM allows.
+    fn memory_policy(&mut self, _vm_id: u32, _register: bool) {}
 
     /// Running totals for status and metrics.
     fn counters(&self) -> ExecutorCounters {
@@ -180,6 +185,9 @@ pub struct ExecutorCounters {
     pub worker_faults: u64,
     /// Guest memory registered with the driver for zero-copy DMA, bytes.
     pub registered_bytes: u64,
+    /// Request payload and output bytes that crossed the CUDA workers'
+    /// pipes (with the VM's memory table passed, only guest ranges do).
+    pub worker_pipe_bytes: u64,
 }
 
 /// True when work that started at `start` ran past `limit`: nothing preempts

@@ -138,3 +138,56 @@ pub fn admin(db: &Path, dir: &Path, args: &[&str]) -> std::process::Output {
     );
     out
 }
+
+/// Starts the daemon with `--metrics-addr 127.0.0.1:0`; returns it with the
+/// address it printed on its first line.
+pub fn start_with_metrics(
+    executor: &str,
+    vms: &[(u32, &str, &str)],
+    extra: &[&str],
+) -> (DaemonProc, String) {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = Command::new(daemon_binary());
+    cmd.args(["--executor", executor, "--metrics-addr", "127.0.0.1:0"]);
+    for (id, pool, prio) in vms {
+        let sock = vgpu::config::vm_socket(dir.path(), *id);
+        cmd.arg("--vm").arg(format!(
+            "id={id},pool={pool},priority={prio},socket={}",
+            sock.display()
+        ));
+    }
+    cmd.args(extra)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn vgpu-vhost-user");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read the metrics line");
+    let addr = line
+        .trim()
+        .strip_prefix("metrics: http://")
+        .and_then(|s| s.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    (DaemonProc { child, dir }, addr)
+}
+
+/// The value of the metric sample that starts with `prefix` (name and
+/// labels, e.g. `vgpu_gpu_worker_pipe_bytes_total{gpu="0"}`).
+pub fn scrape(addr: &str, prefix: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    resp.lines()
+        .find_map(|l| l.strip_prefix(prefix)?.trim().parse().ok())
+}

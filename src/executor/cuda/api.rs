@@ -18,7 +18,7 @@ use cudarc::driver::result::DriverError;
 use cudarc::driver::sys::{self, CUdevice, CUresult};
 
 use super::meter::Meter;
-use crate::bytes::Writer;
+use crate::bytes::{Reader, Writer};
 use crate::executor::cuda_api::{self as api, cu, ApiTables, Command, ParamLayout, Record};
 use crate::executor::remoting::Quota;
 use crate::protocol::{Opcode, Status};
@@ -366,17 +366,84 @@ fn dtoh_sync(out: &mut Writer, src: u64, len: usize) -> Result<u32, Fail> {
         0,
         vm_memory::ByteValued::as_slice(&api::ReplyWire::default()),
     )?;
-    let mut done = 0u64;
-    for (ptr, n) in out.host_ranges(api::REPLY_SIZE, len)? {
-        // SAFETY: the source range lies in one of the VM's allocations; the
-        // destination is the output buffer's own memory.
-        let r = unsafe { sys::cuMemcpyDtoH_v2(ptr as *mut c_void, src + done, n) };
-        match classify(r) {
-            Ok(()) => done += n as u64,
-            Err(e) => return answer(out, Err(e)),
-        }
+    let ranges = out.host_ranges(api::REPLY_SIZE, len)?;
+    // SAFETY: the source range lies in one of the VM's allocations; the
+    // destination is the output buffer's own memory, kept by `ranges`.
+    let r = unsafe { copy_pieces(ranges.iter().map(|(p, n)| (p as usize, n)), src, false) };
+    drop(ranges);
+    match classify(r) {
+        Ok(()) => Ok((api::REPLY_SIZE + len) as u32),
+        Err(e) => answer(out, Err(e)),
     }
-    Ok((api::REPLY_SIZE + len) as u32)
+}
+
+/// Copies between host ranges and device memory from `dev` on, in pieces
+/// that each lie in one registration of the worker (`WORKER_REG_CHUNK`,
+/// see `worker/table.rs`), queued on the null
+/// stream and waited for once: registered guest pages move by DMA at the
+/// link's rate; other memory goes through the driver's staging. Waits even
+/// after a failed piece, so that no queued copy outlives its source.
+///
+/// # Safety
+/// The host ranges stay valid until this returns, `dev..dev+total` is
+/// device memory of the current context, and `to_device` says the way.
+pub(crate) unsafe fn copy_pieces(
+    ranges: impl Iterator<Item = (usize, usize)>,
+    dev: u64,
+    to_device: bool,
+) -> CUresult {
+    let stream: sys::CUstream = std::ptr::null_mut();
+    let mut done = 0u64;
+    let mut first_err = CUresult::CUDA_SUCCESS;
+    for (ptr, n) in ranges
+        .flat_map(|(p, n)| super::memory::dma_pieces_in(p, n, super::memory::WORKER_REG_CHUNK))
+    {
+        // SAFETY: per the caller's contract.
+        let r = unsafe {
+            if to_device {
+                sys::cuMemcpyHtoDAsync_v2(dev + done, ptr as *const c_void, n, stream)
+            } else {
+                sys::cuMemcpyDtoHAsync_v2(ptr as *mut c_void, dev + done, n, stream)
+            }
+        };
+        if r != CUresult::CUDA_SUCCESS {
+            first_err = r;
+            break;
+        }
+        done += n as u64;
+    }
+    // SAFETY: the current context's null stream.
+    let r = unsafe { sys::cuStreamSynchronize(stream) };
+    if first_err != CUresult::CUDA_SUCCESS {
+        first_err
+    } else {
+        r
+    }
+}
+
+/// CU_MEMCPY_HTOD straight from the payload's memory: in a worker that maps
+/// its VM's table, the guest's own pages, by DMA once registered; no copy
+/// of the bytes is made first.
+pub fn memcpy_htod(st: &ApiState, p: Reader, out: &mut Writer) -> Result<u32, Fail> {
+    if out.capacity() < api::REPLY_SIZE {
+        return Err(Fail::Status(Status::TooLarge));
+    }
+    let dst: vm_memory::endian::Le64 = p.read_obj(0)?;
+    let dst = u64::from(dst);
+    let len = p.len() - 8;
+    if len > api::MAX_COPY_LEN {
+        return Err(Status::TooLarge.into());
+    }
+    let r = if !st.allocations.contains(dst, len as u64) {
+        Err(host(cu::INVALID_VALUE))
+    } else {
+        let ranges = p.host_ranges(8, len)?;
+        // SAFETY: the destination range lies in one of the VM's
+        // allocations; the source is the payload, kept by `ranges`.
+        classify(unsafe { copy_pieces(ranges.iter().map(|(p, n)| (p as usize, n)), dst, true) })
+            .map(|_| Vec::new())
+    };
+    answer(out, r)
 }
 
 /// Loads a module and charges what its load took (its `.global` arrays) to

@@ -44,16 +44,28 @@ const MIN_BUF: usize = 1 << 20;
 /// which takes about twice as long.
 pub const REG_CHUNK: usize = 2 << 20;
 
+/// The registration pieces of a VM's worker (`worker/table.rs`), which
+/// registers its own VM's table: only that VM's calls wait while one
+/// registers (~25 ms each), and a 64 MiB copy needs one or two DMAs
+/// instead of 32 (each queued copy leaves a gap on the link).
+pub const WORKER_REG_CHUNK: usize = 64 << 20;
+
 /// Splits a host range at multiples of [`REG_CHUNK`], so that every piece
 /// lies in one registration (a DMA never spans two).
 pub fn dma_pieces(ptr: usize, len: usize) -> impl Iterator<Item = (usize, usize)> {
+    dma_pieces_in(ptr, len, REG_CHUNK)
+}
+
+/// [`dma_pieces`] for registrations in pieces of `chunk` bytes.
+pub fn dma_pieces_in(ptr: usize, len: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
+    let chunk = chunk.max(1);
     let end = ptr.saturating_add(len);
     let mut at = ptr;
     std::iter::from_fn(move || {
         if at >= end {
             return None;
         }
-        let boundary = (at / REG_CHUNK + 1).saturating_mul(REG_CHUNK);
+        let boundary = (at / chunk + 1).saturating_mul(chunk);
         let piece = (at, boundary.min(end) - at);
         at = boundary.min(end);
         Some(piece)
@@ -186,6 +198,17 @@ impl RegToken {
     /// Registers every region of `mem` in `ctx`, on the calling thread
     /// (which it makes `ctx` current on). Pins the whole table.
     pub fn register(ctx: &Arc<CudaContext>, gpu: u32, vm_id: u32, mem: &Arc<GuestMem>) -> Self {
+        Self::register_in(ctx, gpu, vm_id, mem, REG_CHUNK)
+    }
+
+    /// [`Self::register`] in pieces of `chunk` bytes (aligned to it).
+    pub fn register_in(
+        ctx: &Arc<CudaContext>,
+        gpu: u32,
+        vm_id: u32,
+        mem: &Arc<GuestMem>,
+        chunk: usize,
+    ) -> Self {
         let mut reg = RegToken {
             ctx: ctx.clone(),
             gpu,
@@ -212,7 +235,7 @@ impl RegToken {
             };
             let addr = addr as usize;
             let mut ok = true;
-            for (piece, n) in dma_pieces(addr, len) {
+            for (piece, n) in dma_pieces_in(addr, len, chunk) {
                 let started = std::time::Instant::now();
                 // SAFETY: `piece..piece+n` lies in a live mapping held by
                 // `mem`, which the token keeps until it unregisters.

@@ -21,7 +21,7 @@ mod api;
 mod batch;
 mod blas;
 mod kernels;
-mod memory;
+pub(crate) mod memory;
 mod meter;
 mod remoting;
 

@@ -2,8 +2,10 @@
 //! non-primary CUDA context, created on first use, with its handle tables and
 //! quota ([`VmTables`]). A fault or timeout tears the context down (its
 //! handles become NOT_FOUND). Payloads come through a [`Reader`] and outputs
-//! go through a [`Writer`], so the same code serves guest memory and the
-//! plain bytes of the worker's pipe.
+//! go through a [`Writer`], so the same code serves guest memory (in a
+//! worker: its own mapping of the VM's table, `worker/table.rs`) and the
+//! plain bytes of the worker's pipe. Copies go in pieces that each lie in
+//! one registration, queued and waited for once (`api::copy_pieces`).
 //!
 //! This runs guest code: in the daemon it runs only inside a VM's worker
 //! process (`worker/`), never in a process that holds other VMs' memory
@@ -288,23 +290,31 @@ impl RemotingExecutor {
             Opcode::CuModuleLoad => crate::executor::cuda_api::MAX_IMAGE_LEN,
             _ => crate::executor::cuda_api::MAX_COPY_LEN + 8,
         };
-        let p = payload.to_vec_max(max)?;
-        self.vm_ctx(vm)?;
-        let st = self.vms.entry(vm).or_insert_with(|| VmState {
-            tables: VmTables::new(vm, 0),
-            api: ApiTables::new(u64::from(vm) << 32),
-            ctx: None,
-        });
-        let meter = &self.meter;
-        match api::call(
-            &mut st.api,
-            &mut st.tables.quota,
-            meter,
-            opcode,
-            &p,
-            out,
-            deadline,
-        ) {
+        let res = if opcode == Opcode::CuMemcpyHtoD {
+            // Straight from the payload's pages, without a copy first.
+            self.vm_ctx(vm)?;
+            let st = self.vm_state(vm);
+            api::memcpy_htod(&st.api, payload, out)
+        } else {
+            let p = payload.to_vec_max(max)?;
+            self.vm_ctx(vm)?;
+            let st = self.vms.entry(vm).or_insert_with(|| VmState {
+                tables: VmTables::new(vm, 0),
+                api: ApiTables::new(u64::from(vm) << 32),
+                ctx: None,
+            });
+            let meter = &self.meter;
+            api::call(
+                &mut st.api,
+                &mut st.tables.quota,
+                meter,
+                opcode,
+                &p,
+                out,
+                deadline,
+            )
+        };
+        match res {
             Ok(n) => Ok(n),
             Err(Fail::Status(s)) => Err(s),
             Err(Fail::Driver(e)) => Err(self.fault(vm, e)),
@@ -363,16 +373,18 @@ impl RemotingExecutor {
         let buf = self.vm_state(vm).tables.buffer(h)?.clone();
         wire::check_range(buf.size, offset, len as u64)?;
         self.vm_ctx(vm)?;
-        let mut done = 0u64;
-        for (ptr, n) in p.host_ranges(wire::HTOD_HDR_SIZE, len)? {
-            // SAFETY: source bytes kept alive by the reader; destination range
-            // checked against the buffer's size.
-            check(unsafe {
-                sys::cuMemcpyHtoD_v2(buf.dev + offset + done, ptr as *const c_void, n)
-            })
-            .map_err(|e| self.fault(vm, e))?;
-            done += n as u64;
-        }
+        let ranges = p.host_ranges(wire::HTOD_HDR_SIZE, len)?;
+        // SAFETY: source bytes kept alive by `ranges`; destination range
+        // checked against the buffer's size.
+        let r = unsafe {
+            api::copy_pieces(
+                ranges.iter().map(|(p, n)| (p as usize, n)),
+                buf.dev + offset,
+                true,
+            )
+        };
+        drop(ranges);
+        check(r).map_err(|e| self.fault(vm, e))?;
         Ok(0)
     }
 
@@ -386,13 +398,17 @@ impl RemotingExecutor {
             return Err(Status::TooLarge);
         }
         self.vm_ctx(vm)?;
-        let mut done = 0u64;
-        for (ptr, n) in out.host_ranges(0, len)? {
-            // SAFETY: as in htod, the other way.
-            check(unsafe { sys::cuMemcpyDtoH_v2(ptr as *mut c_void, buf.dev + offset + done, n) })
-                .map_err(|e| self.fault(vm, e))?;
-            done += n as u64;
-        }
+        let ranges = out.host_ranges(0, len)?;
+        // SAFETY: as in htod, the other way.
+        let r = unsafe {
+            api::copy_pieces(
+                ranges.iter().map(|(p, n)| (p as usize, n)),
+                buf.dev + offset,
+                false,
+            )
+        };
+        drop(ranges);
+        check(r).map_err(|e| self.fault(vm, e))?;
         Ok(out_len)
     }
 

@@ -8,18 +8,27 @@
 //! one, with a new handle range so that old handles stay NOT_FOUND.
 //!
 //! This module is the parent's side (finding, starting and calling a
-//! worker; large copies cross the pipe in bounded chunks); `server.rs` is
-//! the worker's main; `wire.rs` the pipe protocol.
+//! worker); `server.rs` is the worker's main; `wire.rs` the pipe protocol;
+//! `table.rs` the VM's guest memory in its worker. Where the VM's RAM is
+//! memfds, the parent passes them to the worker (once per memory table,
+//! again when the frontend sends a new one) and a call then crosses the
+//! pipe as its guest-physical ranges only: the worker reads, writes and
+//! DMAs the guest's pages itself. Otherwise (anonymous memory in tests, the
+//! `xen` feature, more regions than one message carries) payloads and
+//! outputs cross the pipe, large copies in bounded chunks.
 
 pub mod sandbox;
 mod server;
 pub mod spare;
+pub mod table;
 pub mod wire;
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use vm_memory::ByteValued;
@@ -27,6 +36,7 @@ use vm_memory::ByteValued;
 use crate::bytes::Writer;
 use crate::executor::remoting::{self as rwire, HtodWire, HTOD_HDR_SIZE};
 use crate::executor::{Request, Tenant};
+use crate::guest::GuestMem;
 use crate::protocol::{Opcode, Status};
 
 pub use sandbox::{Probe, SandboxConfig, SeccompMode};
@@ -101,10 +111,24 @@ pub fn worker_path(configured: Option<&Path>) -> Option<PathBuf> {
 /// The parent's handle on one worker process.
 pub struct Worker {
     child: Child,
-    stdin: ChildStdin,
+    /// The worker's stdin: a unix socket, so that fds can follow a frame.
+    stdin: UnixStream,
     stdout: ChildStdout,
     /// The worker's ready frame, once read.
     ready: Option<Status>,
+    /// The memory table last sent, and whether the worker took it.
+    table: Option<SentTable>,
+    /// Payload and output bytes that crossed the pipe.
+    pipe_bytes: u64,
+}
+
+/// A memory table as a worker got it.
+struct SentTable {
+    /// Which table (the pointer only: a `Weak` keeps it from being reused).
+    mem: Weak<GuestMem>,
+    register: bool,
+    /// The worker mapped it: calls on it go as guest ranges.
+    mapped: bool,
 }
 
 impl Worker {
@@ -119,6 +143,8 @@ impl Worker {
     ) -> Result<Worker, Error> {
         let settings = serde_json::to_string(sandbox)
             .map_err(|_| Error::Protocol("sandbox settings do not serialize"))?;
+        // Close-on-exec here; the child's copy becomes its fd 0.
+        let (stdin, theirs) = UnixStream::pair()?;
         let mut cmd = Command::new(path);
         cmd.arg("--gpu")
             .arg(gpu_index.to_string())
@@ -132,7 +158,7 @@ impl Worker {
             )
             // A guest's PTX must not land in a cache that other VMs read.
             .env("CUDA_CACHE_DISABLE", "1")
-            .stdin(Stdio::piped())
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if let Some(p) = probe {
@@ -144,13 +170,15 @@ impl Worker {
         // SAFETY: the closure makes one async-signal-safe syscall.
         unsafe { cmd.pre_exec(sandbox::mark_inherited_cloexec) };
         let mut child = cmd.spawn()?;
-        let stdin = child.stdin.take().ok_or(Error::Protocol("no stdin"))?;
+        drop(cmd);
         let stdout = child.stdout.take().ok_or(Error::Protocol("no stdout"))?;
         Ok(Worker {
             child,
             stdin,
             stdout,
             ready: None,
+            table: None,
+            pipe_bytes: 0,
         })
     }
 
@@ -208,7 +236,110 @@ impl Worker {
             output_cap,
         )?;
         wait_readable(&self.stdout, deadline)?;
-        Ok(wire::read_reply(&mut self.stdout, output_cap)?)
+        let (s, out) = wire::read_reply(&mut self.stdout, output_cap)?;
+        self.pipe_bytes += (payload.len() + out.len()) as u64;
+        Ok((s, out))
+    }
+
+    /// Payload and output bytes that crossed this worker's pipe so far.
+    pub fn pipe_bytes(&self) -> u64 {
+        self.pipe_bytes
+    }
+
+    /// Hands the worker `mem`'s regions (their fds over the socket; see
+    /// `wire.rs`) and waits for it to map them. `register`: the worker may
+    /// pin them (`register=all`). Returns the worker's answer, or
+    /// UNSUPPORTED when `mem` has regions that cannot be passed.
+    pub fn send_table(
+        &mut self,
+        mem: &Arc<GuestMem>,
+        register: bool,
+        deadline: Instant,
+    ) -> Result<Status, Error> {
+        self.ready(deadline)?;
+        let Some((regions, fds)) = table::table_of(mem) else {
+            return Ok(Status::Unsupported);
+        };
+        let payload = wire::encode_table(&regions);
+        wire::write_frame(
+            &mut self.stdin,
+            u16::from(register),
+            wire::FLAG_TABLE,
+            0,
+            0,
+            &payload,
+            0,
+        )?;
+        table::send_fds(self.stdin.as_raw_fd(), &[0], &fds)?;
+        wait_readable(&self.stdout, deadline)?;
+        let (s, _) = wire::read_reply(&mut self.stdout, 0)?;
+        Ok(s)
+    }
+
+    /// Sends a call whose payload and output are the guest ranges of `req`
+    /// (the worker maps the table they lie in) and waits for its answer:
+    /// the status and the output bytes the worker wrote.
+    pub fn call_guest(
+        &mut self,
+        tenant: Tenant,
+        req: &Request,
+        deadline: Instant,
+    ) -> Result<(Status, usize), Error> {
+        self.ready(deadline)?;
+        let seg = |b: &crate::guest::GuestBufs| -> Vec<(u64, u64)> {
+            b.segments().map(|(a, n)| (a, n as u64)).collect()
+        };
+        let payload = wire::encode_guest_call(&seg(&req.payload), &seg(&req.output));
+        let left = deadline.saturating_duration_since(Instant::now() + GRACE);
+        let limit_ms = u32::try_from(left.as_millis()).unwrap_or(u32::MAX).max(1);
+        wire::write_frame(
+            &mut self.stdin,
+            req.opcode as u16,
+            wire::FLAG_GUEST,
+            limit_ms,
+            tenant.gpu_mem_quota,
+            &payload,
+            req.output.len(),
+        )?;
+        wait_readable(&self.stdout, deadline)?;
+        let r = wire::read_guest_reply(&mut self.stdout, req.output.len())?;
+        self.pipe_bytes += payload.len() as u64;
+        Ok(r)
+    }
+
+    /// True when calls of `req` may go as guest ranges: the worker maps the
+    /// table `req` lies in, sending it first when it is new to the worker
+    /// (or the registration choice changed).
+    fn guest_path(
+        &mut self,
+        req: &Request,
+        register: bool,
+        deadline: Instant,
+    ) -> Result<bool, Error> {
+        let mem = req.payload.memory();
+        let ranges = req.payload.segments().len() + req.output.segments().len();
+        if !Arc::ptr_eq(mem, req.output.memory()) || ranges > wire::MAX_GUEST_RANGES {
+            return Ok(false);
+        }
+        if let Some(t) = &self.table {
+            if std::ptr::eq(t.mem.as_ptr(), Arc::as_ptr(mem)) && t.register == register {
+                return Ok(t.mapped);
+            }
+        }
+        let status = self.send_table(mem, register, deadline)?;
+        let mapped = status == Status::Ok;
+        if !mapped && status != Status::Unsupported {
+            log::warn!(
+                "CUDA worker {} refused a memory table ({status:?}): its copies cross the pipe",
+                self.pid()
+            );
+        }
+        self.table = Some(SentTable {
+            mem: Arc::downgrade(mem),
+            register,
+            mapped,
+        });
+        Ok(mapped)
     }
 }
 
@@ -261,9 +392,25 @@ type CallResult = Result<(Status, Vec<u8>), Error>;
 pub struct VmWorker {
     worker: Option<Worker>,
     generation: u32,
+    /// The worker may pin the VM's memory (`register=all`).
+    register: bool,
+    /// Payload and output bytes that crossed the pipes of the VM's workers.
+    pipe_bytes: u64,
 }
 
 impl VmWorker {
+    /// Whether the VM's worker may register (pin) its guest memory; a
+    /// change reaches the worker with the next call.
+    pub fn set_register(&mut self, register: bool) {
+        self.register = register;
+    }
+
+    /// Payload and output bytes that crossed the pipes of this VM's
+    /// workers: with its memory table passed, only guest ranges do.
+    pub fn pipe_bytes(&self) -> u64 {
+        self.pipe_bytes + self.worker.as_ref().map_or(0, Worker::pipe_bytes)
+    }
+
     /// The pid of the VM's worker, when it has one.
     pub fn pid(&self) -> Option<u32> {
         self.worker.as_ref().map(Worker::pid)
@@ -303,10 +450,14 @@ impl VmWorker {
         };
         let deadline = Instant::now() + limit + GRACE;
         let chunk = launcher.copy_chunk();
-        let res = match req.opcode {
-            Opcode::MemcpyHtoD => htod(w, tenant, req, chunk, deadline),
-            Opcode::MemcpyDtoH => dtoh(w, tenant, req, chunk, deadline),
-            op => whole(w, tenant, req, max_output(op), deadline),
+        let res = match w.guest_path(req, self.register, deadline) {
+            Err(e) => Err(Failure::Worker(e)),
+            Ok(true) => guest(w, tenant, req, deadline),
+            Ok(false) => match req.opcode {
+                Opcode::MemcpyHtoD => htod(w, tenant, req, chunk, deadline),
+                Opcode::MemcpyDtoH => dtoh(w, tenant, req, chunk, deadline),
+                op => whole(w, tenant, req, max_output(op), deadline),
+            },
         };
         let res = match res {
             Ok(n) => Ok(n),
@@ -322,7 +473,9 @@ impl VmWorker {
         };
         if matches!(res, Err(Status::DeviceError) | Err(Status::Timeout)) {
             log::warn!("vm{vm}: ending its CUDA worker; its handles are gone");
-            self.worker = None;
+            if let Some(w) = self.worker.take() {
+                self.pipe_bytes += w.pipe_bytes();
+            }
         }
         if taken {
             launcher.refill();
@@ -346,6 +499,18 @@ impl From<Status> for Failure {
 fn answered(r: CallResult) -> Result<Vec<u8>, Failure> {
     match r {
         Ok((Status::Ok, out)) => Ok(out),
+        Ok((s, _)) => Err(Failure::Status(s)),
+        Err(e) => Err(Failure::Worker(e)),
+    }
+}
+
+/// A call as guest ranges: the worker reads the payload from, and writes
+/// the output to, its own mapping of the guest's pages.
+fn guest(w: &mut Worker, t: Tenant, req: &Request, deadline: Instant) -> Result<u32, Failure> {
+    match w.call_guest(t, req, deadline) {
+        Ok((Status::Ok, n)) => {
+            u32::try_from(n).map_err(|_| Failure::Worker(Error::Protocol("output length")))
+        }
         Ok((s, _)) => Err(Failure::Status(s)),
         Err(e) => Err(Failure::Worker(e)),
     }

@@ -5,7 +5,11 @@
 //!
 //! 1. closes every fd but stdin/stdout/stderr (the parent already marked all
 //!    others close-on-exec with `close_range`, see [`mark_inherited_cloexec`]);
-//! 2. sets `RLIMIT_CORE` 0, `RLIMIT_NOFILE` and `RLIMIT_AS` from the settings;
+//! 2. sets `RLIMIT_CORE` 0, `RLIMIT_NOFILE` and `RLIMIT_AS` from the settings
+//!    (`RLIMIT_AS`: the soft limit `rlimit_as`; the hard limit that plus
+//!    `rlimit_as_guest`, the largest guest memory table, so that the worker
+//!    can raise its soft limit by the size of the table it is given and map
+//!    its VM's RAM, see `table.rs`, but never beyond);
 //! 3. moves into the configured cgroup v2 directory (writes its pid);
 //! 4. enters new network, mount, IPC and UTS namespaces (as root directly,
 //!    otherwise inside a new user namespace; where the host forbids either,
@@ -59,6 +63,10 @@ pub struct SandboxConfig {
     pub namespaces: bool,
     /// Address-space limit in bytes; 0 leaves it as inherited.
     pub rlimit_as: u64,
+    /// Bytes the limit may grow by to map the VM's guest memory table (the
+    /// daemon's `max_guest_memory_mib`).
+    #[serde(default)]
+    pub rlimit_as_guest: u64,
     pub rlimit_nofile: u64,
     pub seccomp: SeccompMode,
     /// A cgroup v2 directory the worker moves into.
@@ -132,9 +140,13 @@ pub fn close_inherited_fds() -> io::Result<()> {
 }
 
 fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> {
+    set_rlimits(resource, value, value)
+}
+
+fn set_rlimits(resource: libc::__rlimit_resource_t, soft: u64, hard: u64) -> io::Result<()> {
     let lim = libc::rlimit {
-        rlim_cur: value,
-        rlim_max: value,
+        rlim_cur: soft,
+        rlim_max: hard,
     };
     // SAFETY: a valid rlimit for this process.
     if unsafe { libc::setrlimit(resource, &lim) } != 0 {
@@ -158,7 +170,8 @@ pub fn enter(cfg: &SandboxConfig) -> io::Result<Entered> {
     set_rlimit(libc::RLIMIT_CORE, 0)?;
     set_rlimit(libc::RLIMIT_NOFILE, cfg.rlimit_nofile)?;
     if cfg.rlimit_as > 0 {
-        set_rlimit(libc::RLIMIT_AS, cfg.rlimit_as)?;
+        let hard = cfg.rlimit_as.saturating_add(cfg.rlimit_as_guest);
+        set_rlimits(libc::RLIMIT_AS, cfg.rlimit_as, hard)?;
     }
     if let Some(dir) = &cfg.cgroup {
         let procs = dir.join("cgroup.procs");
@@ -207,6 +220,29 @@ pub fn enter(cfg: &SandboxConfig) -> io::Result<Entered> {
     Ok(done)
 }
 
+/// Sets the soft address-space limit (at most the hard one, which only
+/// [`enter`] sets): the worker sizes it to its guest memory table.
+pub fn set_soft_rlimit_as(soft: u64) -> io::Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // prlimit64 is the one rlimit syscall the filter allows.
+    // SAFETY: pid 0 is this process; a valid rlimit to fill.
+    if unsafe { libc::prlimit(0, libc::RLIMIT_AS, std::ptr::null(), &mut lim) } != 0 {
+        return Err(os_err("prlimit"));
+    }
+    let new = libc::rlimit {
+        rlim_cur: soft.min(lim.rlim_max),
+        rlim_max: lim.rlim_max,
+    };
+    // SAFETY: as above, setting only.
+    if unsafe { libc::prlimit(0, libc::RLIMIT_AS, &new, std::ptr::null_mut()) } != 0 {
+        return Err(os_err("prlimit"));
+    }
+    Ok(())
+}
+
 /// In a new user namespace: the worker keeps its own ids (mapped 1:1).
 fn map_ids(uid: u32, gid: u32) -> io::Result<()> {
     write_file("/proc/self/setgroups", "deny")?;
@@ -239,7 +275,9 @@ fn drop_privileges(uid: u32, gid: u32) -> io::Result<()> {
 /// The syscalls a Rust program with glibc and the CUDA driver's threads make
 /// once the GPU is open: memory, files (the driver opens `/dev/nvidia*` and
 /// reads `/proc` and `/sys` as it goes), ioctls on its devices, futexes,
-/// time, signals, threads. Everything else is denied; in particular
+/// time, signals, threads; `recvmsg` on the socket that is its stdin, for
+/// the fds of its VM's memory table (see `table.rs`; it maps them with the
+/// `mmap` already here). Everything else is denied; in particular
 /// `execve`/`execveat`, `fork`/`vfork` and `clone` without `CLONE_THREAD`,
 /// `socket`/`socketpair`/`connect`, `ptrace`, `process_vm_readv/writev`,
 /// `kill` (only `tgkill` of itself stays), `mount`, `unshare`/`setns`,
@@ -247,6 +285,7 @@ fn drop_privileges(uid: u32, gid: u32) -> io::Result<()> {
 const ALLOWED: &[libc::c_long] = &[
     libc::SYS_read,
     libc::SYS_write,
+    libc::SYS_recvmsg,
     libc::SYS_readv,
     libc::SYS_writev,
     libc::SYS_pread64,

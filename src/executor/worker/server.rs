@@ -2,10 +2,13 @@
 //! GPU and creates its CUDA context (so that a spare is warm before a VM
 //! needs it), closes the sandbox with the seccomp filter, says it is ready,
 //! learns its VM, then answers that VM's remoting calls from stdin on stdout
-//! (`wire.rs`), run by a [`RemotingExecutor`] on the call's own bytes. The
-//! worker loads no built-in kernel and holds no other VM's memory.
+//! (`wire.rs`), run by a [`RemotingExecutor`] on the call's own bytes or,
+//! once the parent passed the VM's memory table (`table.rs`), on the guest's
+//! pages themselves. The worker loads no built-in kernel and holds no other
+//! VM's memory.
 
 use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,11 +17,12 @@ use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::CudaContext;
 
 use super::sandbox::{self, Probe, SandboxConfig};
-use super::{wire, WORKER_BIN};
+use super::{table, wire, WORKER_BIN};
 use crate::bytes::{Reader, Writer};
 use crate::executor::cuda::{driver_present, Meter, RemotingExecutor};
 use crate::executor::remoting as rwire;
 use crate::executor::Tenant;
+use crate::guest::{GuestBufs, GuestMem};
 use crate::protocol::{Opcode, Status};
 
 /// Largest output of a remoting call other than MEMCPY_DTOH (whose output
@@ -126,13 +130,16 @@ pub fn worker_main() -> i32 {
     if let Some(p) = args.probe {
         return sandbox::probe(p);
     }
-    let mut stdin = std::io::stdin().lock();
+    // Unbuffered, frame by frame: a read must never take the byte that
+    // carries a table's fds (see `wire.rs`). Fd 0 is the parent's socket.
+    // SAFETY: fd 0 is this process's stdin, used through nothing else.
+    let mut stdin = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(0) });
     let mut stdout = std::io::stdout().lock();
     let ready = device.as_ref().err().copied().unwrap_or(Status::Ok);
     if wire::write_reply(&mut stdout, ready, &[]).is_err() {
         return 1;
     }
-    let (vm, first) = match wire::read_assign(&mut stdin) {
+    let (vm, first) = match wire::read_assign(&mut *stdin) {
         Ok(Some(a)) => a,
         Ok(None) => return 0,
         Err(e) => {
@@ -140,11 +147,13 @@ pub fn worker_main() -> i32 {
             return 1;
         }
     };
+    let ctx = device.as_ref().ok().map(|(c, _)| c.clone());
     let mut ex = device
         .ok()
         .map(|(ctx, meter)| RemotingExecutor::for_worker_in(args.gpu, vm, first, ctx, meter));
+    let mut mem = Memory::new(&cfg);
     loop {
-        let call = match wire::read_call(&mut stdin) {
+        let call = match wire::read_call(&mut *stdin) {
             Ok(Some(c)) => c,
             Ok(None) => return 0,
             Err(e) => {
@@ -152,11 +161,26 @@ pub fn worker_main() -> i32 {
                 return 1;
             }
         };
-        let (status, out) = match ex.as_mut() {
-            Some(ex) => serve(ex, vm, call),
-            None => (ready, Vec::new()),
+        let (status, sent) = if call.flags == wire::FLAG_TABLE {
+            let s = match mem.replace(&call, stdin.as_raw_fd(), ctx.as_ref(), args.gpu, vm) {
+                Ok(()) => Status::Ok,
+                Err(e) => {
+                    log::warn!("vm{vm}: worker: guest memory table refused: {e}");
+                    Status::BadRequest
+                }
+            };
+            (s, wire::write_reply(&mut stdout, s, &[]))
+        } else if call.flags == wire::FLAG_GUEST {
+            let (s, n) = serve_guest(ex.as_mut(), ready, vm, mem.mapped(), &call);
+            (s, wire::write_guest_reply(&mut stdout, s, n))
+        } else {
+            let (s, out) = match ex.as_mut() {
+                Some(ex) => serve(ex, vm, call),
+                None => (ready, Vec::new()),
+            };
+            (s, wire::write_reply(&mut stdout, s, &out))
         };
-        if wire::write_reply(&mut stdout, status, &out).is_err() || stdout.flush().is_err() {
+        if sent.is_err() || stdout.flush().is_err() {
             return 1;
         }
         if matches!(status, Status::DeviceError | Status::Timeout) {
@@ -164,6 +188,179 @@ pub fn worker_main() -> i32 {
             // start a fresh worker.
             return 3;
         }
+    }
+}
+
+/// The VM's guest memory as this worker holds it: the mapping of the last
+/// table, and the thread that registers (pins) it and unregisters it when
+/// the table is replaced.
+struct Memory {
+    mem: Option<Arc<GuestMem>>,
+    /// Dropping it tells the registration thread to unregister and end.
+    registered: Option<std::sync::mpsc::Sender<()>>,
+    /// The address-space limit without guest memory (0: none set) and the
+    /// hard limit it may grow to (see `sandbox.rs`).
+    base_as: u64,
+    max_as: u64,
+}
+
+impl Memory {
+    fn new(cfg: &SandboxConfig) -> Self {
+        let limits = cfg.enabled && cfg.rlimit_as > 0;
+        Memory {
+            mem: None,
+            registered: None,
+            base_as: if limits { cfg.rlimit_as } else { 0 },
+            max_as: if limits {
+                cfg.rlimit_as.saturating_add(cfg.rlimit_as_guest)
+            } else {
+                0
+            },
+        }
+    }
+
+    fn mapped(&self) -> Option<&Arc<GuestMem>> {
+        self.mem.as_ref()
+    }
+
+    /// Takes a table frame: reads the fds that follow it, maps the regions
+    /// in place of the previous table and starts registering them (unless
+    /// the frame says the VM is never to be pinned, `register=staging`).
+    fn replace(
+        &mut self,
+        call: &wire::Call,
+        sock: i32,
+        ctx: Option<&Arc<cudarc::driver::CudaContext>>,
+        gpu: u32,
+        vm: u32,
+    ) -> std::io::Result<()> {
+        let regions = wire::decode_table(&call.payload);
+        // The fd message follows every table frame: take it even when the
+        // frame is refused, so that the stream stays in step.
+        let want = regions.as_ref().map_or(wire::MAX_REGIONS, Vec::len);
+        let fds = table::recv_fds(sock, want)?;
+        let regions = regions?;
+        let bytes = table::table_bytes(&regions)
+            .ok_or_else(|| std::io::Error::other("table size overflows"))?;
+        let old = self.mem.take();
+        self.registered = None;
+        if self.base_as > 0 {
+            // The old table may still be mapped while its registration ends.
+            let old_bytes = old.as_ref().map_or(0, |m| {
+                use vm_memory::GuestMemoryBackend;
+                m.iter().map(vm_memory::GuestMemoryRegion::len).sum::<u64>()
+            });
+            let want = self
+                .base_as
+                .saturating_add(bytes)
+                .saturating_add(old_bytes)
+                .min(self.max_as);
+            sandbox::set_soft_rlimit_as(want)?;
+            if self.base_as.saturating_add(bytes) > self.max_as {
+                return Err(std::io::Error::other(
+                    "table larger than the worker's address-space allowance",
+                ));
+            }
+        }
+        drop(old);
+        let mem = table::map_table(&regions, fds)?;
+        log::info!(
+            "vm{vm}: worker mapped {} guest memory regions ({} MiB)",
+            regions.len(),
+            bytes >> 20
+        );
+        if call.opcode == 1 {
+            if let Some(ctx) = ctx {
+                self.registered = register_in_background(ctx.clone(), gpu, vm, mem.clone());
+            }
+        }
+        self.mem = Some(mem);
+        Ok(())
+    }
+}
+
+/// Registers `mem` on a thread of its own, which keeps the registration
+/// until the returned sender is dropped and then unregisters it. Only this
+/// VM's calls share the driver with it.
+fn register_in_background(
+    ctx: Arc<cudarc::driver::CudaContext>,
+    gpu: u32,
+    vm: u32,
+    mem: Arc<GuestMem>,
+) -> Option<std::sync::mpsc::Sender<()>> {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("vgpu-worker-reg".into())
+        .spawn(move || {
+            let started = std::time::Instant::now();
+            use crate::executor::cuda::memory::{RegToken, WORKER_REG_CHUNK};
+            let tok = RegToken::register_in(&ctx, gpu, vm, &mem, WORKER_REG_CHUNK);
+            log::info!(
+                "vm{vm}: worker registered {} MiB of guest memory in {:?}",
+                tok.bytes() >> 20,
+                started.elapsed()
+            );
+            drop(mem);
+            // Until the table is replaced (or the process ends).
+            let _ = rx.recv();
+            drop(tok);
+        });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            log::warn!("vm{vm}: worker: no registration thread ({e}); copies are staged");
+            None
+        }
+    }
+}
+
+/// A call whose bytes are in guest memory: every range is checked against
+/// the worker's own table before use.
+fn serve_guest(
+    ex: Option<&mut RemotingExecutor>,
+    ready: Status,
+    vm: u32,
+    mem: Option<&Arc<GuestMem>>,
+    call: &wire::Call,
+) -> (Status, u32) {
+    let Some(mem) = mem else {
+        return (Status::BadRequest, 0);
+    };
+    let Ok((pr, or)) = wire::decode_guest_call(&call.payload) else {
+        return (Status::BadRequest, 0);
+    };
+    let view = |ranges: &[(u64, u64)]| -> Option<GuestBufs> {
+        let mut b = GuestBufs::new(mem.clone());
+        for &(addr, len) in ranges {
+            b.push(vm_memory::GuestAddress(addr), usize::try_from(len).ok()?)
+                .ok()?;
+        }
+        Some(b)
+    };
+    let (Some(p), Some(o)) = (view(&pr), view(&or)) else {
+        log::warn!("vm{vm}: worker: a guest range outside its memory table");
+        return (Status::BadRequest, 0);
+    };
+    let Some(opcode) = Opcode::from_u16(call.opcode).filter(|o| o.is_remoting()) else {
+        return (Status::Unsupported, 0);
+    };
+    let Some(ex) = ex else {
+        return (ready, 0);
+    };
+    let tenant = Tenant {
+        vm_id: vm,
+        gpu_mem_quota: call.quota,
+    };
+    let limit = Duration::from_millis(u64::from(call.limit_ms));
+    match ex.call(
+        tenant,
+        opcode,
+        Reader::Guest(&p),
+        &mut Writer::Guest(&o),
+        limit,
+    ) {
+        Ok(n) => (Status::Ok, n),
+        Err(s) => (s, 0),
     }
 }
 

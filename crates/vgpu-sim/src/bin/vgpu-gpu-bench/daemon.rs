@@ -36,7 +36,8 @@ pub struct Opts {
 
 const T: Duration = Duration::from_secs(120);
 
-pub fn run(o: &Opts) -> Res<()> {
+/// The daemon section; `remoting_only`: only the remoting copy rows.
+pub fn run(o: &Opts, remoting_only: bool) -> Res<()> {
     let dir = std::env::temp_dir().join(format!("vgpu-gpu-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let big_id = o.vms as u32 + 1;
@@ -58,7 +59,11 @@ pub fn run(o: &Opts) -> Res<()> {
     cfg.exec_limit = Duration::from_secs(60);
     let daemon = Daemon::start(&cfg)?;
     let sockets: Vec<PathBuf> = vms.iter().map(|v| v.socket.clone()).collect();
-    let result = sections(o, &daemon, &sockets);
+    let result = if remoting_only {
+        remoting_rows(&daemon, &sockets)
+    } else {
+        sections(o, &daemon, &sockets)
+    };
     daemon.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
     result
@@ -132,6 +137,13 @@ fn ratio_line(what: &str, ratio: f64, target: f64) {
         target * 100.0,
         if ratio >= target { "met" } else { "NOT met" }
     );
+}
+
+/// `--only remoting`: the 64 MiB remoting copies beside pinned copies.
+fn remoting_rows(daemon: &Daemon, sockets: &[PathBuf]) -> Res<()> {
+    let sock = sockets.last().ok_or("no VMs")?;
+    let direct = Direct::new(0)?;
+    crate::startup::remoting_copies(daemon, sock, &direct)
 }
 
 fn sections(o: &Opts, daemon: &Daemon, sockets: &[PathBuf]) -> Res<()> {

@@ -16,7 +16,7 @@
 //! (`direct.rs`): SCALAR_ADD round trip, VECTOR_ADD 1 Mi / 16 Mi floats from
 //! guest memfd RAM, SGEMM, and SCALAR_ADD throughput from several VMs.
 //!
-//! Usage: `vgpu-gpu-bench [--only executor|daemon] [--sgemm N] [--iters N]
+//! Usage: `vgpu-gpu-bench [--only executor|daemon|remoting] [--sgemm N] [--iters N]
 //! [--seconds S] [--window W] [--vms N]` (see docs/gpu.md).
 
 mod daemon;
@@ -102,11 +102,12 @@ fn main() -> Res<()> {
             println!("######## executor section (executor driven directly) ########");
             executor_section(o.sgemm_n, o.iters)?;
             println!("\n######## daemon section (in-process daemon, simulated guests) ########");
-            daemon::run(&o)
+            daemon::run(&o, false)
         }
         Some("executor") => executor_section(o.sgemm_n, o.iters),
-        Some("daemon") => daemon::run(&o),
-        Some(x) => Err(format!("--only {x}: expected executor or daemon").into()),
+        Some("daemon") => daemon::run(&o, false),
+        Some("remoting") => daemon::run(&o, true),
+        Some(x) => Err(format!("--only {x}: expected executor, daemon or remoting").into()),
     }
 }
 
