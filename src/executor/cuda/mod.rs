@@ -17,6 +17,7 @@
 
 mod api;
 mod batch;
+mod api_blas;
 mod blas;
 mod kernels;
 mod memory;
