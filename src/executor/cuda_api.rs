@@ -610,7 +610,7 @@ impl Gemm {
         let ((ra, ca), (rb, cb)) = (self.a_dims(), self.b_dims());
         let span = |p: u64, rows, cols, ld| {
             let n = matrix_bytes(rows, cols, ld, e).ok_or(cu::INVALID_VALUE)?;
-            if n > 0 && p % e != 0 {
+            if n > 0 && !p.is_multiple_of(e) {
                 return Err(cu::INVALID_VALUE);
             }
             Ok((p, n))
@@ -1306,7 +1306,10 @@ mod tests {
             Ok(())
         );
         assert_eq!(bad(&|g| g.algo = 50), inval);
-        assert_eq!(bad(&|g| g.compute_type = blas::COMPUTE_32F_FAST_TF32), inval);
+        assert_eq!(
+            bad(&|g| g.compute_type = blas::COMPUTE_32F_FAST_TF32),
+            inval
+        );
         let ex = |compute, ty| {
             let mut g = sgemm();
             g.op = blas::GEMM_EX;
@@ -1316,19 +1319,25 @@ mod tests {
         };
         assert_eq!(ex(blas::COMPUTE_32F_FAST_TF32, blas::R_32F), Ok(()));
         assert_eq!(ex(blas::COMPUTE_32F, blas::R_32F), Ok(()));
-        assert_eq!(ex(64 /* COMPUTE_16F */, blas::R_32F), Err(cu::NOT_SUPPORTED));
-        assert_eq!(ex(70 /* COMPUTE_64F */, blas::R_32F), Err(cu::NOT_SUPPORTED));
-        assert_eq!(ex(blas::COMPUTE_32F, 2 /* CUDA_R_16F */), Err(cu::NOT_SUPPORTED));
+        assert_eq!(
+            ex(64 /* COMPUTE_16F */, blas::R_32F),
+            Err(cu::NOT_SUPPORTED)
+        );
+        assert_eq!(
+            ex(70 /* COMPUTE_64F */, blas::R_32F),
+            Err(cu::NOT_SUPPORTED)
+        );
+        assert_eq!(
+            ex(blas::COMPUTE_32F, 2 /* CUDA_R_16F */),
+            Err(cu::NOT_SUPPORTED)
+        );
     }
 
     #[test]
     fn gemm_ranges_from_leading_dimensions() {
         let g = Gemm { lda: 5, ..sgemm() };
         // A: 4 columns of ld 5, the last with 3 rows: (3·5 + 3)·4 bytes.
-        assert_eq!(
-            g.ranges(),
-            Ok([(0x1000, 72), (0x2000, 32), (0x3000, 24)])
-        );
+        assert_eq!(g.ranges(), Ok([(0x1000, 72), (0x2000, 32), (0x3000, 24)]));
         // Transposed B (n×k = 2×4), ldb 2.
         let g = Gemm {
             transb: blas::OP_T,
@@ -1341,7 +1350,14 @@ mod tests {
         assert_eq!(g.ranges().unwrap()[0].1, 0);
         assert_eq!(g.ranges().unwrap()[1].1, 0);
         // Misaligned float pointer.
-        assert_eq!(Gemm { c: 0x3002, ..sgemm() }.ranges(), Err(cu::INVALID_VALUE));
+        assert_eq!(
+            Gemm {
+                c: 0x3002,
+                ..sgemm()
+            }
+            .ranges(),
+            Err(cu::INVALID_VALUE)
+        );
         // The largest i32 values still give an exact u64 extent, which the
         // allocation check then refuses.
         let big = matrix_bytes(i32::MAX, i32::MAX, i32::MAX, 4).unwrap();

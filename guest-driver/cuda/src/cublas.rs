@@ -485,7 +485,10 @@ mod tests {
     #[test]
     fn unknown_handles_and_bad_arguments_are_statuses() {
         let bogus = 0x5151 as Handle;
-        assert_eq!(cublasSetStream_v2(bogus, std::ptr::null_mut()), status::NOT_INITIALIZED);
+        assert_eq!(
+            cublasSetStream_v2(bogus, std::ptr::null_mut()),
+            status::NOT_INITIALIZED
+        );
         assert_eq!(cublasDestroy_v2(bogus), status::NOT_INITIALIZED);
         let (one, zero) = (1f32, 0f32);
         let p = 0x1000 as *mut f32;
@@ -499,12 +502,18 @@ mod tests {
             t.next
         }) as Handle;
         assert_eq!(cublasSetMathMode(hd, 99), status::INVALID_VALUE);
-        assert_eq!(cublasSetMathMode(hd, blas::TF32_TENSOR_OP_MATH), status::SUCCESS);
+        assert_eq!(
+            cublasSetMathMode(hd, blas::TF32_TENSOR_OP_MATH),
+            status::SUCCESS
+        );
         let mut m = 0;
         // SAFETY: valid out-pointer.
         assert_eq!(unsafe { cublasGetMathMode(hd, &mut m) }, status::SUCCESS);
         assert_eq!(m, blas::TF32_TENSOR_OP_MATH);
-        assert_eq!(cublasSetPointerMode_v2(hd, POINTER_MODE_DEVICE), status::NOT_SUPPORTED);
+        assert_eq!(
+            cublasSetPointerMode_v2(hd, POINTER_MODE_DEVICE),
+            status::NOT_SUPPORTED
+        );
         // Validation comes before any request: m < 0, lda < m, FP16 data.
         // SAFETY: scalars are valid; nothing else is read.
         unsafe {
@@ -528,7 +537,11 @@ mod tests {
             );
         }
         assert_eq!(cublasDestroy_v2(hd), status::SUCCESS);
-        assert_eq!(cublasDestroy_v2(hd), status::NOT_INITIALIZED, "destroyed once");
+        assert_eq!(
+            cublasDestroy_v2(hd),
+            status::NOT_INITIALIZED,
+            "destroyed once"
+        );
         assert_eq!(cublasDgemm_v2(), status::NOT_SUPPORTED);
     }
 

@@ -208,7 +208,11 @@ fn cublas_program_links_and_answers_statuses() {
         d.join("p.c").as_os_str(),
         fake_lib.as_os_str(),
     ]);
-    let v = Command::new("readelf").arg("-V").arg(&bin).output().unwrap();
+    let v = Command::new("readelf")
+        .arg("-V")
+        .arg(&bin)
+        .output()
+        .unwrap();
     assert!(
         String::from_utf8_lossy(&v.stdout).contains("Name: libcublas.so.13"),
         "the program needs the version"

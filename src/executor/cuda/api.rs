@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use cudarc::driver::result::DriverError;
 use cudarc::driver::sys::{self, CUdevice, CUresult};
 
-use crate::bytes::Writer;
 use super::api_blas::VmBlas;
+use crate::bytes::Writer;
 use crate::executor::cuda_api::{self as api, cu, ApiTables, Command, ParamLayout, Record};
 use crate::executor::remoting::Quota;
 use crate::protocol::{Opcode, Status};

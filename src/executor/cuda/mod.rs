@@ -16,8 +16,8 @@
 //! library exists, so a machine without libcuda gets an error, never a panic.
 
 mod api;
-mod batch;
 mod api_blas;
+mod batch;
 mod blas;
 mod kernels;
 mod memory;
