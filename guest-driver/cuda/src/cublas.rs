@@ -111,9 +111,72 @@ fn queue_status(e: u32) -> Status {
     }
 }
 
-/// Checks a GEMM by cuBLAS's rules and appends it on the handle's stream.
+/// The number cuBLAS reports for the first illegal argument of a GEMM
+/// (`cublasXerbla`): parameters counted from the handle (0), so for
+/// cublasSgemm_v2 m is 3 and lda 8, for cublasGemmEx lda 9 (after Atype).
+fn bad_parameter(g: &Gemm) -> Option<c_int> {
+    let (lda, ldb, ldc) = if g.op == blas::SGEMM {
+        (8, 10, 13)
+    } else {
+        (9, 12, 16)
+    };
+    if g.transa > blas::OP_C {
+        return Some(1);
+    }
+    if g.transb > blas::OP_C {
+        return Some(2);
+    }
+    let ((ra, _), (rb, _)) = (g.a_dims(), g.b_dims());
+    [
+        (g.m < 0, 3),
+        (g.n < 0, 4),
+        (g.k < 0, 5),
+        (g.lda < ra.max(1), lda),
+        (g.ldb < rb.max(1), ldb),
+        (g.ldc < g.m.max(1), ldc),
+    ]
+    .into_iter()
+    .find(|&(bad, _)| bad)
+    .map(|(_, n)| n)
+}
+
+/// cuBLAS's report of an illegal argument, on the program's C `stdout`
+/// (so that it lands in order with the program's own output), as cuBLAS
+/// prints it.
+#[no_mangle]
+pub unsafe extern "C" fn cublasXerbla(name: *const c_char, info: c_int) {
+    if name.is_null() {
+        return;
+    }
+    // SAFETY: a NUL-terminated routine name from the caller; the format
+    // takes one string and one int.
+    unsafe {
+        libc::printf(
+            c" ** On entry to %s  parameter number %d had an illegal value\n".as_ptr(),
+            name,
+            info,
+        );
+    }
+}
+
+/// cuBLAS's argument rules: an illegal argument reported as cuBLAS
+/// reports it, then the rest of [`Gemm::validate`] (types, modes).
+fn check(g: &Gemm) -> Result<(), Status> {
+    if let Some(p) = bad_parameter(g) {
+        let name = if g.op == blas::SGEMM {
+            c"SGEMM"
+        } else {
+            c"GEMM_EX"
+        };
+        // SAFETY: a static NUL-terminated name.
+        unsafe { cublasXerbla(name.as_ptr(), p) };
+        return Err(status::INVALID_VALUE);
+    }
+    g.validate().map_err(validation_status)
+}
+
+/// Appends a checked GEMM on the handle's stream.
 fn enqueue(stream: u64, g: Gemm) -> Result<(), Status> {
-    g.validate().map_err(validation_status)?;
     client::with(|c| {
         if !c.has_blas() {
             return Err(cu::NOT_SUPPORTED);
@@ -342,31 +405,30 @@ pub unsafe extern "C" fn cublasSgemm_v2(
         let s = state(hd)?;
         // SAFETY: host pointer mode: alpha and beta point at floats.
         let (alpha, beta) = unsafe { (scalar(alpha)?, scalar(beta)?) };
-        enqueue(
-            s.stream,
-            Gemm {
-                op: blas::SGEMM,
-                math_mode: s.math,
-                transa: transa as u32,
-                transb: transb as u32,
-                m,
-                n,
-                k,
-                a: a as usize as u64,
-                lda,
-                b: b as usize as u64,
-                ldb,
-                c: c as usize as u64,
-                ldc,
-                a_type: blas::R_32F,
-                b_type: blas::R_32F,
-                c_type: blas::R_32F,
-                compute_type: blas::COMPUTE_32F,
-                algo: blas::GEMM_DEFAULT,
-                alpha,
-                beta,
-            },
-        )
+        let g = Gemm {
+            op: blas::SGEMM,
+            math_mode: s.math,
+            transa: transa as u32,
+            transb: transb as u32,
+            m,
+            n,
+            k,
+            a: a as usize as u64,
+            lda,
+            b: b as usize as u64,
+            ldb,
+            c: c as usize as u64,
+            ldc,
+            a_type: blas::R_32F,
+            b_type: blas::R_32F,
+            c_type: blas::R_32F,
+            compute_type: blas::COMPUTE_32F,
+            algo: blas::GEMM_DEFAULT,
+            alpha,
+            beta,
+        };
+        check(&g)?;
+        enqueue(s.stream, g)
     })
 }
 
@@ -417,7 +479,7 @@ pub unsafe extern "C" fn cublasGemmEx(
             beta: 0,
         };
         // Types first: the scalars are floats only for FP32 compute types.
-        g.validate().map_err(validation_status)?;
+        check(&g)?;
         // SAFETY: host pointer mode with an FP32 compute type: alpha and
         // beta point at floats.
         let (alpha, beta) = unsafe { (scalar(alpha as *const f32)?, scalar(beta as *const f32)?) };
@@ -543,6 +605,47 @@ mod tests {
             "destroyed once"
         );
         assert_eq!(cublasDgemm_v2(), status::NOT_SUPPORTED);
+    }
+
+    #[test]
+    fn illegal_arguments_are_numbered_as_cublas_numbers_them() {
+        let g = Gemm {
+            op: blas::SGEMM,
+            m: 4,
+            n: 3,
+            k: 2,
+            lda: 4,
+            ldb: 2,
+            ldc: 4,
+            ..Default::default()
+        };
+        assert_eq!(bad_parameter(&g), None);
+        assert_eq!(bad_parameter(&Gemm { m: -1, ..g }), Some(3));
+        assert_eq!(bad_parameter(&Gemm { lda: 3, ..g }), Some(8));
+        assert_eq!(
+            bad_parameter(&Gemm {
+                ldc: 3,
+                ldb: 1,
+                ..g
+            }),
+            Some(10),
+            "first one"
+        );
+        assert_eq!(
+            bad_parameter(&Gemm {
+                transb: 7,
+                m: -1,
+                ..g
+            }),
+            Some(2)
+        );
+        let ex = Gemm {
+            op: blas::GEMM_EX,
+            ..g
+        };
+        assert_eq!(bad_parameter(&Gemm { lda: 3, ..ex }), Some(9));
+        assert_eq!(bad_parameter(&Gemm { ldb: 1, ..ex }), Some(12));
+        assert_eq!(bad_parameter(&Gemm { ldc: 1, ..ex }), Some(16));
     }
 
     #[test]
