@@ -133,6 +133,7 @@ pub fn opcode_label(op: Option<Opcode>) -> &'static str {
             Opcode::CuEventElapsed => "cu_event_elapsed",
             Opcode::CuMemInfo => "cu_mem_info",
             Opcode::CuCommandBuffer => "cu_command_buffer",
+            Opcode::CuBlasInit => "cu_blas_init",
         },
     }
 }

@@ -249,6 +249,8 @@ wire_enum! {
         CuEventElapsed = 0x030F => "VGPU_OP_CU_EVENT_ELAPSED",
         CuMemInfo = 0x0310 => "VGPU_OP_CU_MEM_INFO",
         CuCommandBuffer = 0x0311 => "VGPU_OP_CU_COMMAND_BUFFER",
+        // CUDA API version 2: cuBLAS (GEMM records in command buffers).
+        CuBlasInit = 0x0312 => "VGPU_OP_CU_BLAS_INIT",
     }
 }
 

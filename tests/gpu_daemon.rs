@@ -477,3 +477,192 @@ fn large_remoting_copies_do_not_cross_the_pipe() {
         "{crossed} bytes crossed the pipe"
     );
 }
+
+/// A command buffer of `recs` (all on the default stream): (result, done).
+fn run_records(g: &mut SimGuest, recs: &[vgpu::executor::cuda_api::Record]) -> (u32, u32) {
+    use vgpu::executor::cuda_api as api;
+    let mut b = Vec::new();
+    for r in recs {
+        api::encode_record(&mut b, 0, r);
+    }
+    let out = call(
+        g,
+        Opcode::CuCommandBuffer,
+        &api::command_buffer_payload(recs.len() as u32, &b),
+        api::REPLY_SIZE,
+    )
+    .expect("command buffer answered");
+    let word = |i: usize| u32::from_le_bytes(out[i..i + 4].try_into().unwrap());
+    (word(0), word(4))
+}
+
+/// CUDA API result and data of a call.
+fn cu_call(g: &mut SimGuest, op: Opcode, payload: &[u8], out: usize) -> (u32, Vec<u8>) {
+    let b = call(g, op, payload, 8 + out).expect("answered");
+    (
+        u32::from_le_bytes(b[0..4].try_into().unwrap()),
+        b[8..].to_vec(),
+    )
+}
+
+/// cuBLAS GEMM records (API version 2) on the GPU: the real cuBLAS computes
+/// column-major C = alpha·op(A)·op(B) + beta·C on the VM's buffers (FP32 and
+/// TF32), and a hostile record — a leading dimension whose extent leaves
+/// the allocation, C spanning two allocations, an unknown address,
+/// misalignment, negative m, an unsupported compute type — fails with its
+/// CUresult, runs nothing, and leaves the worker serving.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn cublas_gemm_records_run_on_checked_ranges() {
+    use vgpu::executor::cuda_api::{self as api, blas, cu, Gemm, Record};
+    let d = cuda_daemon(&[(1, "A", "high")], &[]);
+    let mut g = big(&d, 1, 64, 8);
+    let (r, info) = cu_call(&mut g, Opcode::CuDeviceInfo, &[], 4096);
+    assert_eq!(r, 0);
+    assert_eq!(u32::from_le_bytes(info[0..4].try_into().unwrap()), 2);
+    let (r, v) = cu_call(&mut g, Opcode::CuBlasInit, &[], 4);
+    assert_eq!(r, 0, "CU_BLAS_INIT");
+    let version = u32::from_le_bytes(v[0..4].try_into().unwrap());
+    assert!(version >= 130000, "cuBLAS version {version}");
+
+    let (m, n, k) = (96i32, 40i32, 72i32);
+    let mut rng = Rng::seeded();
+    let a = rng.f32s((m * k) as usize); // m×k, ld m
+    let b = rng.f32s((k * n) as usize); // k×n, ld k
+    let c0 = rng.f32s((m * n) as usize);
+    let alloc = |g: &mut SimGuest, data: &[f32]| {
+        let (r, p) = cu_call(
+            g,
+            Opcode::CuMemAlloc,
+            &(4 * data.len() as u64).to_le_bytes(),
+            8,
+        );
+        assert_eq!(r, 0);
+        let ptr = u64::from_le_bytes(p.try_into().unwrap());
+        let mut h = ptr.to_le_bytes().to_vec();
+        h.extend(f32_bytes(data));
+        assert_eq!(cu_call(g, Opcode::CuMemcpyHtoD, &h, 0).0, 0);
+        ptr
+    };
+    let (da, db, dc) = (alloc(&mut g, &a), alloc(&mut g, &b), alloc(&mut g, &c0));
+    let read_c = |g: &mut SimGuest| {
+        let mut p = dc.to_le_bytes().to_vec();
+        p.extend((4 * c0.len() as u64).to_le_bytes());
+        let (r, out) = cu_call(g, Opcode::CuMemcpyDtoH, &p, 4 * c0.len());
+        assert_eq!(r, 0);
+        f32s(&out)
+    };
+    let (alpha, beta) = (1.5f32, -0.5f32);
+    let want: Vec<f64> = (0..(m * n) as usize)
+        .map(|idx| {
+            let (i, j) = (idx % m as usize, idx / m as usize);
+            let dot: f64 = (0..k as usize)
+                .map(|p| a[p * m as usize + i] as f64 * b[j * k as usize + p] as f64)
+                .sum();
+            alpha as f64 * dot + beta as f64 * c0[idx] as f64
+        })
+        .collect();
+    let max_err = |got: &[f32]| {
+        got.iter()
+            .zip(&want)
+            .map(|(&x, &w)| (x as f64 - w).abs() / (w.abs() + 1.0))
+            .fold(0.0, f64::max)
+    };
+    let good = Gemm {
+        op: blas::SGEMM,
+        m,
+        n,
+        k,
+        a: da,
+        lda: m,
+        b: db,
+        ldb: k,
+        c: dc,
+        ldc: m,
+        compute_type: blas::COMPUTE_32F,
+        algo: blas::GEMM_DEFAULT,
+        alpha: alpha.to_bits(),
+        beta: beta.to_bits(),
+        ..Default::default()
+    };
+    assert_eq!(
+        run_records(&mut g, &[Record::Gemm(good)]),
+        (0, api::ALL_DONE)
+    );
+    let e = max_err(&read_c(&mut g));
+    assert!(e < 1e-5, "SGEMM FP32 error {e}");
+
+    let hostile = [
+        (
+            "lda past the allocation",
+            Gemm { lda: m + 1, ..good },
+            cu::INVALID_VALUE,
+        ),
+        (
+            "C spans two allocations",
+            Gemm {
+                c: db,
+                ldc: m,
+                ..good
+            },
+            cu::INVALID_VALUE,
+        ),
+        (
+            "not an allocation",
+            Gemm { a: 0x10, ..good },
+            cu::INVALID_VALUE,
+        ),
+        ("misaligned", Gemm { b: db + 2, ..good }, cu::INVALID_VALUE),
+        ("negative m", Gemm { m: -1, ..good }, cu::INVALID_VALUE),
+        (
+            "huge k",
+            Gemm {
+                k: i32::MAX,
+                ldb: i32::MAX,
+                ..good
+            },
+            cu::INVALID_VALUE,
+        ),
+        (
+            "FP16 compute",
+            Gemm {
+                op: blas::GEMM_EX,
+                compute_type: 64,
+                ..good
+            },
+            cu::NOT_SUPPORTED,
+        ),
+    ];
+    for (what, bad, code) in hostile {
+        // The bad record stops the buffer: the good one after it never runs.
+        let (r, done) = run_records(&mut g, &[Record::Gemm(bad), Record::Gemm(good)]);
+        assert_eq!((r, done), (code, 0), "{what}");
+    }
+    // Nothing of those ran: C is as the first GEMM left it...
+    let e = max_err(&read_c(&mut g));
+    assert!(e < 1e-5, "C untouched by refused records ({e})");
+    // ... and the worker still serves: TF32 through GemmEx, C rewritten
+    // from C0 first (beta reads it).
+    let mut h = dc.to_le_bytes().to_vec();
+    h.extend(f32_bytes(&c0));
+    let tf32 = Gemm {
+        op: blas::GEMM_EX,
+        compute_type: blas::COMPUTE_32F_FAST_TF32,
+        ..good
+    };
+    assert_eq!(
+        run_records(
+            &mut g,
+            &[
+                Record::HtoD {
+                    dst: dc,
+                    data: &h[8..]
+                },
+                Record::Gemm(tf32)
+            ]
+        ),
+        (0, api::ALL_DONE)
+    );
+    let e = max_err(&read_c(&mut g));
+    assert!(e < 1e-2, "TF32 error {e}");
+}

@@ -387,8 +387,39 @@ fn every_opcode_status_and_struct_matches() {
                 elem_size
             }
         );
+        layout!(
+            "vgpu_cu_gemm",
+            GemmWire {
+                a,
+                b,
+                c,
+                op,
+                math_mode,
+                transa,
+                transb,
+                m,
+                n,
+                k,
+                lda,
+                ldb,
+                ldc,
+                a_type,
+                b_type,
+                c_type,
+                compute_type,
+                algo,
+                alpha,
+                beta,
+                reserved
+            }
+        );
         for (c, v) in [
             ("VGPU_CU_API_VERSION", u64::from(api::API_VERSION)),
+            ("VGPU_CU_MIN_API_VERSION", u64::from(api::MIN_API_VERSION)),
+            ("VGPU_CU_BLAS_API_VERSION", u64::from(api::BLAS_API_VERSION)),
+            ("VGPU_CU_REC_GEMM", u64::from(record::GEMM)),
+            ("VGPU_CU_GEMM_SGEMM", u64::from(api::blas::SGEMM)),
+            ("VGPU_CU_GEMM_EX", u64::from(api::blas::GEMM_EX)),
             ("VGPU_CU_ATTR_COUNT", api::ATTR_COUNT as u64),
             ("VGPU_CU_ALL_DONE", u64::from(api::ALL_DONE)),
             ("VGPU_CU_REC_LAUNCH", u64::from(record::LAUNCH)),

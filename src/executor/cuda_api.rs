@@ -19,8 +19,14 @@ use vm_memory::ByteValued;
 
 use crate::protocol::{read_obj, Status};
 
-/// Version of the CUDA API that CU_DEVICE_INFO reports (`api_version`).
-pub const API_VERSION: u32 = 1;
+/// Version of the CUDA API that CU_DEVICE_INFO reports (`api_version`):
+/// 1 the driver and runtime calls, 2 added cuBLAS (CU_BLAS_INIT and GEMM
+/// records). A later version only adds (docs/protocol.md, "Version rules").
+pub const API_VERSION: u32 = 2;
+/// The oldest host the guest library runs on (everything but cuBLAS).
+pub const MIN_API_VERSION: u32 = 1;
+/// The first version with cuBLAS.
+pub const BLAS_API_VERSION: u32 = 2;
 /// Device attributes CU_DEVICE_INFO returns: `attrs[i]` is
 /// `cuDeviceGetAttribute(i)` for `0 <= i < ATTR_COUNT` (0 where the driver
 /// knows no such attribute).
@@ -50,6 +56,67 @@ pub const MAX_EVENTS: usize = 65536;
 pub const MAX_ALLOCATIONS: usize = 1 << 20;
 /// `done` of a reply when no record failed.
 pub const ALL_DONE: u32 = u32::MAX;
+
+/// cuBLAS values of a GEMM record: cuBLAS's and CUDA's own numbers
+/// (cublasOperation_t, cudaDataType, cublasComputeType_t, cublasMath_t,
+/// cublasGemmAlgo_t), so that the guest passes the program's values as they
+/// are and the host hands checked ones to the real cuBLAS.
+pub mod blas {
+    /// `op` of a GEMM record: which cuBLAS call the program made.
+    pub const SGEMM: u32 = 1;
+    pub const GEMM_EX: u32 = 2;
+    /// cublasOperation_t.
+    pub const OP_N: u32 = 0;
+    pub const OP_T: u32 = 1;
+    pub const OP_C: u32 = 2;
+    /// cudaDataType CUDA_R_32F: the one element type supported (4 bytes).
+    pub const R_32F: u32 = 0;
+    pub const R_32F_BYTES: u64 = 4;
+    /// cublasComputeType_t with FP32 data: FP32, and the reduced-precision
+    /// tensor-core variants (TF32, FP16, BF16 inputs, FP32 accumulation).
+    pub const COMPUTE_32F: u32 = 68;
+    pub const COMPUTE_32F_PEDANTIC: u32 = 69;
+    pub const COMPUTE_32F_FAST_16F: u32 = 74;
+    pub const COMPUTE_32F_FAST_16BF: u32 = 75;
+    pub const COMPUTE_32F_FAST_TF32: u32 = 77;
+    pub const FP32_COMPUTE: [u32; 5] = [
+        COMPUTE_32F,
+        COMPUTE_32F_PEDANTIC,
+        COMPUTE_32F_FAST_16F,
+        COMPUTE_32F_FAST_16BF,
+        COMPUTE_32F_FAST_TF32,
+    ];
+    /// cublasMath_t: a mode, optionally with the
+    /// DISALLOW_REDUCED_PRECISION_REDUCTION flag.
+    pub const DEFAULT_MATH: u32 = 0;
+    pub const TENSOR_OP_MATH: u32 = 1;
+    pub const PEDANTIC_MATH: u32 = 2;
+    pub const TF32_TENSOR_OP_MATH: u32 = 3;
+    pub const FP32_EMULATED_BF16X9_MATH: u32 = 4;
+    pub const FP64_EMULATED_FIXEDPOINT_MATH: u32 = 8;
+    pub const DISALLOW_REDUCED_PRECISION_REDUCTION: u32 = 16;
+    /// cublasGemmAlgo_t: CUBLAS_GEMM_DEFAULT (-1), ALGO0..23, and
+    /// DEFAULT_TENSOR_OP (99) with ALGO0..15_TENSOR_OP (100..115).
+    pub const GEMM_DEFAULT: i32 = -1;
+
+    /// True for a math mode cuBLAS 13 knows.
+    pub fn math_mode_ok(mode: u32) -> bool {
+        matches!(
+            mode & !DISALLOW_REDUCED_PRECISION_REDUCTION,
+            DEFAULT_MATH
+                | TENSOR_OP_MATH
+                | PEDANTIC_MATH
+                | TF32_TENSOR_OP_MATH
+                | FP32_EMULATED_BF16X9_MATH
+                | FP64_EMULATED_FIXEDPOINT_MATH
+        )
+    }
+
+    /// True for an algorithm value cuBLAS 13 knows.
+    pub fn algo_ok(algo: i32) -> bool {
+        matches!(algo, -1..=23 | 99..=115)
+    }
+}
 
 /// CUresult values the host itself answers with (the CUDA driver's numbers).
 pub mod cu {
@@ -228,6 +295,39 @@ pub struct MemsetWire {
     pub elem_size: Le32,
 }
 
+/// GEMM record body: C = alpha·op(A)·op(B) + beta·C, column-major, as
+/// cublasSgemm_v2 / cublasGemmEx take it (values in [`blas`]).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GemmWire {
+    pub a: Le64,
+    pub b: Le64,
+    pub c: Le64,
+    /// [`blas::SGEMM`] or [`blas::GEMM_EX`].
+    pub op: Le32,
+    /// The handle's cublasMath_t when the program made the call.
+    pub math_mode: Le32,
+    pub transa: Le32,
+    pub transb: Le32,
+    /// Signed 32-bit, as cuBLAS takes them.
+    pub m: Le32,
+    pub n: Le32,
+    pub k: Le32,
+    pub lda: Le32,
+    pub ldb: Le32,
+    pub ldc: Le32,
+    pub a_type: Le32,
+    pub b_type: Le32,
+    pub c_type: Le32,
+    pub compute_type: Le32,
+    /// cublasGemmAlgo_t (signed).
+    pub algo: Le32,
+    /// f32 bits (host pointer mode: the values at the time of the call).
+    pub alpha: Le32,
+    pub beta: Le32,
+    pub reserved: Le32,
+}
+
 // SAFETY (all below): little-endian integers and byte arrays without
 // padding (sizes checked below), so every bit pattern is a valid value.
 unsafe impl ByteValued for ReplyWire {}
@@ -261,6 +361,8 @@ unsafe impl ByteValued for LaunchWire {}
 unsafe impl ByteValued for DtodWire {}
 // SAFETY: as above.
 unsafe impl ByteValued for MemsetWire {}
+// SAFETY: as above.
+unsafe impl ByteValued for GemmWire {}
 
 pub const REPLY_SIZE: usize = std::mem::size_of::<ReplyWire>();
 pub const DEVICE_INFO_SIZE: usize = std::mem::size_of::<DeviceInfoWire>();
@@ -280,6 +382,8 @@ const _: () = assert!(std::mem::size_of::<EventPairWire>() == 16);
 const _: () = assert!(std::mem::size_of::<MemInfoWire>() == 16);
 const _: () = assert!(std::mem::size_of::<DtodWire>() == 24);
 const _: () = assert!(std::mem::size_of::<MemsetWire>() == 24);
+pub const GEMM_SIZE: usize = std::mem::size_of::<GemmWire>();
+const _: () = assert!(GEMM_SIZE == 96);
 
 /// Record kinds of a command buffer.
 pub mod record {
@@ -290,6 +394,8 @@ pub mod record {
     pub const MEMSET: u16 = 5;
     pub const EVENT_RECORD: u16 = 6;
     pub const STREAM_WAIT_EVENT: u16 = 7;
+    /// API version 2.
+    pub const GEMM: u16 = 8;
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -402,6 +508,170 @@ pub enum Record<'a> {
     StreamWaitEvent {
         event: u64,
     },
+    Gemm(Gemm),
+}
+
+/// A parsed GEMM record. Only its structure is checked at parse time;
+/// [`Gemm::validate`] and [`Gemm::ranges`] check its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Gemm {
+    pub op: u32,
+    pub math_mode: u32,
+    pub transa: u32,
+    pub transb: u32,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub a: u64,
+    pub lda: i32,
+    pub b: u64,
+    pub ldb: i32,
+    pub c: u64,
+    pub ldc: i32,
+    pub a_type: u32,
+    pub b_type: u32,
+    pub c_type: u32,
+    pub compute_type: u32,
+    pub algo: i32,
+    /// f32 bits.
+    pub alpha: u32,
+    pub beta: u32,
+}
+
+/// Bytes a column-major matrix of `rows`×`cols` elements with leading
+/// dimension `ld` spans: `((cols-1)·ld + rows)·elem`, 0 when it has no
+/// element; `None` when that overflows.
+pub fn matrix_bytes(rows: i32, cols: i32, ld: i32, elem: u64) -> Option<u64> {
+    if rows <= 0 || cols <= 0 {
+        return Some(0);
+    }
+    u64::try_from(cols - 1)
+        .ok()?
+        .checked_mul(u64::try_from(ld).ok()?)?
+        .checked_add(rows as u64)?
+        .checked_mul(elem)
+}
+
+impl Gemm {
+    /// Rows and columns of A as stored (op(A) is m×k).
+    pub fn a_dims(&self) -> (i32, i32) {
+        if self.transa == blas::OP_N {
+            (self.m, self.k)
+        } else {
+            (self.k, self.m)
+        }
+    }
+
+    /// Rows and columns of B as stored (op(B) is k×n).
+    pub fn b_dims(&self) -> (i32, i32) {
+        if self.transb == blas::OP_N {
+            (self.k, self.n)
+        } else {
+            (self.n, self.k)
+        }
+    }
+
+    /// cuBLAS's own argument rules, answered as cuBLAS answers them, as a
+    /// CUresult: [`cu::INVALID_VALUE`] (CUBLAS_STATUS_INVALID_VALUE) for a
+    /// bad operation, negative dimension, leading dimension below the rows
+    /// or unknown mode; [`cu::NOT_SUPPORTED`] for types other than FP32
+    /// data with an FP32 compute type.
+    pub fn validate(&self) -> Result<(), u32> {
+        if self.transa > blas::OP_C || self.transb > blas::OP_C {
+            return Err(cu::INVALID_VALUE);
+        }
+        if self.m < 0 || self.n < 0 || self.k < 0 {
+            return Err(cu::INVALID_VALUE);
+        }
+        let ((ra, _), (rb, _)) = (self.a_dims(), self.b_dims());
+        if self.lda < ra.max(1) || self.ldb < rb.max(1) || self.ldc < self.m.max(1) {
+            return Err(cu::INVALID_VALUE);
+        }
+        if !blas::math_mode_ok(self.math_mode) || !blas::algo_ok(self.algo) {
+            return Err(cu::INVALID_VALUE);
+        }
+        let fp32 = [self.a_type, self.b_type, self.c_type] == [blas::R_32F; 3];
+        match self.op {
+            blas::SGEMM if fp32 && self.compute_type == blas::COMPUTE_32F => Ok(()),
+            blas::SGEMM => Err(cu::INVALID_VALUE),
+            blas::GEMM_EX if fp32 && blas::FP32_COMPUTE.contains(&self.compute_type) => Ok(()),
+            blas::GEMM_EX => Err(cu::NOT_SUPPORTED),
+            _ => Err(cu::INVALID_VALUE),
+        }
+    }
+
+    /// The device ranges (address, bytes) the call reads or writes: A, B
+    /// and C, each from its dimensions and leading dimension with checked
+    /// arithmetic; an element-misaligned matrix or an extent that overflows
+    /// is [`cu::INVALID_VALUE`]. Call after [`Self::validate`]. A range of
+    /// 0 bytes (no element) is not read.
+    pub fn ranges(&self) -> Result<[(u64, u64); 3], u32> {
+        let e = blas::R_32F_BYTES;
+        let ((ra, ca), (rb, cb)) = (self.a_dims(), self.b_dims());
+        let span = |p: u64, rows, cols, ld| {
+            let n = matrix_bytes(rows, cols, ld, e).ok_or(cu::INVALID_VALUE)?;
+            if n > 0 && !p.is_multiple_of(e) {
+                return Err(cu::INVALID_VALUE);
+            }
+            Ok((p, n))
+        };
+        Ok([
+            span(self.a, ra, ca, self.lda)?,
+            span(self.b, rb, cb, self.ldb)?,
+            span(self.c, self.m, self.n, self.ldc)?,
+        ])
+    }
+
+    fn from_wire(g: &GemmWire) -> Gemm {
+        Gemm {
+            op: g.op.into(),
+            math_mode: g.math_mode.into(),
+            transa: g.transa.into(),
+            transb: g.transb.into(),
+            m: u32::from(g.m) as i32,
+            n: u32::from(g.n) as i32,
+            k: u32::from(g.k) as i32,
+            a: g.a.into(),
+            lda: u32::from(g.lda) as i32,
+            b: g.b.into(),
+            ldb: u32::from(g.ldb) as i32,
+            c: g.c.into(),
+            ldc: u32::from(g.ldc) as i32,
+            a_type: g.a_type.into(),
+            b_type: g.b_type.into(),
+            c_type: g.c_type.into(),
+            compute_type: g.compute_type.into(),
+            algo: u32::from(g.algo) as i32,
+            alpha: g.alpha.into(),
+            beta: g.beta.into(),
+        }
+    }
+
+    fn to_wire(self) -> GemmWire {
+        GemmWire {
+            a: self.a.into(),
+            b: self.b.into(),
+            c: self.c.into(),
+            op: self.op.into(),
+            math_mode: self.math_mode.into(),
+            transa: self.transa.into(),
+            transb: self.transb.into(),
+            m: (self.m as u32).into(),
+            n: (self.n as u32).into(),
+            k: (self.k as u32).into(),
+            lda: (self.lda as u32).into(),
+            ldb: (self.ldb as u32).into(),
+            ldc: (self.ldc as u32).into(),
+            a_type: self.a_type.into(),
+            b_type: self.b_type.into(),
+            c_type: self.c_type.into(),
+            compute_type: self.compute_type.into(),
+            algo: (self.algo as u32).into(),
+            alpha: self.alpha.into(),
+            beta: self.beta.into(),
+            reserved: 0.into(),
+        }
+    }
 }
 
 /// A record and the stream it goes to.
@@ -533,6 +803,16 @@ fn parse_record(kind: u16, body: &[u8]) -> Result<Record<'_>, Error> {
         record::STREAM_WAIT_EVENT => Record::StreamWaitEvent {
             event: parse_u64(body, "STREAM_WAIT_EVENT record is 8 bytes")?,
         },
+        record::GEMM => {
+            let g = exact::<GemmWire>(body, "GEMM record is 96 bytes")?;
+            if u32::from(g.reserved) != 0 {
+                return Err(Error::Malformed("GEMM reserved field not zero"));
+            }
+            if !matches!(u32::from(g.op), blas::SGEMM | blas::GEMM_EX) {
+                return Err(Error::Malformed("unknown GEMM op"));
+            }
+            Record::Gemm(Gemm::from_wire(&g))
+        }
         _ => return Err(Error::Malformed("unknown record kind")),
     })
 }
@@ -604,6 +884,7 @@ pub fn encode_record(buf: &mut Vec<u8>, stream: u64, rec: &Record<'_>) {
         Record::StreamWaitEvent { event } => {
             (record::STREAM_WAIT_EVENT, event.to_le_bytes().to_vec())
         }
+        Record::Gemm(g) => (record::GEMM, g.to_wire().as_slice().to_vec()),
     };
     let hdr = RecordWire {
         kind: kind.into(),
@@ -624,6 +905,7 @@ pub fn record_size(rec: &Record<'_>) -> usize {
             Record::DtoH { .. } => 16,
             Record::DtoD { .. } | Record::Memset { .. } => 24,
             Record::EventRecord { .. } | Record::StreamWaitEvent { .. } => 8,
+            Record::Gemm(_) => GEMM_SIZE,
         }
 }
 
@@ -922,6 +1204,7 @@ mod tests {
             },
             Record::EventRecord { event: 5 },
             Record::StreamWaitEvent { event: 5 },
+            Record::Gemm(sgemm()),
         ];
         let mut size = CMDBUF_HDR_SIZE;
         for (i, r) in recs.iter().enumerate() {
@@ -931,6 +1214,163 @@ mod tests {
         let p = command_buffer_payload(recs.len() as u32, &b);
         assert_eq!(p.len(), size);
         (p, recs.len() as u32)
+    }
+
+    /// C (3×2) = A (3×4) · B (4×2), column-major, tight leading dimensions.
+    fn sgemm() -> Gemm {
+        Gemm {
+            op: blas::SGEMM,
+            m: 3,
+            n: 2,
+            k: 4,
+            a: 0x1000,
+            lda: 3,
+            b: 0x2000,
+            ldb: 4,
+            c: 0x3000,
+            ldc: 3,
+            compute_type: blas::COMPUTE_32F,
+            algo: blas::GEMM_DEFAULT,
+            alpha: 1.5f32.to_bits(),
+            beta: 0.5f32.to_bits(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn gemm_record_roundtrip_and_structure() {
+        let (p, n) = sample();
+        let cb = parse_command_buffer(&p).unwrap();
+        assert_eq!(cb.commands[n as usize - 1].record, Record::Gemm(sgemm()));
+        // Negative dimensions travel as they are (the host answers them).
+        let mut g = sgemm();
+        g.m = -5;
+        let mut b = Vec::new();
+        encode_record(&mut b, 3, &Record::Gemm(g));
+        assert_eq!(b.len(), record_size(&Record::Gemm(g)));
+        let cb = command_buffer_payload(1, &b);
+        assert_eq!(
+            parse_command_buffer(&cb).unwrap().commands[0].record,
+            Record::Gemm(g)
+        );
+        // Reserved field, unknown op, wrong length: malformed.
+        let body = RECORD_HDR_SIZE + CMDBUF_HDR_SIZE;
+        let mut q = cb.clone();
+        q[body + GEMM_SIZE - 4] = 1;
+        assert!(parse_command_buffer(&q).is_err(), "reserved");
+        let mut q = cb.clone();
+        q[body + 24..body + 28].copy_from_slice(&3u32.to_le_bytes());
+        assert!(parse_command_buffer(&q).is_err(), "op 3");
+        let mut q = cb.clone();
+        q.push(0);
+        q[CMDBUF_HDR_SIZE + 4..CMDBUF_HDR_SIZE + 8]
+            .copy_from_slice(&(GEMM_SIZE as u32 + 1).to_le_bytes());
+        assert!(parse_command_buffer(&q).is_err(), "97-byte body");
+    }
+
+    #[test]
+    fn gemm_arguments_as_cublas_checks_them() {
+        assert_eq!(sgemm().validate(), Ok(()));
+        let bad = |f: &dyn Fn(&mut Gemm)| {
+            let mut g = sgemm();
+            f(&mut g);
+            g.validate()
+        };
+        let inval = Err(cu::INVALID_VALUE);
+        assert_eq!(bad(&|g| g.m = -1), inval);
+        assert_eq!(bad(&|g| g.k = -1), inval);
+        assert_eq!(bad(&|g| g.lda = 2), inval, "lda < m");
+        assert_eq!(bad(&|g| g.ldc = 0), inval);
+        assert_eq!(bad(&|g| g.transa = 3), inval);
+        // Transposed A is stored k×m: lda must be at least k.
+        assert_eq!(bad(&|g| g.transa = blas::OP_T), inval);
+        assert_eq!(
+            bad(&|g| {
+                g.transa = blas::OP_T;
+                g.lda = 4
+            }),
+            Ok(())
+        );
+        // m = 0: leading dimensions are still at least 1.
+        assert_eq!(
+            bad(&|g| {
+                g.m = 0;
+                g.ldc = 1
+            }),
+            Ok(())
+        );
+        assert_eq!(bad(&|g| g.math_mode = 5), inval);
+        assert_eq!(
+            bad(&|g| g.math_mode =
+                blas::TF32_TENSOR_OP_MATH | blas::DISALLOW_REDUCED_PRECISION_REDUCTION),
+            Ok(())
+        );
+        assert_eq!(bad(&|g| g.algo = 50), inval);
+        assert_eq!(
+            bad(&|g| g.compute_type = blas::COMPUTE_32F_FAST_TF32),
+            inval
+        );
+        let ex = |compute, ty| {
+            let mut g = sgemm();
+            g.op = blas::GEMM_EX;
+            g.compute_type = compute;
+            g.b_type = ty;
+            g.validate()
+        };
+        assert_eq!(ex(blas::COMPUTE_32F_FAST_TF32, blas::R_32F), Ok(()));
+        assert_eq!(ex(blas::COMPUTE_32F, blas::R_32F), Ok(()));
+        assert_eq!(
+            ex(64 /* COMPUTE_16F */, blas::R_32F),
+            Err(cu::NOT_SUPPORTED)
+        );
+        assert_eq!(
+            ex(70 /* COMPUTE_64F */, blas::R_32F),
+            Err(cu::NOT_SUPPORTED)
+        );
+        assert_eq!(
+            ex(blas::COMPUTE_32F, 2 /* CUDA_R_16F */),
+            Err(cu::NOT_SUPPORTED)
+        );
+    }
+
+    #[test]
+    fn gemm_ranges_from_leading_dimensions() {
+        let g = Gemm { lda: 5, ..sgemm() };
+        // A: 4 columns of ld 5, the last with 3 rows: (3·5 + 3)·4 bytes.
+        assert_eq!(g.ranges(), Ok([(0x1000, 72), (0x2000, 32), (0x3000, 24)]));
+        // Transposed B (n×k = 2×4), ldb 2.
+        let g = Gemm {
+            transb: blas::OP_T,
+            ldb: 2,
+            ..sgemm()
+        };
+        assert_eq!(g.ranges().unwrap()[1], (0x2000, 32));
+        // k = 0 reads neither A nor B.
+        let g = Gemm { k: 0, ..sgemm() };
+        assert_eq!(g.ranges().unwrap()[0].1, 0);
+        assert_eq!(g.ranges().unwrap()[1].1, 0);
+        // Misaligned float pointer.
+        assert_eq!(
+            Gemm {
+                c: 0x3002,
+                ..sgemm()
+            }
+            .ranges(),
+            Err(cu::INVALID_VALUE)
+        );
+        // The largest i32 values still give an exact u64 extent, which the
+        // allocation check then refuses.
+        let big = matrix_bytes(i32::MAX, i32::MAX, i32::MAX, 4).unwrap();
+        assert_eq!(
+            big,
+            ((i32::MAX as u64 - 1) * i32::MAX as u64 + i32::MAX as u64) * 4
+        );
+        assert_eq!(matrix_bytes(0, 7, 1, 4), Some(0));
+        assert_eq!(matrix_bytes(2, 3, -1, 4), None);
+        let mut a = Allocations::default();
+        a.insert(0x1000, 72, None);
+        assert!(a.contains(0x1000, 72));
+        assert!(!a.contains(0x1000, big));
     }
 
     #[test]

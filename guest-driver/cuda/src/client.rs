@@ -32,6 +32,8 @@ pub type CuResult<T> = Result<T, u32>;
 /// What CU_DEVICE_INFO said.
 #[derive(Debug, Clone)]
 pub struct Device {
+    /// The host's CUDA API version (`api_version`).
+    pub api_version: u32,
     pub name: [u8; 256],
     pub uuid: [u8; 16],
     pub total_mem: u64,
@@ -67,6 +69,8 @@ pub struct Client {
     /// The device allocations (base -> size), to tell device pointers from
     /// host pointers for cudaMemcpyDefault.
     allocs: std::collections::BTreeMap<u64, u64>,
+    /// The host's cuBLAS version, once CU_BLAS_INIT answered.
+    blas_version: Option<u32>,
 }
 
 /// Maps a request status (not OK) to the CUresult a program sees.
@@ -108,6 +112,7 @@ impl Client {
         Client {
             transport,
             device: Device {
+                api_version: api::API_VERSION,
                 name: [0; 256],
                 uuid: [0; 16],
                 total_mem: 0,
@@ -120,7 +125,31 @@ impl Client {
             lost: None,
             layouts: HashMap::new(),
             allocs: std::collections::BTreeMap::new(),
+            blas_version: None,
         }
+    }
+
+    /// True when the host runs cuBLAS calls (API version 2 and CU_BLAS_INIT
+    /// answered).
+    pub fn has_blas(&self) -> bool {
+        self.blas_version.is_some()
+    }
+
+    /// Asks the host for its cuBLAS once (CU_BLAS_INIT creates the VM's
+    /// handle there); its version.
+    pub fn blas_init(&mut self) -> CuResult<u32> {
+        if let Some(v) = self.blas_version {
+            return Ok(v);
+        }
+        if self.device.api_version < api::BLAS_API_VERSION {
+            return Err(cu::NOT_SUPPORTED);
+        }
+        let out = self.call(Opcode::CuBlasInit, &[], 4)?;
+        let v = read_obj::<vm_memory::endian::Le32>(&out, 0)
+            .map(u32::from)
+            .ok_or(cu::UNKNOWN)?;
+        self.blas_version = Some(v);
+        Ok(v)
     }
 
     pub fn mem_alloc(&mut self, size: u64) -> CuResult<u64> {
@@ -156,7 +185,7 @@ impl Client {
             other => other?,
         };
         let w: api::DeviceInfoWire = read_obj(&out, 0).ok_or(cu::UNKNOWN)?;
-        if u32::from(w.api_version) < api::API_VERSION {
+        if u32::from(w.api_version) < api::MIN_API_VERSION {
             return Err(cu::NO_DEVICE);
         }
         let n = (u32::from(w.attr_count) as usize).min(1024);
@@ -168,6 +197,7 @@ impl Client {
             })
             .collect();
         c.device = Device {
+            api_version: w.api_version.into(),
             name: w.name,
             uuid: w.uuid,
             total_mem: w.total_mem.into(),
@@ -424,6 +454,14 @@ mod tests {
 
     impl Transport for HostParser {
         fn call(&mut self, op: Opcode, p: &[u8], cap: usize) -> Result<Answer, String> {
+            if op == Opcode::CuBlasInit {
+                assert!(p.is_empty() && cap >= api::REPLY_SIZE + 4);
+                self.buffers.lock().unwrap().push(usize::MAX);
+                return Ok(Answer {
+                    status: Status::Ok as u32,
+                    output: api::reply(0, 0, &130001u32.to_le_bytes()),
+                });
+            }
             if op != Opcode::CuCommandBuffer {
                 return Ok(Answer {
                     status: Status::Ok as u32,
@@ -545,6 +583,46 @@ mod tests {
             unsafe { c.launch(6, [1; 3], [1; 3], 0, 0, std::ptr::null()) },
             Err(cu::INVALID_HANDLE)
         );
+    }
+
+    #[test]
+    fn gemm_records_parse_as_the_host_reads_them() {
+        let (mut c, bufs) = client(None);
+        // A host of API version 1 has no cuBLAS: no request is made.
+        c.device.api_version = 1;
+        assert_eq!(c.blas_init(), Err(cu::NOT_SUPPORTED));
+        assert!(!c.has_blas());
+        c.device.api_version = api::BLAS_API_VERSION;
+        assert_eq!(c.blas_init(), Ok(130001));
+        assert_eq!(c.blas_init(), Ok(130001), "asked once");
+        assert_eq!(*bufs.lock().unwrap(), vec![usize::MAX]);
+        let g = api::Gemm {
+            op: api::blas::GEMM_EX,
+            math_mode: api::blas::TF32_TENSOR_OP_MATH,
+            transa: api::blas::OP_T,
+            m: 64,
+            n: 32,
+            k: 16,
+            a: 0x7f00_0000_1000,
+            lda: 16,
+            b: 0x7f00_0000_2000,
+            ldb: 16,
+            c: 0x7f00_0000_3000,
+            ldc: 64,
+            compute_type: api::blas::COMPUTE_32F_FAST_TF32,
+            algo: 99,
+            alpha: 2f32.to_bits(),
+            beta: (-1f32).to_bits(),
+            ..Default::default()
+        };
+        assert_eq!(g.validate(), Ok(()));
+        c.enqueue(0x55, Record::Gemm(g), 0).unwrap();
+        let cb = api::command_buffer_payload(c.record_count as u32, &c.records);
+        let parsed = api::parse_command_buffer(&cb).unwrap();
+        assert_eq!(parsed.commands[0].stream, 0x55);
+        assert_eq!(parsed.commands[0].record, Record::Gemm(g));
+        c.flush().unwrap();
+        assert_eq!(*bufs.lock().unwrap(), vec![usize::MAX, 1]);
     }
 
     #[test]

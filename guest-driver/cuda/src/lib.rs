@@ -1,8 +1,9 @@
-//! Guest CUDA library: the CUDA driver API (`libcuda.so.1`) and runtime API
-//! (`libcudart.so.13`) for unmodified programs, over the vgpu device's CUDA
-//! API (docs/protocol.md, opcodes 0x03xx).
+//! Guest CUDA library: the CUDA driver API (`libcuda.so.1`), the runtime
+//! API (`libcudart.so.13`) and cuBLAS (`libcublas.so.13`, `cublas.rs`) for
+//! unmodified programs, over the vgpu device's CUDA API (docs/protocol.md,
+//! opcodes 0x03xx).
 //!
-//! * One library file, installed under both names as symlinks
+//! * One library file, installed under the three names as symlinks
 //!   (`install.sh`): the dynamic loader maps a file once however many names
 //!   reach it (it compares device and inode), so the runtime and the driver
 //!   face share one state — one connection, one command buffer.
@@ -26,6 +27,7 @@
 //!   CUDA_ERROR_UNKNOWN instead of unwinding into C.
 
 pub mod client;
+pub mod cublas;
 pub mod driver;
 pub mod runtime;
 pub mod transport;

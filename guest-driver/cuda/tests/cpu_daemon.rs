@@ -37,13 +37,17 @@ fn cpu_daemon(dir: &Path) -> (Daemon, PathBuf) {
     (d, sock)
 }
 
-/// The cdylib cargo built beside this test's deps directory.
+/// The cdylib cargo built with this test: in the deps directory beside it
+/// (`cargo test` links it there and copies it up only on `cargo build`, so
+/// the copy above may be stale).
 fn cdylib() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let lib = dir.join("libvgpucuda.so");
-    assert!(lib.exists(), "{} not built", lib.display());
-    lib
+    let deps = exe.parent().unwrap();
+    let lib = [deps, deps.parent().unwrap()]
+        .iter()
+        .map(|d| d.join("libvgpucuda.so"))
+        .find(|l| l.exists());
+    lib.unwrap_or_else(|| panic!("libvgpucuda.so not built near {}", deps.display()))
 }
 
 const PROGRAM: &str = r#"
@@ -123,6 +127,113 @@ fn no_device_on_the_cpu_executor() {
         .unwrap();
     let v = String::from_utf8_lossy(&v.stdout);
     assert!(v.contains("Name: libcudart.so.13"), "{v}");
+    daemon.shutdown();
+}
+
+/// Stands in for NVIDIA's libcublas.so.13 at link time: its symbols carry
+/// version "libcublas.so.13", as a program built with `-lcublas` then
+/// requires of whatever library it loads under that name.
+const FAKE_CUBLAS: &str = r#"
+int cublasCreate_v2(void **h) { (void)h; return 0; }
+int cublasDestroy_v2(void *h) { (void)h; return 0; }
+int cublasSgemm_v2(void) { return 0; }
+int cublasDgemm_v2(void) { return 0; }
+const char *cublasGetStatusName(int s) { (void)s; return ""; }
+"#;
+
+const CUBLAS_PROGRAM: &str = r#"
+#include <stdio.h>
+extern int cublasCreate_v2(void **);
+extern int cublasDestroy_v2(void *);
+extern int cublasSgemm_v2(void *, int, int, int, int, int, const float *, const float *, int,
+                          const float *, int, const float *, float *, int);
+extern int cublasDgemm_v2(void);
+extern const char *cublasGetStatusName(int);
+int main(void) {
+    void *h = 0;
+    int s = cublasCreate_v2(&h);
+    printf("create %d %s\n", s, cublasGetStatusName(s));
+    float one = 1, zero = 0;
+    printf("sgemm on a bad handle %d\n",
+           cublasSgemm_v2((void *)8, 0, 0, 1, 1, 1, &one, 0, 1, 0, 1, &zero, 0, 1));
+    printf("destroy %d\n", cublasDestroy_v2((void *)8));
+    printf("dgemm %d %s\n", cublasDgemm_v2(), cublasGetStatusName(15));
+    return 0;
+}
+"#;
+
+fn cc(args: &[&std::ffi::OsStr]) {
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let out = Command::new(cc).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A program linked against a versioned libcublas.so.13 loads the library
+/// in its place (the version node), and gets cuBLAS statuses on the CPU
+/// executor: cublasCreate CUBLAS_STATUS_NOT_INITIALIZED (no device), an
+/// unknown handle NOT_INITIALIZED, an unsupported call NOT_SUPPORTED.
+#[test]
+fn cublas_program_links_and_answers_statuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, sock) = cpu_daemon(dir.path());
+    let d = dir.path();
+    let fake = d.join("fake");
+    std::fs::create_dir(&fake).unwrap();
+    std::fs::write(d.join("fake.c"), FAKE_CUBLAS).unwrap();
+    std::fs::write(
+        d.join("fake.map"),
+        "libcublas.so.13 { global: cublas*; local: *; };\n",
+    )
+    .unwrap();
+    let fake_lib = fake.join("libcublas.so.13");
+    let map_arg = format!("-Wl,--version-script={}", d.join("fake.map").display());
+    cc(&[
+        "-shared".as_ref(),
+        "-fPIC".as_ref(),
+        "-Wl,-soname,libcublas.so.13".as_ref(),
+        map_arg.as_ref(),
+        "-o".as_ref(),
+        fake_lib.as_os_str(),
+        d.join("fake.c").as_os_str(),
+    ]);
+    std::fs::write(d.join("p.c"), CUBLAS_PROGRAM).unwrap();
+    let bin = d.join("p");
+    cc(&[
+        "-o".as_ref(),
+        bin.as_os_str(),
+        d.join("p.c").as_os_str(),
+        fake_lib.as_os_str(),
+    ]);
+    let v = Command::new("readelf")
+        .arg("-V")
+        .arg(&bin)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&v.stdout).contains("Name: libcublas.so.13"),
+        "the program needs the version"
+    );
+    let lib = d.join("lib");
+    std::fs::create_dir(&lib).unwrap();
+    std::os::unix::fs::symlink(cdylib(), lib.join("libcublas.so.13")).unwrap();
+    let out = Command::new(&bin)
+        .env("VGPU_SOCKET", &sock)
+        .env("LD_LIBRARY_PATH", &lib)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert_eq!(
+        stdout,
+        "create 1 CUBLAS_STATUS_NOT_INITIALIZED\nsgemm on a bad handle 1\ndestroy 1\n\
+         dgemm 15 CUBLAS_STATUS_NOT_SUPPORTED\n"
+    );
+    assert!(!stderr.contains("version"), "symbol versions: {stderr}");
     daemon.shutdown();
 }
 

@@ -130,8 +130,12 @@ struct vgpu_launch_param {
 #define VGPU_OP_CU_EVENT_ELAPSED	0x030F	/* payload: vgpu_cu_event_pair; out: reply, f32 ms */
 #define VGPU_OP_CU_MEM_INFO		0x0310	/* out: reply, vgpu_cu_mem_info */
 #define VGPU_OP_CU_COMMAND_BUFFER	0x0311	/* payload: vgpu_cu_cmdbuf, records; out: reply, DtoH bytes */
+/* API version 2: cuBLAS. */
+#define VGPU_OP_CU_BLAS_INIT		0x0312	/* creates the VM's cuBLAS handle; out: reply, le32 cuBLAS version */
 
-#define VGPU_CU_API_VERSION	1
+#define VGPU_CU_API_VERSION	2	/* 1: driver and runtime; 2: + cuBLAS */
+#define VGPU_CU_MIN_API_VERSION	1
+#define VGPU_CU_BLAS_API_VERSION	2
 #define VGPU_CU_ATTR_COUNT	192
 #define VGPU_CU_ALL_DONE	0xFFFFFFFFu
 
@@ -210,6 +214,7 @@ struct vgpu_cu_cmdbuf {
 #define VGPU_CU_REC_MEMSET		5	/* body: vgpu_cu_memset */
 #define VGPU_CU_REC_EVENT_RECORD	6	/* body: le64 event */
 #define VGPU_CU_REC_STREAM_WAIT_EVENT	7	/* body: le64 event */
+#define VGPU_CU_REC_GEMM		8	/* body: vgpu_cu_gemm (API version 2) */
 
 struct vgpu_cu_record {
 	__le16 kind;
@@ -237,6 +242,36 @@ struct vgpu_cu_memset {
 	__le64 count;		/* elements */
 	__le32 value;
 	__le32 elem_size;	/* 1, 2 or 4 */
+};
+
+/* GEMM record: C = alpha op(A) op(B) + beta C, column-major, with cuBLAS's
+ * own values (cublasOperation_t, cudaDataType, cublasComputeType_t,
+ * cublasMath_t, cublasGemmAlgo_t). */
+#define VGPU_CU_GEMM_SGEMM		1	/* cublasSgemm_v2 */
+#define VGPU_CU_GEMM_EX			2	/* cublasGemmEx */
+
+struct vgpu_cu_gemm {
+	__le64 a;
+	__le64 b;
+	__le64 c;
+	__le32 op;		/* VGPU_CU_GEMM_* */
+	__le32 math_mode;	/* the handle's cublasMath_t */
+	__le32 transa;
+	__le32 transb;
+	__le32 m;		/* signed, >= 0 */
+	__le32 n;
+	__le32 k;
+	__le32 lda;
+	__le32 ldb;
+	__le32 ldc;
+	__le32 a_type;		/* CUDA_R_32F (0) */
+	__le32 b_type;
+	__le32 c_type;
+	__le32 compute_type;	/* SGEMM: CUBLAS_COMPUTE_32F (68) */
+	__le32 algo;		/* signed; SGEMM: CUBLAS_GEMM_DEFAULT (-1) */
+	__le32 alpha;		/* f32 bits */
+	__le32 beta;		/* f32 bits */
+	__le32 reserved;
 };
 
 /* Status codes */

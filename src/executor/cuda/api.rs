@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use cudarc::driver::result::DriverError;
 use cudarc::driver::sys::{self, CUdevice, CUresult};
 
+use super::api_blas::VmBlas;
 use super::meter::Meter;
 use crate::bytes::{Reader, Writer};
 use crate::executor::cuda_api::{self as api, cu, ApiTables, Command, ParamLayout, Record};
@@ -26,7 +27,63 @@ use crate::protocol::{Opcode, Status};
 /// Raw CUDA objects, kept as addresses so that the tables are `Send` (they
 /// are only used on the worker's one thread, with the context current).
 /// A module comes with the device memory its load took (its charge).
-pub type ApiState = ApiTables<(usize, u64), usize, usize, usize>;
+pub type RawTables = ApiTables<(usize, u64), usize, usize, usize>;
+
+/// The CUDA API state of one VM: its tables, and its cuBLAS handle once a
+/// GEMM or CU_BLAS_INIT asked for one (`api_blas.rs`).
+#[derive(Debug)]
+pub struct ApiState {
+    tables: RawTables,
+    blas: Option<VmBlas>,
+}
+
+impl std::ops::Deref for ApiState {
+    type Target = RawTables;
+    fn deref(&self) -> &RawTables {
+        &self.tables
+    }
+}
+
+impl std::ops::DerefMut for ApiState {
+    fn deref_mut(&mut self) -> &mut RawTables {
+        &mut self.tables
+    }
+}
+
+impl ApiState {
+    /// See [`ApiTables::new`].
+    pub fn new(base: u64) -> Self {
+        ApiState {
+            tables: ApiTables::new(base),
+            blas: None,
+        }
+    }
+
+    /// Destroys the cuBLAS handle; call with the VM's context current,
+    /// before the context goes.
+    pub fn release_blas(&mut self) {
+        if let Some(b) = self.blas.take() {
+            b.destroy();
+        }
+    }
+
+    /// Forgets every object (their context is gone or going). A cuBLAS
+    /// handle not released before is left behind (its context is gone).
+    pub fn clear(&mut self) {
+        if self.blas.take().is_some() {
+            log::debug!("cuBLAS handle left with its lost context");
+        }
+        self.tables.clear();
+    }
+
+    /// The VM's cuBLAS handle, created on first use in its context.
+    fn blas(&mut self) -> Result<&mut VmBlas, Outcome> {
+        if self.blas.is_none() {
+            self.blas = Some(VmBlas::create().map_err(host)?);
+        }
+        self.blas.as_mut().ok_or(host(cu::NOT_SUPPORTED))
+    }
+}
 
 /// How a CUDA API call fails as a request.
 pub enum Fail {
@@ -260,6 +317,12 @@ pub fn call(
             })
         }
         Opcode::CuCommandBuffer => return command_buffer(st, p, out, deadline),
+        Opcode::CuBlasInit => {
+            if !p.is_empty() {
+                return Err(Status::BadRequest.into());
+            }
+            st.blas().map(|b| b.version.to_le_bytes().to_vec())
+        }
         _ => return Err(Status::Unsupported.into()),
     };
     answer(out, r)
@@ -616,12 +679,16 @@ fn command_buffer(
 }
 
 fn run_record(
-    st: &ApiState,
+    st: &mut ApiState,
     cmd: &Command,
     out: &mut Writer,
     dtoh_off: &mut usize,
 ) -> Result<(), Outcome> {
     let s = stream(st, cmd.stream).ok_or(host(cu::INVALID_HANDLE))?;
+    if let Record::Gemm(g) = &cmd.record {
+        return gemm(st, s, g);
+    }
+    let st = &*st;
     let ranges_ok = |ptr: u64, len: u64| {
         if st.allocations.contains(ptr, len) {
             Ok(())
@@ -747,7 +814,21 @@ fn run_record(
             // SAFETY: an event and a stream of this context.
             classify(unsafe { sys::cuStreamWaitEvent(s, *e as sys::CUevent, 0) })
         }
+        Record::Gemm(_) => Err(host(cu::NOT_SUPPORTED)),
     }
+}
+
+/// A GEMM record: cuBLAS's argument rules, then every matrix range inside
+/// one of the VM's allocations (from its dimensions and leading dimension,
+/// checked arithmetic), then the real cuBLAS on the record's stream.
+fn gemm(st: &mut ApiState, s: sys::CUstream, g: &api::Gemm) -> Result<(), Outcome> {
+    g.validate().map_err(host)?;
+    for (ptr, len) in g.ranges().map_err(host)? {
+        if len > 0 && !st.allocations.contains(ptr, len) {
+            return Err(host(cu::INVALID_VALUE));
+        }
+    }
+    st.blas()?.gemm(s, g).map_err(host)
 }
 
 /// Waits until the NULL stream and every stream of the VM are idle, or the

@@ -18,6 +18,7 @@
 //! library exists, so a machine without libcuda gets an error, never a panic.
 
 mod api;
+mod api_blas;
 mod batch;
 mod blas;
 mod kernels;

@@ -25,7 +25,6 @@ use super::api::{self, ApiState, Fail};
 use super::meter::{self, Meter};
 use super::{bind, check, check_device, Error};
 use crate::bytes::{Reader, Writer};
-use crate::executor::cuda_api::ApiTables;
 use crate::executor::remoting::{self as wire, Param, VmTables};
 use crate::executor::Tenant;
 use crate::protocol::{Opcode, Status};
@@ -108,7 +107,7 @@ impl RemotingExecutor {
         ex.worker_mode = true;
         let st = ex.vm_state(vm_id);
         st.tables.start_at(first_handle);
-        st.api = ApiTables::new((u64::from(vm_id) << 32) | (first_handle & 0xffff_ffff));
+        st.api = ApiState::new((u64::from(vm_id) << 32) | (first_handle & 0xffff_ffff));
         Ok(ex)
     }
 
@@ -180,7 +179,7 @@ impl RemotingExecutor {
     fn vm_state(&mut self, vm_id: u32) -> &mut VmState {
         self.vms.entry(vm_id).or_insert_with(|| VmState {
             tables: VmTables::new(vm_id, 0),
-            api: ApiTables::new(u64::from(vm_id) << 32),
+            api: ApiState::new(u64::from(vm_id) << 32),
             ctx: None,
         })
     }
@@ -215,15 +214,17 @@ impl RemotingExecutor {
     fn teardown(&mut self, vm_id: u32) {
         if let Some(st) = self.vms.get_mut(&vm_id) {
             let (_buffers, modules) = st.tables.reset();
-            // The API's objects go with the context as well.
-            st.api.clear();
-            // Buffers go with the context; modules unload first.
+            // Buffers go with the context; modules unload first, and the
+            // cuBLAS handle is destroyed in it.
             if let Some(ctx) = st.ctx.take() {
                 if bind(&ctx).is_ok() {
+                    st.api.release_blas();
                     drop(modules);
                 }
                 drop(ctx);
             }
+            // The API's objects go with the context as well.
+            st.api.clear();
         }
     }
 
@@ -300,7 +301,7 @@ impl RemotingExecutor {
             self.vm_ctx(vm)?;
             let st = self.vms.entry(vm).or_insert_with(|| VmState {
                 tables: VmTables::new(vm, 0),
-                api: ApiTables::new(u64::from(vm) << 32),
+                api: ApiState::new(u64::from(vm) << 32),
                 ctx: None,
             });
             let meter = &self.meter;
