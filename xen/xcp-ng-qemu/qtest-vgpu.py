@@ -133,7 +133,8 @@ class Vgpu:
                 off = q.cfg_read(s, ptr + 8)
                 extra = q.cfg_read(s, ptr + 16) if cfg_type == 2 else 0
                 self.caps[cfg_type] = (bar, off, extra)
-                bars.add(bar)
+                if cfg_type != 5:  # PCI_CFG access window: no BAR of its own
+                    bars.add(bar)
             ptr = q.cfg_read(s, ptr + 1, 1)
         if len(bars) != 1:
             raise RuntimeError(f"virtio capabilities in BARs {sorted(bars)}, expected one")
@@ -247,7 +248,9 @@ def main():
             gen1 = v.generation()
             report(gen1 != gen0, "config generation", f"{gen0} -> {gen1}")
         print("DONE " + phase, flush=True)
+    # QEMU does not quit when the qtest chardev closes (libqtest kills it too).
     q.p.stdin.close()
+    q.p.terminate()
     q.p.wait(timeout=10)
 
 
