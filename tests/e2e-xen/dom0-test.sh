@@ -48,6 +48,11 @@ finish() {
 
 # --- the binaries --------------------------------------------------------------
 QEMU=$V/bin/qemu-system-x86_64
+if [[ -x $V/bin/qemu-system-i386 ]]; then
+	# XCP-ng's QEMU 4.2 as the device model (run.sh VGPU_E2E_XEN_DM).
+	QEMU=$V/bin/qemu-system-i386
+	export LD_LIBRARY_PATH=$V/lib-dm
+fi
 if out=$("$QEMU" -accel help 2>&1) && grep -qx xen <<<"$out" &&
    "$QEMU" -device help 2>&1 | grep -q '"vhost-user-vgpu-pci"'; then
 	record PASS qemu "$("$QEMU" --version | head -1); accelerators $(grep -v : <<<"$out" | tr '\n' ' ')"

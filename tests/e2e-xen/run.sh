@@ -19,6 +19,10 @@
 #   VGPU_E2E_KEEP=1       keep the work directory (serial log) after the run
 #   VGPU_E2E_XEN_CPU      outer CPU model (default qemu64,+svm,+npt: with -cpu max,
 #                         Dom0 processes segfaulted at random under TCG)
+#   VGPU_E2E_XEN_DM=/path a different device model for the HVM guests, QEMU= stays
+#                         the outer machine: XCP-ng's QEMU 4.2
+#                         (xen/xcp-ng-qemu/build.sh, qemu-system-i386); its shared
+#                         libraries that the Dom0 lacks go into the image with it
 # Needs root (mmdebstrap, mke2fs -d), the Debian archive on a cold cache.
 set -euo pipefail
 
@@ -91,7 +95,7 @@ log "Dom0 base tree $BASE ($(($(date +%s) - t)) s)"
 t=$(date +%s)
 KEY=$( {
 	echo "$BASE"
-	sha256sum "$QEMU" "$DAEMON" "$ADMIN" "$GUEST_VMLINUZ" \
+	sha256sum "$QEMU" ${VGPU_E2E_XEN_DM:+"$VGPU_E2E_XEN_DM"} "$DAEMON" "$ADMIN" "$GUEST_VMLINUZ" \
 		"$REPO/guest-driver/virtio_vgpu.ko" "$REPO/guest-driver/client/vgpu-client" \
 		"$E2E/guest-init.sh" "$E2E/mkinitramfs.sh" \
 		"$HERE/dom0-init.sh" "$HERE/dom0-test.sh" "$HERE/qemu-dm.sh" "$HERE/run.sh" | cut -d' ' -f1
@@ -109,6 +113,17 @@ if [[ ! -e $IMG/.complete ]]; then
 	install -m644 "$WORK/initrd.gz" "$stage/vgpu/guest/initrd.gz"
 	install -m755 "$HERE/dom0-init.sh" "$HERE/dom0-test.sh" "$stage/vgpu/"
 	install -m755 "$HERE/qemu-dm.sh" "$stage/vgpu/bin/qemu-dm"
+	if [[ -n ${VGPU_E2E_XEN_DM:-} ]]; then
+		# qemu-dm.sh runs this one when it is there.
+		install -m755 "$VGPU_E2E_XEN_DM" "$stage/vgpu/bin/qemu-system-i386"
+		install -d "$stage/vgpu/lib-dm"
+		for lib in $(ldd "$VGPU_E2E_XEN_DM" | awk '$3 ~ /^\// { print $3 }'); do
+			ls "$stage"/lib/x86_64-linux-gnu/"$(basename "$lib")" \
+				"$stage"/usr/lib/x86_64-linux-gnu/"$(basename "$lib")" >/dev/null 2>&1 ||
+				install -m644 "$lib" "$stage/vgpu/lib-dm/"
+		done
+		log "device model $VGPU_E2E_XEN_DM, with $(ls "$stage/vgpu/lib-dm" | tr '\n' ' ')"
+	fi
 	kver=$(basename "$(ls "$stage"/boot/vmlinuz-* | sort -V | tail -1)" | sed 's/^vmlinuz-//')
 	cp "$stage/boot/vmlinuz-$kver" "$IMG/vmlinuz"
 	cp "$stage/boot/initrd.img-$kver" "$IMG/initrd.img"
