@@ -100,11 +100,14 @@ pub struct FileConfig {
     pub worker: Option<WorkerFile>,
 }
 
+/// Most warm spare workers a GPU may keep (`[worker] spares`).
+pub const MAX_SPARES: u64 = 8;
+
 /// `[worker]` of config/vgpu.toml (documented there).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerFile {
-    pub spare: Option<bool>,
+    pub spares: Option<u64>,
     pub copy_chunk_mib: Option<u64>,
     pub sandbox: Option<bool>,
     pub uid: Option<u32>,
@@ -120,7 +123,7 @@ pub struct WorkerFile {
 impl WorkerFile {
     fn merge(self, o: WorkerFile) -> WorkerFile {
         WorkerFile {
-            spare: o.spare.or(self.spare),
+            spares: o.spares.or(self.spares),
             copy_chunk_mib: o.copy_chunk_mib.or(self.copy_chunk_mib),
             sandbox: o.sandbox.or(self.sandbox),
             uid: o.uid.or(self.uid),
@@ -138,6 +141,12 @@ impl WorkerFile {
 
     fn resolve(self) -> Result<WorkerConfig, Error> {
         let k = |key: &str| format!("worker.{key}");
+        let spares = required(self.spares, &k("spares"))?;
+        if spares > MAX_SPARES {
+            return Err(Error::Invalid(format!(
+                "worker.spares must be 0..={MAX_SPARES} (each holds a CUDA context)"
+            )));
+        }
         let chunk_mib = required(self.copy_chunk_mib, &k("copy_chunk_mib"))?;
         if chunk_mib == 0 || chunk_mib > wire::MAX_CHUNK_BYTES >> 20 {
             return Err(Error::Invalid(format!(
@@ -153,7 +162,7 @@ impl WorkerFile {
         }
         let cgroup = required(self.cgroup, &k("cgroup"))?;
         Ok(WorkerConfig {
-            spare: required(self.spare, &k("spare"))?,
+            spares: spares as usize,
             copy_chunk: (chunk_mib << 20) as usize,
             sandbox: SandboxConfig {
                 enabled: required(self.sandbox, &k("sandbox"))?,
@@ -592,7 +601,7 @@ mod tests {
         let c = resolved("").unwrap();
         assert_eq!(c.worker, WorkerConfig::embedded());
         let s = &c.worker.sandbox;
-        assert!(s.enabled && s.namespaces && c.worker.spare);
+        assert!(s.enabled && s.namespaces && c.worker.spares >= 1);
         assert_eq!(s.seccomp, SeccompMode::Enforce);
         assert_eq!(s.cgroup, None);
         assert!(!s.allow_pageable_memory_access);

@@ -147,7 +147,7 @@ fn a_sandboxed_worker_without_gpu_answers_unsupported() {
     }
     let mut cfg = WorkerConfig::embedded();
     assert!(cfg.sandbox.enabled);
-    cfg.spare = false;
+    cfg.spares = 0;
     let mut launcher = Launcher::new(&worker_bin(), 0, cfg);
     let mut g = Guest::new(1 << 20);
     let mut vm = VmWorker::default();
@@ -189,8 +189,10 @@ fn spares_are_handed_over_replaced_and_never_handed_over_dead() {
     if !no_gpu() {
         return;
     }
-    let cfg = WorkerConfig::embedded();
-    assert!(cfg.spare);
+    // One spare, so that each step names the spare it hands over.
+    let mut cfg = WorkerConfig::embedded();
+    assert!(cfg.spares >= 1);
+    cfg.spares = 1;
     let mut launcher = Launcher::new(&worker_bin(), 0, cfg);
     let first_spare = launcher.spare_pid().expect("a spare at start");
     let mut g = Guest::new(1 << 20);
@@ -243,7 +245,7 @@ fn measure_first_call_warm_and_cold() {
     let call = alloc_call(&mut g, 1);
     for spare in [true, false] {
         let mut cfg = WorkerConfig::embedded();
-        cfg.spare = spare;
+        cfg.spares = usize::from(spare);
         let mut launcher = Launcher::new(&worker_bin(), 0, cfg);
         if spare {
             // Let the spare finish its warm-up, as it would between VMs.
@@ -420,7 +422,7 @@ fn with_a_memfd_table_only_ranges_cross_the_pipe() {
         return;
     }
     let mut cfg = WorkerConfig::embedded();
-    cfg.spare = false;
+    cfg.spares = 0;
     let mut launcher = Launcher::new(&worker_bin(), 0, cfg);
     let t = vgpu::executor::Tenant {
         vm_id: 1,

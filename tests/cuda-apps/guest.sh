@@ -56,6 +56,7 @@ stamp "unpacked"
 mkdir -p "$W/apps" "$W/lib"
 ln -s "$A/libvgpucuda.so" "$W/lib/libcudart.so.13"
 ln -s "$A/libvgpucuda.so" "$W/lib/libcuda.so.1"
+ln -s "$A/libvgpucuda.so" "$W/lib/libcublas.so.13"
 : >"$W/apps/list"
 if command -v nvcc >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
 	EXECUTOR=cuda
@@ -64,7 +65,11 @@ if command -v nvcc >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
 	for p in $apps; do # in parallel: the GPU machine has the cores
 		nvcc -cudart shared -arch=sm_90 -I"$SRC" -o $p "$SRC/$p.cu" >"$R/build-$p.log" 2>&1 &
 	done
+	for p in cublas_sgemm sgemm_bench; do # -lcublas: the library is cuBLAS too
+		nvcc -cudart shared -arch=sm_90 -I"$SRC" -o $p "$SRC/$p.cu" -lcublas >"$R/build-$p.log" 2>&1 &
+	done
 	wait
+	apps="$apps cublas_sgemm sgemm_bench"
 	for p in $apps; do
 		if [[ -x $p ]]; then echo "$p" >>list; else say "BUILD FAILED $p"; fi
 	done
@@ -102,7 +107,8 @@ fi
 # --- initramfs: busybox, modules, the library, the programs and their libraries --
 files=(/init="$HERE/guest-init.sh" /apps/list="$W/apps/list"
 	/opt/vgpu/libvgpucuda.so="$A/libvgpucuda.so"
-	/opt/vgpu/libcudart.so.13=@libvgpucuda.so /opt/vgpu/libcuda.so.1=@libvgpucuda.so)
+	/opt/vgpu/libcudart.so.13=@libvgpucuda.so /opt/vgpu/libcuda.so.1=@libvgpucuda.so
+	/opt/vgpu/libcublas.so.13=@libvgpucuda.so)
 while read -r name args; do
 	files+=("/apps/$name=$W/apps/$name")
 	for a in $args; do files+=("/apps/$a=$W/apps/$a"); done
@@ -152,6 +158,6 @@ while read -r name _; do
 		head -5 "$R/$name.guest.err" | tee -a "$OUT/summary.txt"
 	fi
 done <"$W/apps/list"
-grep -h TIME "$R"/launches.*.err 2>/dev/null | tee -a "$OUT/summary.txt"
+grep -H TIME "$R"/launches.*.err "$R"/sgemm_bench.*.err 2>/dev/null | sed "s|^$R/||" | tee -a "$OUT/summary.txt"
 grep -iE ' (error|warn)' "$R/daemon.log" | tail -10 | tee -a "$OUT/summary.txt"
 stamp "done"

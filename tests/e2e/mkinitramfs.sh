@@ -11,7 +11,7 @@
 # DEST a symlink to LINK. Dynamically linked programs and libraries among
 # them bring their shared libraries and the dynamic loader, as ldd on this
 # machine resolves them, to the same paths in the guest (so the guest runs
-# them on this machine's libc). libcuda.so* and libcudart.so* are left out:
+# them on this machine's libc). libcuda.so*, libcudart.so* and libcublas*.so* are left out:
 # in the guest they are the guest CUDA library, passed as files here.
 # MODDIR is a kernel's module tree, or any directory with the virtio .ko files.
 set -euo pipefail
@@ -69,7 +69,7 @@ for f in ${elfs[@]+"${elfs[@]}"}; do
 	# ldd fails on those, and they need nothing.
 	{ ldd "$f" 2>/dev/null || true; } | sed -n 's/^[[:space:]]*\([^ ]* => \)\{0,1\}\(\/[^ ]*\) (0x.*/\2/p'
 done | sort -u | while read -r lib; do
-	case ${lib##*/} in libcuda.so* | libcudart.so*) continue ;; esac
+	case ${lib##*/} in libcuda.so* | libcudart.so* | libcublas.so* | libcublasLt.so*) continue ;; esac
 	[[ -e $stage$lib ]] && continue
 	mkdir -p "$stage$(dirname "$lib")"
 	cp -L "$lib" "$stage$lib"

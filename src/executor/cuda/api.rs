@@ -441,8 +441,8 @@ fn dtoh_sync(out: &mut Writer, src: u64, len: usize) -> Result<u32, Fail> {
 }
 
 /// Copies between host ranges and device memory from `dev` on, in pieces
-/// that each lie in one registration of the worker (`WORKER_REG_CHUNK`,
-/// see `worker/table.rs`), queued on the null
+/// that each lie in one registration of this process
+/// (`memory::registration_piece`), queued on the null
 /// stream and waited for once: registered guest pages move by DMA at the
 /// link's rate; other memory goes through the driver's staging. Waits even
 /// after a failed piece, so that no queued copy outlives its source.
@@ -458,9 +458,7 @@ pub(crate) unsafe fn copy_pieces(
     let stream: sys::CUstream = std::ptr::null_mut();
     let mut done = 0u64;
     let mut first_err = CUresult::CUDA_SUCCESS;
-    for (ptr, n) in ranges
-        .flat_map(|(p, n)| super::memory::dma_pieces_in(p, n, super::memory::WORKER_REG_CHUNK))
-    {
+    for (ptr, n) in ranges.flat_map(|(p, n)| super::memory::dma_pieces_here(p, n)) {
         // SAFETY: per the caller's contract.
         let r = unsafe {
             if to_device {
@@ -767,14 +765,21 @@ fn run_record(
                 .host_ranges(*dtoh_off, *len as usize)
                 .map_err(|_| host(cu::INVALID_VALUE))?;
             let mut done = 0u64;
-            for (ptr, n) in ranges {
+            // Guest pages a worker registered may be the output: a piece
+            // never spans two registrations.
+            for (ptr, n) in ranges
+                .iter()
+                .flat_map(|(p, n)| super::memory::dma_pieces_here(p as usize, n))
+            {
                 // SAFETY: source checked; the destination is the output
-                // buffer (pageable, so the copy is complete on return).
+                // buffer, kept by `ranges`; the buffer's end waits for the
+                // stream (`wait_all`) before the reply is written.
                 classify(unsafe {
                     sys::cuMemcpyDtoHAsync_v2(ptr as *mut c_void, *src + done, n, s)
                 })?;
                 done += n as u64;
             }
+            drop(ranges);
             *dtoh_off += *len as usize;
             Ok(())
         }

@@ -50,10 +50,31 @@ pub const REG_CHUNK: usize = 2 << 20;
 /// instead of 32 (each queued copy leaves a gap on the link).
 pub const WORKER_REG_CHUNK: usize = 64 << 20;
 
+/// The registration pieces of this process: [`REG_CHUNK`] in the daemon,
+/// [`WORKER_REG_CHUNK`] in a worker ([`use_worker_pieces`]). Copies that
+/// DMA from guest pages split at these boundaries: one DMA whose host range
+/// spans two registrations fails (CUDA_ERROR_INVALID_VALUE).
+static REG_PIECE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(REG_CHUNK);
+
+/// Called once by a worker process before it registers anything.
+pub fn use_worker_pieces() {
+    REG_PIECE.store(WORKER_REG_CHUNK, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// See [`REG_PIECE`].
+pub fn registration_piece() -> usize {
+    REG_PIECE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Splits a host range at multiples of [`REG_CHUNK`], so that every piece
 /// lies in one registration (a DMA never spans two).
 pub fn dma_pieces(ptr: usize, len: usize) -> impl Iterator<Item = (usize, usize)> {
     dma_pieces_in(ptr, len, REG_CHUNK)
+}
+
+/// [`dma_pieces_in`] at this process's registration pieces.
+pub fn dma_pieces_here(ptr: usize, len: usize) -> impl Iterator<Item = (usize, usize)> {
+    dma_pieces_in(ptr, len, registration_piece())
 }
 
 /// [`dma_pieces`] for registrations in pieces of `chunk` bytes.

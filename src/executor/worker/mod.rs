@@ -73,8 +73,8 @@ pub enum Error {
 /// The worker settings (`[worker]` of config/vgpu.toml).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerConfig {
-    /// Keep a warm spare worker per GPU.
-    pub spare: bool,
+    /// Warm spare workers kept per GPU (0: none).
+    pub spares: usize,
     /// Largest piece of a MEMCPY_HTOD/DTOH that crosses the pipe at once.
     pub copy_chunk: usize,
     pub sandbox: SandboxConfig,
@@ -347,13 +347,35 @@ impl Drop for Worker {
     fn drop(&mut self) {
         // The driver releases the process's GPU memory and kernels.
         let _ = self.child.kill();
-        if let Ok(st) = self.child.wait() {
-            if st.code() == Some(sandbox::SECCOMP_EXIT) || st.signal() == Some(libc::SIGSYS) {
-                log::error!(
-                    "CUDA worker {} was stopped by its seccomp filter",
-                    self.pid()
-                );
-            }
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return; // reaped already (here or by `exited`)
+        }
+        // The exit takes as long as the driver's teardown of the process's
+        // context (tens of ms after a fault): a thread of its own waits for
+        // it, not the GPU's thread that other VMs wait for. `Child` itself
+        // never reaps on drop, so the pid is this thread's alone to wait on.
+        let pid = self.pid();
+        if std::thread::Builder::new()
+            .name("vgpu-worker-reap".into())
+            .spawn(move || reap(pid))
+            .is_err()
+        {
+            reap(pid);
+        }
+    }
+}
+
+/// Waits for worker `pid` to exit and says so when its seccomp filter
+/// stopped it.
+fn reap(pid: u32) {
+    let mut status = 0;
+    // SAFETY: `pid` is a child of this process that nothing else waits for
+    // (see `Drop for Worker`); `status` is a plain out-parameter.
+    let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+    if r == pid as libc::pid_t {
+        let st = ExitStatus::from_raw(status);
+        if st.code() == Some(sandbox::SECCOMP_EXIT) || st.signal() == Some(libc::SIGSYS) {
+            log::error!("CUDA worker {pid} was stopped by its seccomp filter");
         }
     }
 }

@@ -103,6 +103,7 @@ pub fn worker_main() -> i32 {
             return 2;
         }
     };
+    crate::executor::cuda::memory::use_worker_pieces();
     let cfg: SandboxConfig = match serde_json::from_str(&args.sandbox) {
         Ok(c) => c,
         Err(e) => {
@@ -171,6 +172,7 @@ pub fn worker_main() -> i32 {
             };
             (s, wire::write_reply(&mut stdout, s, &[]))
         } else if call.flags == wire::FLAG_GUEST {
+            mem.touch(&call);
             let (s, n) = serve_guest(ex.as_mut(), ready, vm, mem.mapped(), &call);
             (s, wire::write_guest_reply(&mut stdout, s, n))
         } else {
@@ -198,6 +200,9 @@ struct Memory {
     mem: Option<Arc<GuestMem>>,
     /// Dropping it tells the registration thread to unregister and end.
     registered: Option<std::sync::mpsc::Sender<()>>,
+    /// A table that may be registered, not yet started: registration waits
+    /// for the first call that moves [`REGISTER_AFTER_BYTES`] (see there).
+    pending: Option<PendingRegistration>,
     /// The address-space limit without guest memory (0: none set) and the
     /// hard limit it may grow to (see `sandbox.rs`).
     base_as: u64,
@@ -210,6 +215,7 @@ impl Memory {
         Memory {
             mem: None,
             registered: None,
+            pending: None,
             base_as: if limits { cfg.rlimit_as } else { 0 },
             max_as: if limits {
                 cfg.rlimit_as.saturating_add(cfg.rlimit_as_guest)
@@ -244,6 +250,7 @@ impl Memory {
             .ok_or_else(|| std::io::Error::other("table size overflows"))?;
         let old = self.mem.take();
         self.registered = None;
+        self.pending = None;
         if self.base_as > 0 {
             // The old table may still be mapped while its registration ends.
             let old_bytes = old.as_ref().map_or(0, |m| {
@@ -271,12 +278,58 @@ impl Memory {
         );
         if call.opcode == 1 {
             if let Some(ctx) = ctx {
-                self.registered = register_in_background(ctx.clone(), gpu, vm, mem.clone());
+                self.pending = Some(PendingRegistration {
+                    ctx: ctx.clone(),
+                    gpu,
+                    vm,
+                });
             }
         }
         self.mem = Some(mem);
         Ok(())
     }
+
+    /// A call on guest ranges is about to run: the first that moves
+    /// [`REGISTER_AFTER_BYTES`] or more starts the table's registration.
+    fn touch(&mut self, call: &wire::Call) {
+        if self.pending.is_none() {
+            return;
+        }
+        if guest_call_bytes(&call.payload).is_none_or(|b| b < REGISTER_AFTER_BYTES) {
+            return;
+        }
+        if let (Some(p), Some(mem)) = (self.pending.take(), self.mem.as_ref()) {
+            self.registered = register_in_background(p.ctx, p.gpu, p.vm, mem.clone());
+        }
+    }
+}
+
+/// Registration pins the whole table, in 64 MiB pieces during each of
+/// which this VM's calls wait (~25 ms a piece on the H200): a worth-while
+/// price for copies, which then move by DMA, but pure loss for a program
+/// that only launches kernels and moves small buffers, and a short one
+/// (a process through the library's user-space transport is a new table)
+/// pays it on every run. So a worker registers
+/// its table at the first call that moves at least this much; until then,
+/// and while it registers, copies are staged by the driver.
+const REGISTER_AFTER_BYTES: u64 = 1 << 20;
+
+/// The bytes a call on guest ranges moves, payload and output together.
+fn guest_call_bytes(frame: &[u8]) -> Option<u64> {
+    let (payload, output) = wire::decode_guest_call(frame).ok()?;
+    Some(
+        payload
+            .iter()
+            .chain(output.iter())
+            .fold(0u64, |sum, &(_, len)| sum.saturating_add(len)),
+    )
+}
+
+/// What a deferred registration needs.
+struct PendingRegistration {
+    ctx: Arc<cudarc::driver::CudaContext>,
+    gpu: u32,
+    vm: u32,
 }
 
 /// Registers `mem` on a thread of its own, which keeps the registration
@@ -293,8 +346,8 @@ fn register_in_background(
         .name("vgpu-worker-reg".into())
         .spawn(move || {
             let started = std::time::Instant::now();
-            use crate::executor::cuda::memory::{RegToken, WORKER_REG_CHUNK};
-            let tok = RegToken::register_in(&ctx, gpu, vm, &mem, WORKER_REG_CHUNK);
+            use crate::executor::cuda::memory::{registration_piece, RegToken};
+            let tok = RegToken::register_in(&ctx, gpu, vm, &mem, registration_piece());
             log::info!(
                 "vm{vm}: worker registered {} MiB of guest memory in {:?}",
                 tok.bytes() >> 20,
@@ -406,6 +459,17 @@ fn serve(ex: &mut RemotingExecutor, vm: u32, call: wire::Call) -> (Status, Vec<u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn registration_waits_for_a_call_that_moves_a_mebibyte() {
+        let small = wire::encode_guest_call(&[(0x1000, 600)], &[(0x2000, 4096)]);
+        let big = wire::encode_guest_call(&[(0x1000, 24), (0x10_0000, 1 << 19)], &[(0, 1 << 19)]);
+        assert!(guest_call_bytes(&small).unwrap() < REGISTER_AFTER_BYTES);
+        assert!(guest_call_bytes(&big).unwrap() >= REGISTER_AFTER_BYTES);
+        let huge = wire::encode_guest_call(&[(0, u64::MAX), (0, u64::MAX)], &[]);
+        assert_eq!(guest_call_bytes(&huge), Some(u64::MAX));
+        assert_eq!(guest_call_bytes(&[1, 2, 3]), None);
+    }
 
     #[test]
     fn outputs_are_sized_by_what_the_call_needs() {

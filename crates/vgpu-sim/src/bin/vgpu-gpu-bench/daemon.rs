@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use vgpu::config::{DaemonConfig, FileConfig, VmSpec};
+use vgpu::config::{DaemonConfig, FileConfig, Register, VmSpec};
 use vgpu::daemon::Daemon;
 use vgpu::executor::cpu::vector_add;
 use vgpu::executor::ExecutorChoice;
@@ -42,15 +42,16 @@ pub fn run(o: &Opts, remoting_only: bool) -> Res<()> {
     std::fs::create_dir_all(&dir)?;
     let big_id = o.vms as u32 + 1;
     // After the big one: the victim, the newcomer and the remoting VM of
-    // `startup.rs`.
-    let vms: Vec<VmSpec> = (1..=big_id + 3)
+    // `startup.rs`, then a VM whose memory is never registered (staging).
+    let staging_id = big_id + 4;
+    let vms: Vec<VmSpec> = (1..=staging_id)
         .map(|id| VmSpec {
             vm_id: id,
             pool: PoolId::DEFAULT,
             priority: Priority::Medium,
             socket: vgpu::config::vm_socket(&dir, id),
             max_queued: Some(o.window.max(1)),
-            register: None,
+            register: (id == staging_id).then_some(Register::Staging),
         })
         .collect();
     let file = FileConfig::embedded()?;
@@ -148,7 +149,7 @@ fn remoting_rows(daemon: &Daemon, sockets: &[PathBuf]) -> Res<()> {
 
 fn sections(o: &Opts, daemon: &Daemon, sockets: &[PathBuf]) -> Res<()> {
     let n = o.sgemm_n;
-    let [victim, newcomer, remoting] = sockets.get(o.vms + 1..).unwrap_or_default() else {
+    let [victim, newcomer, remoting, staging] = sockets.get(o.vms + 1..).unwrap_or_default() else {
         return Err("no VMs for the startup rows".into());
     };
     let sockets = &sockets[..=o.vms];
@@ -316,6 +317,7 @@ fn sections(o: &Opts, daemon: &Daemon, sockets: &[PathBuf]) -> Res<()> {
             if len == 1 << 20 { 0.95 } else { 0.97 },
         );
     }
+    staging_rows(staging, mem_size, &mut rng)?;
 
     println!("\n== daemon: SGEMM_F32 {n}x{n}x{n} ==");
     let (ma, mb) = (rng.f32s(n * n), rng.f32s(n * n));
@@ -553,4 +555,49 @@ fn pipeline_run(
             counting = true;
         }
     }
+}
+
+/// VECTOR_ADD of 16 Mi floats from a VM whose guest memory is never
+/// registered (`register=staging`): every copy goes through the executor's
+/// pinned staging buffers. That is the path of guest memory the driver will
+/// not register — the `xen` build's foreign mappings of a domain's RAM, and
+/// hosts that overcommit memory — so this row is its throughput.
+fn staging_rows(sock: &Path, mem_size: usize, rng: &mut Rng) -> Res<()> {
+    const LEN: usize = 16 << 20;
+    println!("\n== daemon: VECTOR_ADD_F32 16 Mi from unregistered guest memory (staging) ==");
+    let mut g = SimGuest::connect_retry(
+        sock,
+        SimOptions {
+            mem_size,
+            ..Default::default()
+        },
+        T,
+    )?;
+    let (a, b) = (rng.f32s(LEN), rng.f32s(LEN));
+    let req = Laid::new(
+        &g,
+        DATA_BASE + (1 << 20),
+        Opcode::VectorAddF32,
+        &common::vector_add_payload(&a, &b),
+        4 * LEN,
+    )?;
+    check(&req.call(&mut g)?, "VECTOR_ADD (staging)")?;
+    if req.output(&g)? != vector_add(&a, &b) {
+        return Err("VECTOR_ADD through staging differs from the CPU".into());
+    }
+    let mut v = Vec::with_capacity(20);
+    for _ in 0..20 {
+        let t = Instant::now();
+        let h = req.call(&mut g)?;
+        v.push(t.elapsed());
+        check(&h, "VECTOR_ADD (staging)")?;
+    }
+    let p50 = pct(&mut v, 0.5);
+    println!(
+        "{:<58} p50 {:8.1} us   {:6.1} GB/s moved",
+        "16 Mi floats through the daemon, register=staging",
+        us(p50),
+        12.0 * LEN as f64 / p50.as_secs_f64() / 1e9
+    );
+    Ok(())
 }
