@@ -963,3 +963,93 @@ fn module_globals_are_charged_to_the_quota() {
     assert_eq!(cu_mem_info(&mut vm, &mut ex).0, GIB);
     ex.release_vm(41);
 }
+
+/// PTX with one kernel, `deep(out)`, that keeps `local` bytes per thread in
+/// local memory (an array indexed at run time, so the JIT keeps it).
+fn ptx_with_local(local: u32) -> String {
+    format!(
+        ".version 9.0\n.target sm_80\n.address_size 64\n\n\
+         .visible .entry deep(.param .u64 out)\n{{\n\
+         \t.local .align 4 .b8 buf[{local}];\n\
+         \t.reg .b64 %rd<5>;\n\t.reg .b32 %r<3>;\n\
+         \tld.param.u64 %rd1, [out];\n\tmov.u32 %r1, %tid.x;\n\
+         \tmov.u64 %rd2, buf;\n\tmul.wide.u32 %rd3, %r1, 4;\n\
+         \tadd.u64 %rd4, %rd2, %rd3;\n\tst.local.u32 [%rd4], %r1;\n\
+         \tld.local.u32 %r2, [%rd2];\n\tst.global.u32 [%rd1], %r2;\n\tret;\n}}\n"
+    )
+}
+
+/// The stack a kernel can make the driver reserve (its local memory per
+/// thread, for every thread the device holds resident, kept for the
+/// context's life) is charged to the VM's quota before the kernel can run:
+/// 64 KiB a thread (17.7 GB on the H200) is refused under a 1 GiB quota on
+/// both launch paths, with nothing charged; 2 KiB a thread is charged once
+/// and the kernel runs.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn kernel_stacks_are_charged_to_the_quota() {
+    const GIB: u64 = 1 << 30;
+    let mut ex = cuda();
+    let mut g = Guest::new(4 << 20);
+    g.set_quota(GIB);
+    let mut vm = Vm { id: 42, g: &mut g };
+    let out = vm.alloc(&mut ex, 4096).unwrap();
+    let (free0, _) = cu_mem_info(&mut vm, &mut ex);
+
+    // LAUNCH (0x02xx): NO_RESOURCES, the quota's answer.
+    let deep = vm
+        .handle(
+            &mut ex,
+            Opcode::ModuleLoad,
+            ptx_with_local(64 << 10).as_bytes(),
+        )
+        .expect("the module loads");
+    assert_eq!(
+        vm.launch(&mut ex, deep, "deep", 1, 32, vec![Param::Buffer(out)]),
+        Err(Status::NoResources),
+        "64 KiB of local memory a thread under a 1 GiB quota"
+    );
+    assert_eq!(cu_mem_info(&mut vm, &mut ex).0, free0, "nothing charged");
+
+    // CU_GET_FUNCTION (0x03xx): CUDA_ERROR_OUT_OF_MEMORY.
+    let r = vm
+        .call(
+            &mut ex,
+            Opcode::CuModuleLoad,
+            ptx_with_local(64 << 10).as_bytes(),
+            16,
+        )
+        .unwrap();
+    assert_eq!(u32::from_le_bytes(r[0..4].try_into().unwrap()), 0);
+    let m = u64::from_le_bytes(r[8..16].try_into().unwrap());
+    let mut p = m.to_le_bytes().to_vec();
+    p.extend_from_slice(b"deep");
+    let cap = 8 + 16 + 8 * vgpu::executor::cuda_api::MAX_FUNCTION_PARAMS;
+    let r = vm.call(&mut ex, Opcode::CuGetFunction, &p, cap).unwrap();
+    assert_eq!(
+        u32::from_le_bytes(r[0..4].try_into().unwrap()),
+        2,
+        "OUT_OF_MEMORY"
+    );
+    assert_eq!(cu_mem_info(&mut vm, &mut ex).0, free0, "nothing charged");
+
+    // 2 KiB a thread: charged once, and the kernel runs.
+    let small = vm
+        .handle(
+            &mut ex,
+            Opcode::ModuleLoad,
+            ptx_with_local(2 << 10).as_bytes(),
+        )
+        .expect("the module loads");
+    vm.launch(&mut ex, small, "deep", 1, 32, vec![Param::Buffer(out)])
+        .expect("2 KiB a thread fits");
+    let (free1, _) = cu_mem_info(&mut vm, &mut ex);
+    eprintln!(
+        "MEASURE a kernel with 2 KiB of local memory a thread charged {} bytes",
+        free0 - free1
+    );
+    assert!(free1 < free0, "the stack growth is charged");
+    vm.launch(&mut ex, small, "deep", 1, 32, vec![Param::Buffer(out)])
+        .expect("runs again");
+    assert_eq!(cu_mem_info(&mut vm, &mut ex).0, free1, "charged once");
+}

@@ -13,7 +13,8 @@
 //!
 //! With `VGPU_HEALTH_EXECUTOR=cuda` (the ignored GPU test), GPU 0 is the real
 //! CUDA executor and the sticky fault is a real one: a kernel writes to
-//! address 0 in the daemon's own context.
+//! address 0 in the daemon's own context. The driver gives no process a new
+//! context after that, so there the GPU stays FAILED (see the test).
 
 mod common;
 
@@ -383,12 +384,17 @@ fn a_lost_gpu_fails_its_pools_alone_and_comes_back() {
 }
 
 /// On the GPU: a real sticky error (a kernel writes to address 0) in the
-/// CUDA executor's own context; the executor is rebuilt on a fresh context
-/// and the next SCALAR_ADD (and VECTOR_ADD) is right. Without the rebuild,
-/// every built-in operation of that GPU would fail from then on.
+/// CUDA executor's own context. The driver refuses every new context of a
+/// process after one (measured on the H200, driver 580: a fresh
+/// `cuCtxCreate`, and `cuDevicePrimaryCtxRetain` after a reset, both return
+/// CUDA_ERROR_ILLEGAL_ADDRESS; docs/gpu.md, "GPU health"), so the daemon
+/// cannot rebuild that GPU in its own process. What it must do, and does:
+/// the faulting request answers DEVICE_ERROR, the GPU goes FAILED in its
+/// VMs' config space (notified), every later request on it is answered
+/// DEVICE_ERROR, and the other GPU's VM is served all along.
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
-fn a_sticky_fault_in_the_cuda_context_is_rebuilt() {
+fn a_sticky_fault_in_the_cuda_context_fails_its_gpu_alone() {
     let d = ChildDaemon::start("cuda");
     let mut g1 = d.guest(1);
     let mut g2 = d.guest(2);
@@ -404,26 +410,14 @@ fn a_sticky_fault_in_the_cuda_context_is_rebuilt() {
         scalar_add(&mut g1, STICKY_TAG, 1, 1),
         Err(Status::DeviceError)
     );
-    let h = wait_health(&mut g1, |h| h.state == GpuState::Ok && h.epoch == 1);
+    let h = wait_health(&mut g1, |h| h.state == GpuState::Failed);
     eprintln!("after the sticky fault: {h:?}");
-    for i in 0..5 {
-        assert_eq!(scalar_add(&mut g1, 10 + i as u64, i, 40), Ok(40 + i));
+    for i in 0..3 {
+        assert_eq!(
+            scalar_add(&mut g1, 10 + i as u64, i, 40),
+            Err(Status::DeviceError)
+        );
+        assert_eq!(scalar_add(&mut g2, 20 + i as u64, i, 4), Ok(4 + i));
     }
-    let a: Vec<f32> = (0..1000).map(|i| i as f32).collect();
-    let b: Vec<f32> = (0..1000).map(|i| 0.5 * i as f32).collect();
-    let payload = vgpu_sim::workload::vector_add_payload(&a, &b);
-    let (h, out) = g1
-        .call(Opcode::VectorAddF32 as u16, 20, &payload, 4000)
-        .unwrap();
-    assert_eq!(h.status, Status::Ok as u32);
-    let got = vgpu_sim::workload::f32s(&out);
-    assert!(got.iter().zip(&a).zip(&b).all(|((g, x), y)| *g == x + y));
-    // A second fault is handled the same way.
-    assert_eq!(
-        scalar_add(&mut g1, STICKY_TAG, 1, 1),
-        Err(Status::DeviceError)
-    );
-    wait_health(&mut g1, |h| h.state == GpuState::Ok && h.epoch == 2);
-    assert_eq!(scalar_add(&mut g1, 30, 1, 2), Ok(3));
-    assert_eq!(scalar_add(&mut g2, 1, 4, 5), Ok(9));
+    assert_eq!(health(&mut g2), OK0);
 }

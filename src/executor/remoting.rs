@@ -334,11 +334,20 @@ pub fn encode_launch(l: &Launch) -> Vec<u8> {
 pub struct Quota {
     pub limit: u64,
     pub used: u64,
+    /// Local memory per thread whose stack reservation is charged already
+    /// (beyond the context's own, which every context has): the driver grows
+    /// the reservation by itself for a kernel that needs more, and never
+    /// shrinks it (`cuda/meter.rs`, `charge_stack`).
+    pub stack_per_thread: u64,
 }
 
 impl Quota {
     pub fn new(limit: u64) -> Self {
-        Quota { limit, used: 0 }
+        Quota {
+            limit,
+            used: 0,
+            stack_per_thread: 0,
+        }
     }
 
     /// Takes `want` bytes, or fails without changing anything.
@@ -465,6 +474,7 @@ impl<B, M> VmTables<B, M> {
     /// returns them; the quota is fully released, the handle counter kept.
     pub fn reset(&mut self) -> (Vec<Buffer<B>>, Vec<M>) {
         self.quota.used = 0;
+        self.quota.stack_per_thread = 0;
         (
             self.buffers.drain().map(|(_, b)| b).collect(),
             self.modules.drain().map(|(_, m)| m).collect(),

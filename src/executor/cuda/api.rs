@@ -208,7 +208,7 @@ pub fn call(
                 }
             }
         }
-        Opcode::CuGetFunction => get_function(st, p)?,
+        Opcode::CuGetFunction => get_function(st, quota, p)?,
         Opcode::CuGetGlobal => get_global(st, p)?,
         Opcode::CuFuncAttribute => {
             let a = api::exact::<api::FuncAttrWire>(p, "FUNC_ATTRIBUTE is 16 bytes")?;
@@ -551,7 +551,11 @@ fn module_load(
     }
 }
 
-fn get_function(st: &mut ApiState, p: &[u8]) -> Result<Result<Vec<u8>, Outcome>, Fail> {
+fn get_function(
+    st: &mut ApiState,
+    quota: &mut Quota,
+    p: &[u8],
+) -> Result<Result<Vec<u8>, Outcome>, Fail> {
     let (module, name) = api::parse_symbol(p)?;
     let Some(&(m, _)) = st.modules.get(module) else {
         return Ok(Err(host(cu::INVALID_HANDLE)));
@@ -565,6 +569,15 @@ fn get_function(st: &mut ApiState, p: &[u8]) -> Result<Result<Vec<u8>, Outcome>,
         classify(unsafe { sys::cuModuleGetFunction(&mut f, m as sys::CUmodule, name.as_ptr()) })
     {
         return Ok(Err(e));
+    }
+    // Before the kernel can run: the stack it can make the driver reserve
+    // (answered as an allocation past the quota is, nothing about memory).
+    match super::meter::charge_stack(f, quota) {
+        Ok(()) => {}
+        Err(super::meter::StackRefused::OverQuota) => return Ok(Err(host(cu::OUT_OF_MEMORY))),
+        Err(super::meter::StackRefused::Driver(e)) => {
+            return Ok(Err(classify(e).err().unwrap_or(host(cu::INVALID_VALUE))))
+        }
     }
     let mut params = Vec::new();
     for i in 0..=api::MAX_FUNCTION_PARAMS {

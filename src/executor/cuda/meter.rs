@@ -29,8 +29,78 @@ use cudarc::driver::sys::{self, CUresult};
 /// `CU_LIMIT_STACK_SIZE` of every VM context, bytes per thread (the
 /// driver's default). The driver still grows it by itself at the launch of
 /// a kernel that needs more local memory, which `cuCtxSetLimit` cannot
-/// forbid: that growth is not charged yet (docs/gpu.md, "Device memory").
+/// forbid: [`charge_stack`] charges that growth before such a kernel can run.
 pub const CTX_STACK_BYTES: usize = 1024;
+
+/// Why [`charge_stack`] refused a kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StackRefused {
+    /// The reservation it would grow to does not fit the VM's quota.
+    OverQuota,
+    Driver(CUresult),
+}
+
+/// Charges the stack a kernel can make the driver reserve. A kernel with
+/// `L` bytes of local memory per thread makes the driver grow the
+/// context's stack reservation, at its launch, to `L` for every thread the
+/// device can hold resident (SMs x threads per SM; 270,336 on the H200, so
+/// 64 KiB a thread is 17.7 GB), and the reservation never shrinks. So the
+/// first time the VM gets a kernel with more local memory than any before
+/// (and more than the context's own [`CTX_STACK_BYTES`]), the difference
+/// times the resident threads is charged to its quota until the context
+/// goes; one that does not fit is refused before it can run. Call with the
+/// VM's context current.
+pub fn charge_stack(
+    f: sys::CUfunction,
+    quota: &mut crate::executor::remoting::Quota,
+) -> Result<(), StackRefused> {
+    let mut local: c_int = 0;
+    // SAFETY: a live function of the current context; plain out-parameter.
+    let r = unsafe {
+        sys::cuFuncGetAttribute(
+            &mut local,
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES,
+            f,
+        )
+    };
+    if r != CUresult::CUDA_SUCCESS {
+        return Err(StackRefused::Driver(r));
+    }
+    let local = u64::try_from(local).unwrap_or(0);
+    let charged = quota.stack_per_thread.max(CTX_STACK_BYTES as u64);
+    if local <= charged {
+        return Ok(());
+    }
+    let threads = resident_threads().map_err(StackRefused::Driver)?;
+    let want = (local - charged)
+        .checked_mul(threads)
+        .ok_or(StackRefused::OverQuota)?;
+    quota.charge(want).map_err(|_| StackRefused::OverQuota)?;
+    quota.stack_per_thread = local;
+    Ok(())
+}
+
+/// Threads the current context's device can hold resident at once.
+fn resident_threads() -> Result<u64, CUresult> {
+    use sys::CUdevice_attribute as A;
+    let mut dev: sys::CUdevice = 0;
+    // SAFETY: plain out-parameter; a context is current.
+    let r = unsafe { sys::cuCtxGetDevice(&mut dev) };
+    if r != CUresult::CUDA_SUCCESS {
+        return Err(r);
+    }
+    let get = |a: A| -> Result<u64, CUresult> {
+        let mut v: c_int = 0;
+        // SAFETY: plain out-parameter of an existing device.
+        match unsafe { sys::cuDeviceGetAttribute(&mut v, a, dev) } {
+            CUresult::CUDA_SUCCESS => Ok(u64::try_from(v).unwrap_or(0)),
+            e => Err(e),
+        }
+    };
+    let sms = get(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    let per_sm = get(A::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR)?;
+    Ok(sms.saturating_mul(per_sm))
+}
 /// `CU_LIMIT_MALLOC_HEAP_SIZE` of every VM context (the driver's default
 /// 8 MiB): device-side `malloc` draws from it.
 pub const CTX_MALLOC_HEAP_BYTES: usize = 8 << 20;

@@ -193,7 +193,18 @@ impl CudaExecutor {
                 // SAFETY: plain driver call on an existing device.
                 let r = unsafe { sys::cuDevicePrimaryCtxReset_v2(dev) };
                 log::warn!("gpu{gpu_index}: primary context reset: {r:?}");
-                CudaExecutor::open(gpu_index, exec_limit)
+                let again = CudaExecutor::open(gpu_index, exec_limit);
+                if let Err(Error::Driver(e)) = &again {
+                    if fault_of(*e).is_some() {
+                        // Measured on the H200 (driver 580): after a sticky
+                        // error no new context of this process works, reset
+                        // or not; only a new process gets the GPU back.
+                        log::error!(
+                            "gpu{gpu_index}: the CUDA driver refuses every new context of this process after the sticky error ({e}); restart the daemon to bring this GPU back (its VMs get DEVICE_ERROR until then; other GPUs are unaffected)"
+                        );
+                    }
+                }
+                again
             }
             other => other,
         }

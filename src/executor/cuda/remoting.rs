@@ -478,6 +478,14 @@ impl RemotingExecutor {
         }
         self.vm_ctx(vm)?;
         let f = module.load_function(&name).map_err(|e| self.fault(vm, e))?;
+        // The stack this kernel can make the driver reserve, charged first.
+        match super::meter::charge_stack(f.cu_function(), &mut self.vm_state(vm).tables.quota) {
+            Ok(()) => {}
+            Err(super::meter::StackRefused::OverQuota) => return Err(Status::NoResources),
+            Err(super::meter::StackRefused::Driver(e)) => {
+                return Err(self.fault(vm, DriverError(e)))
+            }
+        }
         // The kernel's own parameter list must match what the guest sent, or
         // the driver would read past our values: every index below the count
         // has the guest's size, and the index at the count does not exist.
