@@ -44,6 +44,10 @@ const MIN_BUF: usize = 1 << 20;
 /// which takes about twice as long.
 pub const REG_CHUNK: usize = 2 << 20;
 
+/// Staged copies go in pieces of this size, so that the DMA of one runs
+/// while the CPU copies the next into the staging buffer.
+const STAGING_PIECE: usize = 4 << 20;
+
 /// The registration pieces of a VM's worker (`worker/table.rs`), which
 /// registers its own VM's table: only that VM's calls wait while one
 /// registers (~25 ms each), and a 64 MiB copy needs one or two DMAs
@@ -456,11 +460,30 @@ impl CudaExecutor {
         } else {
             self.log_staging("guest memory not registered");
             let staging = self.staging.ensure(len).map_err(|e| self.own_error(e))?;
-            src.read_at(off, self.staging.slice(len))?;
-            // SAFETY: the staging buffer holds `len` bytes; synchronized below
-            // before the buffer is reused.
-            check(unsafe { sys::cuMemcpyHtoDAsync_v2(dst, staging as *const c_void, len, stream) })
+            // Piece by piece: the DMA of one piece runs while the next is
+            // copied into the staging buffer (each piece has its own place
+            // there, so nothing is overwritten before the sync below).
+            let ranges = src.host_ranges(off, len)?;
+            let mut done = 0usize;
+            for (ptr, n) in ranges
+                .iter()
+                .flat_map(|(p, n)| dma_pieces_in(p as usize, n, STAGING_PIECE))
+            {
+                let at = staging + done as u64;
+                // SAFETY: `ptr..ptr+n` is guest memory kept mapped by
+                // `ranges`; `at..at+n` lies in the staging buffer (`len`
+                // bytes in all). The guest may change its bytes meanwhile:
+                // they are copied as opaque data, as a DMA would read them.
+                unsafe { libc::memcpy(at as *mut c_void, ptr as *const c_void, n) };
+                // SAFETY: the staging bytes just written; synchronized below
+                // before the buffer is reused.
+                check(unsafe {
+                    sys::cuMemcpyHtoDAsync_v2(dst + done as u64, at as *const c_void, n, stream)
+                })
                 .map_err(|e| self.own_error(e))?;
+                done += n;
+            }
+            drop(ranges);
             self.sync().map_err(|e| self.own_error(e))?;
             self.stats.staged += 1;
         }
@@ -511,7 +534,20 @@ impl CudaExecutor {
             }
             self.sync().map_err(|e| self.own_error(e))?;
             if len > 0 {
-                out.write_at(0, self.staging.slice(len))?;
+                let mut done = 0usize;
+                for (ptr, n) in out.host_ranges(0, len)?.iter() {
+                    // SAFETY: `ptr..ptr+n` is output memory kept mapped by the
+                    // ranges; the staging buffer holds `len` bytes the DMA
+                    // above completed.
+                    unsafe {
+                        libc::memcpy(
+                            ptr as *mut c_void,
+                            (staging + done as u64) as *const c_void,
+                            n,
+                        )
+                    };
+                    done += n;
+                }
                 self.stats.staged += 1;
             }
         }
