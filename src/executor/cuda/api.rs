@@ -458,7 +458,7 @@ pub(crate) unsafe fn copy_pieces(
     let stream: sys::CUstream = std::ptr::null_mut();
     let mut done = 0u64;
     let mut first_err = CUresult::CUDA_SUCCESS;
-    for (ptr, n) in ranges.flat_map(|(p, n)| super::memory::dma_pieces_here(p, n)) {
+    for (ptr, n) in ranges.flat_map(|(p, n)| super::memory::dma_pieces(p, n)) {
         // SAFETY: per the caller's contract.
         let r = unsafe {
             if to_device {
@@ -782,7 +782,7 @@ fn run_record(
             // never spans two registrations.
             for (ptr, n) in ranges
                 .iter()
-                .flat_map(|(p, n)| super::memory::dma_pieces_here(p as usize, n))
+                .flat_map(|(p, n)| super::memory::dma_pieces(p as usize, n))
             {
                 // SAFETY: source checked; the destination is the output
                 // buffer, kept by `ranges`; the buffer's end waits for the

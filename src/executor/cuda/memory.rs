@@ -70,14 +70,10 @@ pub fn registration_piece() -> usize {
     REG_PIECE.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Splits a host range at multiples of [`REG_CHUNK`], so that every piece
-/// lies in one registration (a DMA never spans two).
+/// Splits a host range at multiples of this process's registration pieces
+/// ([`registration_piece`]), so that every piece lies in one registration
+/// (a DMA never spans two).
 pub fn dma_pieces(ptr: usize, len: usize) -> impl Iterator<Item = (usize, usize)> {
-    dma_pieces_in(ptr, len, REG_CHUNK)
-}
-
-/// [`dma_pieces_in`] at this process's registration pieces.
-pub fn dma_pieces_here(ptr: usize, len: usize) -> impl Iterator<Item = (usize, usize)> {
     dma_pieces_in(ptr, len, registration_piece())
 }
 

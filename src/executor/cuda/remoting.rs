@@ -45,6 +45,17 @@ struct VmState {
     ctx: Option<Arc<CudaContext>>,
 }
 
+impl VmState {
+    /// A VM with nothing yet: handles from the VM's own range, no context.
+    fn new(vm_id: u32) -> Self {
+        VmState {
+            tables: VmTables::new(vm_id, 0),
+            api: ApiState::new(u64::from(vm_id) << 32),
+            ctx: None,
+        }
+    }
+}
+
 /// Counters, for tests and status displays.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RemotingStats {
@@ -177,11 +188,7 @@ impl RemotingExecutor {
     }
 
     fn vm_state(&mut self, vm_id: u32) -> &mut VmState {
-        self.vms.entry(vm_id).or_insert_with(|| VmState {
-            tables: VmTables::new(vm_id, 0),
-            api: ApiState::new(u64::from(vm_id) << 32),
-            ctx: None,
-        })
+        self.vms.entry(vm_id).or_insert_with(|| VmState::new(vm_id))
     }
 
     /// The VM's context, created on first use and bound to this thread.
@@ -299,11 +306,8 @@ impl RemotingExecutor {
         } else {
             let p = payload.to_vec_max(max)?;
             self.vm_ctx(vm)?;
-            let st = self.vms.entry(vm).or_insert_with(|| VmState {
-                tables: VmTables::new(vm, 0),
-                api: ApiState::new(u64::from(vm) << 32),
-                ctx: None,
-            });
+            // Not `vm_state`: the meter is borrowed beside the VM's state.
+            let st = self.vms.entry(vm).or_insert_with(|| VmState::new(vm));
             let meter = &self.meter;
             api::call(
                 &mut st.api,
