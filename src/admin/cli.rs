@@ -38,6 +38,10 @@ pub enum Error {
     Config(#[from] crate::config::Error),
     #[error(transparent)]
     Xapi(#[from] super::xapi::Error),
+    #[error(transparent)]
+    XapiRpc(#[from] super::xapi_rpc::Error),
+    #[error("xapi's record {obj} does not read: {why}")]
+    XapiRecord { obj: String, why: String },
     #[error("VM {0} ('{1}') is not registered with vgpu on this host (register-vm first)")]
     NotRegistered(VmUuid, String),
     #[error("vm_id {vm_id} of VM {uuid} is already used in the pool by VM {holder} (other-config:vgpu-vm-id): give one of them another vm_id (set-vm-id)")]
@@ -225,9 +229,10 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// XCP-ng: make this database's VMs equal to XAPI's other-config:vgpu-*
-    /// (--from-xapi; what the vm-pre-start hook runs), or publish every
-    /// local VM to XAPI (--to-xapi, as apply --all).
+    /// XCP-ng: make this database's VMs equal to the other-config:vgpu-* of
+    /// the VMs this host serves, those running here or nowhere (--from-xapi;
+    /// what the vm-pre-start hook runs), or publish every local VM to XAPI
+    /// (--to-xapi, as apply --all).
     Sync {
         #[arg(long, required_unless_present = "to_xapi", conflicts_with = "to_xapi")]
         from_xapi: bool,
@@ -236,6 +241,20 @@ pub enum Command {
         /// Show what would change, write nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// XCP-ng: keep this database's VMs equal to what XAPI says this host
+    /// serves (its VMs running here or nowhere), following XAPI's events;
+    /// run as a service (xen/systemd/vgpu-xapi-follow.service).
+    FollowXapi {
+        /// xapi's local socket.
+        #[arg(long, default_value = super::xapi_rpc::DEFAULT_SOCKET)]
+        xapi_socket: PathBuf,
+        /// Seconds one wait for XAPI's events lasts.
+        #[arg(long, default_value_t = super::xapi_follow::DEFAULT_EVENT_TIMEOUT_S)]
+        event_timeout_s: f64,
+        /// Apply one full listing and exit.
+        #[arg(long)]
+        once: bool,
     },
     /// Print the QEMU arguments that attach a VM to the daemon.
     QemuArgs {
@@ -526,6 +545,20 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), Error> {
             super::pool_wide::apply(&store, out, &cli.socket_dir, None, *dry_run)?;
             false
         }
+        Command::FollowXapi {
+            xapi_socket,
+            event_timeout_s,
+            once,
+        } => {
+            let o = super::xapi_follow::Options {
+                socket: xapi_socket.clone(),
+                event_timeout_s: *event_timeout_s,
+                once: *once,
+            };
+            // It tells the daemon itself after each change.
+            super::xapi_follow::follow(&mut store, &o, &cli.control_path(), out)?;
+            false
+        }
         Command::QemuArgs {
             vm,
             xcp_ng,
@@ -544,7 +577,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), Error> {
 }
 
 /// Asks a running daemon to re-read the database; no daemon is not an error.
-fn notify_daemon(path: &Path) {
+pub(super) fn notify_daemon(path: &Path) {
     match control::request(path, &control::Request::Reload) {
         Ok(_) => log::info!("daemon reloaded the database"),
         Err(e) if e.is_not_running() => log::info!("no daemon to reload ({e})"),

@@ -7,3 +7,5 @@ pub mod scan;
 pub mod store;
 pub mod top;
 pub mod xapi;
+pub mod xapi_follow;
+pub mod xapi_rpc;

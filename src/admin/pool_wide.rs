@@ -246,7 +246,13 @@ pub fn sync_from_xapi(
     dry_run: bool,
 ) -> Result<bool, Error> {
     let xe = Xe::from_path()?;
-    let target = assignments(&xe.vgpu_vms()?)?;
+    let here = super::xapi::this_host_uuid()?;
+    let served: Vec<XapiVm> = xe
+        .vgpu_vms()?
+        .into_iter()
+        .filter(|v| v.served_by(&here))
+        .collect();
+    let target = assignments(&served)?;
     let r = store.replace_vms(&target, dry_run)?;
     if dry_run {
         writeln!(out, "dry run: nothing is written")?;
@@ -255,7 +261,11 @@ pub fn sync_from_xapi(
     Ok(!dry_run && !r.is_empty())
 }
 
-fn print_replaced(out: &mut dyn Write, r: &Replaced, dry_run: bool) -> Result<(), Error> {
+pub(super) fn print_replaced(
+    out: &mut dyn Write,
+    r: &Replaced,
+    dry_run: bool,
+) -> Result<(), Error> {
     let (add, upd, rem) = if dry_run {
         ("would add", "would update", "would remove")
     } else {

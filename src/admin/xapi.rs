@@ -75,6 +75,8 @@ pub enum Error {
     Incomplete { uuid: VmUuid, key: &'static str },
     #[error("cannot pass {0:?} to xe (control characters)")]
     BadArg(String),
+    #[error("cannot tell which host this is from {path}: {why}")]
+    Inventory { path: PathBuf, why: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -174,11 +176,54 @@ fn digits<T: std::str::FromStr>(s: &str) -> Option<T> {
     ok.then(|| s.parse().ok()).flatten()
 }
 
-/// One VM of the pool and the vgpu keys it holds (read and confirmed).
+/// One VM of the pool, the vgpu keys it holds (read and confirmed) and
+/// the host it runs on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct XapiVm {
     pub uuid: VmUuid,
     pub keys: BTreeMap<String, String>,
+    /// `resident_on`: the host that runs it, `None` when it runs nowhere
+    /// (halted, or starting: xapi sets it after the vm-pre-start hook). A
+    /// host UUID from `xe`, a host ref from the JSON-RPC API; compared with
+    /// this host's in the same form.
+    pub resident_on: Option<String>,
+}
+
+impl XapiVm {
+    /// Whether this host serves the VM: every VM that runs here or nowhere
+    /// (so that its start on any host finds its socket), none that runs on
+    /// another host. `xe` and the event stream decide alike, so
+    /// `sync --from-xapi` and `follow-xapi` never undo each other.
+    pub fn served_by(&self, this_host: &str) -> bool {
+        self.resident_on.as_deref().is_none_or(|h| h == this_host)
+    }
+}
+
+/// What `xe` prints for a null reference (xapi's `Record_util` "nid").
+const XE_NULL: &str = "<not in database>";
+
+/// Where XCP-ng says which host this is (`INSTALLATION_UUID`); the
+/// environment variable overrides it (tests).
+pub const INVENTORY: &str = "/etc/xensource-inventory";
+pub const INVENTORY_ENV: &str = "VGPU_XENSOURCE_INVENTORY";
+
+/// This host's UUID, from the inventory's `INSTALLATION_UUID='U'` line.
+pub fn this_host_uuid() -> Result<String> {
+    let path = std::env::var_os(INVENTORY_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(INVENTORY));
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::Inventory {
+        path: path.clone(),
+        why: e.to_string(),
+    })?;
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("INSTALLATION_UUID="))
+        .find_map(|v| v.trim_matches(['\'', '"']).parse::<VmUuid>().ok())
+        .map(|u| u.to_string())
+        .ok_or(Error::Inventory {
+            path,
+            why: "no INSTALLATION_UUID line with a UUID".into(),
+        })
 }
 
 /// The `xe` program.
@@ -320,41 +365,62 @@ impl Xe {
         }
     }
 
-    /// Every VM of the pool (not templates) with its vgpu keys.
+    /// Every VM of the pool (not templates) with its vgpu keys and host.
     pub fn vgpu_vms(&self) -> Result<Vec<XapiVm>> {
+        const FIELDS: [&str; 2] = ["resident-on", "other-config"];
         let uuids = self.list_uuids(&[])?;
-        let args = ["vm-list", "params=uuid,other-config"];
+        let args = ["vm-list", "params=uuid,resident-on,other-config"];
         let text = self.run_strs(&args)?;
         let records = parse_records(&text);
         // A record is attributed to its VM only when the listing's records
-        // are exactly the VMs, in order, each with one other-config field:
-        // a value with a newline could otherwise fake a record.
+        // are exactly the VMs, in order, each with one of each field: a
+        // value with a newline could otherwise fake a record or a field.
         let attributed = records.len() == uuids.len()
             && records.iter().zip(&uuids).all(|(r, u)| {
                 r.first().map(|(k, v)| (k.as_str(), v.as_str())) == Some(("uuid", u.as_str()))
-                    && r.iter().filter(|(k, _)| k == "other-config").count() == 1
+                    && FIELDS
+                        .iter()
+                        .all(|f| r.iter().filter(|(k, _)| k == f).count() == 1)
             });
         if !attributed {
-            log::warn!("xe vm-list output is ambiguous; reading each VM's other-config on its own");
+            log::warn!("xe vm-list output is ambiguous; reading each VM's fields on their own");
         }
         let mut out = Vec::new();
         for (i, uuid) in uuids.iter().enumerate() {
-            let map_text = match (attributed, records.get(i)) {
-                (true, Some(r)) => r
-                    .iter()
-                    .find(|(k, _)| k == "other-config")
-                    .map(|(_, v)| v.clone())
-                    .unwrap_or_default(),
-                _ => self.run(&[
-                    "vm-param-get".into(),
-                    format!("uuid={uuid}"),
-                    "param-name=other-config".into(),
-                ])?,
+            let field = |name: &str| -> Result<String> {
+                match (attributed, records.get(i)) {
+                    (true, Some(r)) => Ok(r
+                        .iter()
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()),
+                    _ => self
+                        .run(&[
+                            "vm-param-get".into(),
+                            format!("uuid={uuid}"),
+                            format!("param-name={name}"),
+                        ])
+                        .map(|v| v.trim_end_matches('\n').to_string()),
+                }
             };
-            let keys = self.confirmed_keys(uuid, &map_text)?;
+            let keys = self.confirmed_keys(uuid, &field("other-config")?)?;
+            let host = field("resident-on")?;
+            let resident_on = match host.as_str() {
+                XE_NULL | "" => None,
+                h => match h.parse::<VmUuid>() {
+                    Ok(host) => Some(host.to_string()),
+                    Err(_) => {
+                        return Err(Error::Output {
+                            command: format!("vm-param-get uuid={uuid} param-name=resident-on"),
+                            text: host,
+                        })
+                    }
+                },
+            };
             out.push(XapiVm {
                 uuid: uuid.clone(),
                 keys,
+                resident_on,
             });
         }
         Ok(out)

@@ -157,6 +157,15 @@ def cli_check():
 
 # --- reading XenStore through the stand-in tools ------------------------------------------
 
+def inventory(d, host_uuid):
+    """An /etc/xensource-inventory that names this host (as XCP-ng's does)."""
+    p = os.path.join(d, "xensource-inventory")
+    with open(p, "w") as f:
+        f.write("PRODUCT_BRAND='XCP-ng'\nINSTALLATION_UUID='%s'\nCONTROL_DOMAIN_UUID='%s'\n"
+                % (host_uuid, DOM0))
+    return p
+
+
 class Env:
     """A stand-in world: state file, PATH with the stand-ins, a temp root."""
 
@@ -174,6 +183,7 @@ class Env:
         self.env["VGPU_HOOK_LOG"] = os.path.join(self.dir, "hook.log")
         self.env["VGPU_DM_ARGS_PY"] = DM_ARGS_PY
         self.env["VGPU_SOCKET_WAIT_S"] = "1"
+        self.env["VGPU_XENSOURCE_INVENTORY"] = inventory(self.dir, HOST_UUID)
         if ADMIN:
             self.env["VGPU_ADMIN"] = ADMIN
         os.makedirs(self.env["VGPU_SOCKET_DIR"])
@@ -463,6 +473,9 @@ def hook_pre_migrate_refuses_vgpu_vms():
 DUP1 = "2a3b4c5d-6e7f-4a8b-9c0d-1e2f3a4b5c6d"
 DUP2 = "3b4c5d6e-7f8a-4b9c-8d1e-2f3a4b5c6d7e"
 DOM0 = "00000000-0000-0000-0000-000000000001"
+HOST_UUID = "c0ffee00-0000-4000-8000-00000000000a"
+HOST_B_UUID = "c0ffee00-0000-4000-8000-00000000000b"
+XAPI_STANDIN = os.path.join(STANDINS, "xapi-jsonrpc")
 WEIRD = "4c5d6e7f-8a9b-4c0d-9e1f-3a4b5c6d7e8f"
 WEIRD_NAME = "$(touch /tmp/vgpu-pwned); `id` 'x' \"y\""
 
@@ -618,15 +631,20 @@ class Host:
     """A second host of the pool: its own database and socket directory,
     the same stand-in XAPI state as `e`."""
 
-    def __init__(self, e, name):
+    def __init__(self, e, name, host_uuid):
         self.e = e
+        self.uuid = host_uuid
         self.dir = os.path.join(e.dir, name)
         os.makedirs(os.path.join(self.dir, "run"))
         self.env = dict(e.env, VGPU_DB=os.path.join(self.dir, "vgpu.db"),
                         VGPU_SOCKET_DIR=os.path.join(self.dir, "run"),
                         VGPU_SOCKET_DIRS=os.path.join(self.dir, "run"),
-                        VGPU_HOOK_LOG=os.path.join(self.dir, "hook.log"))
+                        VGPU_HOOK_LOG=os.path.join(self.dir, "hook.log"),
+                        VGPU_XENSOURCE_INVENTORY=inventory(self.dir, host_uuid))
         self.daemon = None
+        self.xapi = None
+        self.follower = None
+        self.xapi_sock = os.path.join(self.dir, "xapi")
 
     def run(self, *args):
         return subprocess.run([ADMIN] + list(args), env=self.env, stdout=subprocess.PIPE,
@@ -651,15 +669,49 @@ class Host:
              self.env["VGPU_SOCKET_DIR"]], env=dict(self.env, RUST_LOG="warn"),
             stdin=subprocess.DEVNULL)
 
+    def start_xapi(self):
+        """This host's stand-in xapi (JSON-RPC on its local socket)."""
+        if os.path.exists(self.xapi_sock):
+            os.unlink(self.xapi_sock)
+        self.xapi = subprocess.Popen([XAPI_STANDIN, self.xapi_sock, self.uuid], env=self.env,
+                                     stdin=subprocess.DEVNULL)
+        wait_for(lambda: os.path.exists(self.xapi_sock), "the stand-in xapi's socket")
+
+    def stop_xapi(self):
+        if self.xapi:
+            self.xapi.kill()
+            self.xapi.wait()
+            self.xapi = None
+
+    def start_follower(self):
+        self.follow_log = open(os.path.join(self.dir, "follow.log"), "a")
+        self.follower = subprocess.Popen(
+            [ADMIN, "-v", "follow-xapi", "--xapi-socket", self.xapi_sock,
+             "--event-timeout-s", "2"], env=self.env, stdin=subprocess.DEVNULL,
+            stdout=self.follow_log, stderr=subprocess.STDOUT)
+
+    def log(self):
+        return open(os.path.join(self.dir, "follow.log")).read()
+
     def stop(self):
-        if self.daemon:
-            self.daemon.terminate()
-            self.daemon.wait()
+        for p in (self.follower, self.daemon, self.xapi):
+            if p:
+                p.terminate()
+                p.wait()
+        self.follower = self.daemon = self.xapi = None
+
+
+def wait_for(cond, what, timeout=20):
+    deadline = time.time() + timeout
+    while not cond():
+        if time.time() > deadline:
+            raise AssertionError("timed out waiting for " + what)
+        time.sleep(0.05)
 
 
 def two_hosts():
     e = xapi_env()
-    a, b = Host(e, "host-a"), Host(e, "host-b")
+    a, b = Host(e, "host-a", HOST_UUID), Host(e, "host-b", HOST_B_UUID)
     a.admin("init")
     b.admin("init")
     return e, a, b
@@ -817,6 +869,148 @@ def hook_on_another_host_imports_and_the_daemon_follows():
     finally:
         b.stop()
         e.close()
+
+
+def forged_field(name, value):
+    """A map value that, printed by xe, imitates one more field line."""
+    return "x\n" + ("%s ( RO)" % name).rjust(22) + ": " + value
+
+
+@test
+def sync_leaves_vms_running_on_other_hosts():
+    e, a, b = two_hosts()
+    try:
+        a.admin("register-vm", UUID, "--pool", "B", "--priority", "high", "--vm-id", "5")
+        a.admin("register-vm", OTHER, "--pool", "A", "--priority", "low", "--vm-id", "6")
+        a.admin("apply", "--all")
+        d = e.load()
+        d["vms"][UUID]["resident-on"] = HOST_UUID
+        d["vms"][UUID]["power-state"] = "running"
+        e.save(d)
+        b.admin("sync", "--from-xapi")
+        a.admin("sync", "--from-xapi")
+        assert sorted(b.vms()) == [OTHER] and sorted(a.vms()) == sorted([UUID, OTHER])
+        # UUID halts: every host serves it again, ready for its next start.
+        d = e.load()
+        del d["vms"][UUID]["resident-on"]
+        e.save(d)
+        assert "added %s" % UUID in b.admin("sync", "--from-xapi")
+        # Another key's value imitates a resident-on line for OTHER (which
+        # runs nowhere): B is not fooled into dropping it.
+        d = e.load()
+        d["vms"][OTHER]["other-config"]["note"] = forged_field("resident-on", HOST_UUID)
+        e.save(d)
+        r = b.run("sync", "--from-xapi")
+        assert r.returncode == 0 and "ambiguous" in r.stderr, r
+        assert sorted(b.vms()) == sorted([UUID, OTHER]), b.vms()
+        # No inventory: which host this is cannot be told, nothing changes.
+        before = b.vms()
+        b.env["VGPU_XENSOURCE_INVENTORY"] = os.path.join(b.dir, "missing")
+        r = b.run("sync", "--from-xapi")
+        assert r.returncode == 1 and "cannot tell which host this is" in r.stderr, r
+        assert r.stderr.count("\n") == 1 and b.vms() == before
+    finally:
+        e.close()
+
+
+@test
+def follower_keeps_the_database_to_what_this_host_serves():
+    if not DAEMON:
+        raise Skip("VGPU_DAEMON not set")
+    e, a, b = two_hosts()
+    try:
+        a.admin("register-vm", UUID, "--pool", "B", "--priority", "high", "--vm-id", "5")
+        a.admin("register-vm", OTHER, "--pool", "A", "--priority", "low", "--vm-id", "6")
+        a.admin("apply", "--all")
+        d = e.load()
+        d["vms"][UUID].update({"resident-on": HOST_UUID, "power-state": "running"})
+        e.save(d)
+        sock5 = os.path.join(b.env["VGPU_SOCKET_DIR"], "vm5.sock")
+        sock6 = os.path.join(b.env["VGPU_SOCKET_DIR"], "vm6.sock")
+        b.start_daemon()
+        b.start_xapi()
+        b.start_follower()
+        # Host B serves OTHER (halted) and not UUID (running on host A).
+        wait_for(lambda: sorted(b.vms()) == [OTHER] and os.path.exists(sock6), "B's first sync")
+        assert not os.path.exists(sock5)
+
+        def live_priority(vm_id):
+            st = json.loads(b.admin("status", "--json"))
+            for v in st.get("vms", []):
+                if v.get("vm_id") == vm_id:
+                    return (v.get("live") or {}).get("priority")
+            return None
+
+        # A priority set on host A reaches host B's database and daemon, live.
+        a.admin("set-priority", OTHER, "high")
+        a.admin("apply", OTHER)
+        wait_for(lambda: b.vms()[OTHER]["priority"] == 2, "the priority change on B")
+        wait_for(lambda: live_priority(6) == "high", "B's daemon to take the change")
+        assert "updated %s: priority low -> high" % OTHER in b.log(), b.log()
+        # UUID halts on A: B serves it; OTHER starts on A: B lets it go.
+        d = e.load()
+        del d["vms"][UUID]["resident-on"]
+        d["vms"][OTHER].update({"resident-on": HOST_UUID, "power-state": "running"})
+        e.save(d)
+        wait_for(lambda: sorted(b.vms()) == [UUID] and os.path.exists(sock5)
+                 and not os.path.exists(sock6), "UUID in, OTHER out")
+        # A malformed key changes nothing and is said once; the fix lands.
+        before = b.vms()
+        d = e.load()
+        d["vms"][UUID]["other-config"]["vgpu-priority"] = "urgent"
+        e.save(d)
+        wait_for(lambda: "vgpu-priority = 'urgent' is not valid" in b.log(), "the error logged")
+        time.sleep(0.3)
+        assert b.vms() == before and b.log().count("'urgent'") == 1, b.log()
+        d = e.load()
+        d["vms"][UUID]["other-config"]["vgpu-priority"] = "low"
+        e.save(d)
+        wait_for(lambda: b.vms()[UUID]["priority"] == 0, "the fixed key")
+        # xapi goes away (a toolstack restart): the change made meanwhile
+        # lands once it is back.
+        b.stop_xapi()
+        d = e.load()
+        d["vms"][UUID]["other-config"]["vgpu-priority"] = "medium"
+        e.save(d)
+        time.sleep(0.5)
+        b.start_xapi()
+        wait_for(lambda: b.vms()[UUID]["priority"] == 1, "the change after xapi's restart")
+        assert "again in" in b.log(), b.log()
+        # Unapplied on A: B's database and daemon drop it.
+        a.admin("unapply", UUID)
+        wait_for(lambda: b.vms() == {} and not os.path.exists(sock5), "UUID unapplied")
+        assert b.follower.poll() is None, "the follower exited"
+        # --once: one listing, its error is the exit status.
+        r = b.run("follow-xapi", "--xapi-socket", b.xapi_sock, "--once")
+        assert r.returncode == 0, r
+        r = b.run("follow-xapi", "--xapi-socket", os.path.join(b.dir, "none"), "--once")
+        assert r.returncode == 1 and "cannot reach xapi" in r.stderr, r
+        assert r.stderr.count("\n") == 1, r.stderr
+    finally:
+        a.stop()
+        b.stop()
+        e.close()
+
+
+@test
+def systemd_units_start_what_exists():
+    """The units' ExecStart lines parse with the real programs (clap
+    refuses an unknown option or subcommand before --help is looked at)."""
+    if not (ADMIN and DAEMON):
+        raise Skip("VGPU_ADMIN or VGPU_DAEMON not set")
+    progs = {"/usr/bin/vgpu-admin": ADMIN, "/usr/bin/vgpu-vhost-user": DAEMON}
+    for unit in ("vgpu-vhost-user.service", "vgpu-xapi-follow.service"):
+        text = open(os.path.join(REPO, "xen", "systemd", unit)).read()
+        for line in text.splitlines():
+            if line.startswith(("ExecStart=", "ExecReload=")):
+                argv = line.split("=", 1)[1].split()
+                assert argv[0] in progs, (unit, line)
+                if line.startswith("ExecReload="):
+                    argv = argv[:-1]  # the subcommand would talk to a daemon
+                r = subprocess.run([progs[argv[0]]] + argv[1:] + ["--help"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   universal_newlines=True)
+                assert r.returncode == 0, (unit, line, r.stderr)
 
 
 def main():
