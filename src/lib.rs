@@ -13,6 +13,7 @@ pub mod guest;
 pub mod metrics;
 pub mod protocol;
 pub mod scheduler;
+pub mod scm;
 pub mod sd_notify;
 pub mod stats;
 pub mod sync;

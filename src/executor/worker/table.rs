@@ -21,7 +21,7 @@
 //! memfds, and the calls keep crossing the pipe.
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{OwnedFd, RawFd};
 
 use super::wire::{RegionWire, MAX_REGIONS};
 
@@ -30,45 +30,11 @@ pub fn send_fds(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
     if fds.len() > MAX_REGIONS || bytes.is_empty() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "fds"));
     }
-    let data = std::mem::size_of_val(fds);
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(data as u32) } as usize;
-    let mut control = vec![0u64; space.div_ceil(8)];
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr() as *mut libc::c_void,
-        iov_len: bytes.len(),
-    };
-    // SAFETY: a zeroed msghdr is valid; its pointers are set below to
-    // buffers that outlive the sendmsg call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: the control buffer holds one header of `data` bytes (sized
-    // with CMSG_SPACE above), so the first header and its data fit.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(data as u32) as _;
-        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast::<RawFd>(), fds.len());
-    }
-    loop {
-        // SAFETY: `msg` points at live buffers; the fds are the caller's.
-        let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
-        if n >= 0 {
-            // One byte (the only use): a short send cannot happen.
-            return if n as usize == bytes.len() {
-                Ok(())
-            } else {
-                Err(io::Error::new(io::ErrorKind::WriteZero, "short sendmsg"))
-            };
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
+    // One byte (the only use): a short send cannot happen.
+    if crate::scm::send(sock, bytes, fds)? == bytes.len() {
+        Ok(())
+    } else {
+        Err(io::Error::new(io::ErrorKind::WriteZero, "short sendmsg"))
     }
 }
 
@@ -77,60 +43,19 @@ pub fn send_fds(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
 /// (the fds that did arrive are closed).
 pub fn recv_fds(sock: RawFd, max: usize) -> io::Result<Vec<OwnedFd>> {
     let max = max.min(MAX_REGIONS);
-    let data = max * std::mem::size_of::<RawFd>();
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(data as u32) } as usize;
-    let mut control = vec![0u64; space.div_ceil(8)];
     let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // SAFETY: as in send_fds.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    let n = loop {
-        // SAFETY: `msg` points at live buffers of the sizes it states.
-        let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n >= 0 {
-            break n;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    };
-    let mut fds = Vec::new();
-    // SAFETY: the kernel filled `msg`; the CMSG macros walk only the
-    // control bytes it reports, and each SCM_RIGHTS payload is whole fds
-    // that are now this process's.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                let p = libc::CMSG_DATA(c).cast::<RawFd>();
-                for i in 0..len / std::mem::size_of::<RawFd>() {
-                    fds.push(OwnedFd::from_raw_fd(p.add(i).read_unaligned()));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
-    if n != 1 {
+    let r = crate::scm::recv(sock, &mut byte, max)?;
+    if r.len != 1 {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "no fd message",
         ));
     }
     // The control buffer's alignment may leave room for one more fd.
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() > max {
+    if r.truncated || r.fds.len() > max {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "too many fds"));
     }
-    Ok(fds)
+    Ok(r.fds)
 }
 
 /// The regions of `mem` and their fds, when every region is backed by a
@@ -217,7 +142,7 @@ pub fn map_table(
 #[cfg(all(test, not(feature = "xen")))]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
+    use std::os::fd::{AsRawFd, FromRawFd};
     use std::os::unix::net::UnixStream;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
