@@ -250,7 +250,8 @@ pub enum Command {
         #[arg(long, default_value = super::xapi_rpc::DEFAULT_SOCKET)]
         xapi_socket: PathBuf,
         /// Seconds one wait for XAPI's events lasts.
-        #[arg(long, default_value_t = super::xapi_follow::DEFAULT_EVENT_TIMEOUT_S)]
+        #[arg(long, default_value_t = super::xapi_follow::DEFAULT_EVENT_TIMEOUT_S,
+              value_parser = super::xapi_follow::parse_event_timeout)]
         event_timeout_s: f64,
         /// Apply one full listing and exit.
         #[arg(long)]

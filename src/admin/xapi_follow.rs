@@ -36,6 +36,8 @@ use super::xapi_rpc::{self, Client};
 
 /// How long one `event.from` waits for a change (xapi's own callers use 30).
 pub const DEFAULT_EVENT_TIMEOUT_S: f64 = 30.0;
+/// The longest `--event-timeout-s`.
+const MAX_EVENT_TIMEOUT_S: f64 = 3600.0;
 /// How much longer than that the socket read waits before giving up.
 const READ_SLACK: Duration = Duration::from_secs(15);
 /// Login and `get_this_host`.
@@ -44,6 +46,16 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// xapi's null reference.
 const NULL_REF: &str = "OpaqueRef:NULL";
+
+/// `--event-timeout-s`: seconds, more than 0 and at most an hour.
+pub fn parse_event_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= MAX_EVENT_TIMEOUT_S => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds in (0, {MAX_EVENT_TIMEOUT_S}]"
+        )),
+    }
+}
 
 pub struct Options {
     pub socket: PathBuf,
@@ -198,7 +210,8 @@ fn session(
         "follow-xapi: following xapi at {} as host {host}",
         c.path().display()
     );
-    let wait = Duration::from_secs_f64(o.event_timeout_s.clamp(0.0, 3600.0)) + READ_SLACK;
+    let wait =
+        Duration::try_from_secs_f64(o.event_timeout_s).unwrap_or(Duration::ZERO) + READ_SLACK;
     let mut vms = Vms::default();
     let mut token = String::new();
     loop {
@@ -356,6 +369,14 @@ mod tests {
         );
         vms.apply(vec![ev("del", "OpaqueRef:x", None)]);
         assert_eq!(uuids(&vms.served("OpaqueRef:h").unwrap()), [A]);
+    }
+
+    #[test]
+    fn event_timeouts_are_bounded_numbers() {
+        assert_eq!(parse_event_timeout("2"), Ok(2.0));
+        for bad in ["0", "-1", "nan", "inf", "3601", "x", ""] {
+            assert!(parse_event_timeout(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
